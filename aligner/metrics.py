@@ -1,0 +1,68 @@
+"""Retrieval and aesthetic metrics with bootstrap confidence intervals (numpy only)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+
+def topk(queries: np.ndarray, gallery: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Exact cosine top-k: ``queries [Q, D]``, ``gallery [N, D]`` (normalised).
+
+    Returns:
+        (scores ``[Q, k]``, indices ``[Q, k]``), best first.
+    """
+    k = min(k, gallery.shape[0])
+    sim = queries @ gallery.T
+    idx = np.argpartition(-sim, k - 1, axis=1)[:, :k]
+    part = np.take_along_axis(sim, idx, axis=1)
+    order = np.argsort(-part, axis=1, kind="stable")
+    return np.take_along_axis(part, order, axis=1), np.take_along_axis(idx, order, axis=1)
+
+
+def recall_at_k(queries: np.ndarray, gallery: np.ndarray, target: np.ndarray,
+                ks: Sequence[int] = (1, 5, 10)) -> dict[str, np.ndarray]:
+    """Per-query hits: is ``target[i]`` (an index into ``gallery``) in query i's top k?
+
+    Returns:
+        ``{"r@k": bool array [Q]}``; the mean is recall@k. Ties count against the target.
+    """
+    sim = queries @ gallery.T
+    tgt = sim[np.arange(len(target)), target][:, None]
+    rank = (sim > tgt).sum(1)
+    return {f"r@{k}": rank < k for k in ks}
+
+
+def bootstrap_ci(values: np.ndarray, n_boot: int = 2000, alpha: float = 0.05,
+                 seed: int = 0) -> tuple[float, float, float]:
+    """Mean and percentile bootstrap CI of the mean: ``(mean, lo, hi)``."""
+    v = np.asarray(values, dtype=np.float64)
+    if v.size == 0:
+        return float("nan"), float("nan"), float("nan")
+    rng = np.random.default_rng(seed)
+    means = v[rng.integers(0, v.size, (n_boot, v.size))].mean(1)
+    return (float(v.mean()), float(np.quantile(means, alpha / 2)),
+            float(np.quantile(means, 1 - alpha / 2)))
+
+
+def ci_dict(values: np.ndarray, **kw) -> dict[str, float]:
+    """:func:`bootstrap_ci` as ``{"mean", "ci_low", "ci_high", "n"}`` (for metrics.json)."""
+    m, lo, hi = bootstrap_ci(values, **kw)
+    return {"mean": m, "ci_low": lo, "ci_high": hi, "n": int(np.asarray(values).size)}
+
+
+def spearman(a: np.ndarray, b: np.ndarray) -> float:
+    """Spearman rank correlation (average ranks for ties)."""
+    def ranks(x):
+        x = np.asarray(x, dtype=np.float64)
+        order = np.argsort(x, kind="stable")
+        r = np.empty_like(order, dtype=np.float64)
+        r[order] = np.arange(len(x), dtype=np.float64)
+        _, inv, counts = np.unique(x, return_inverse=True, return_counts=True)
+        sums = np.bincount(inv, weights=r)
+        return (sums / counts)[inv]
+    ra, rb = ranks(a), ranks(b)
+    if ra.std() == 0 or rb.std() == 0:
+        return float("nan")
+    return float(np.corrcoef(ra, rb)[0, 1])

@@ -1,0 +1,259 @@
+"""Generate the built-in aesthetic world: corpus, held-out queries and the hidden oracle.
+
+Layout of a world directory::
+
+    corpus/part-00000.parquet ...   id, image (PNG bytes), caption, split    <- what systems see
+    queries/queries.parquet         query_id, query, split, kind            <- what systems see
+    eval/oracle.parquet             id, beauty, content labels, look factors  <- evaluation only
+    eval/query_truth.parquet        query_id, shape, colour, count, background, look
+    manifest.json
+
+The oracle lives apart from the corpus: only evaluation may read ``eval/``. Same seed and
+size, same world (byte for byte), whatever the number of worker processes.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from aligner.world.captions import compose, content_phrase, heldout_look_phrases
+from aligner.world.render import Factors, encode_png, oracle_beauty, render, sample_factors
+from aligner.world.vocab import BACKGROUNDS, COLOURS, COUNTS, FACTORS, SHAPES
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "val", "test")
+
+
+@dataclass
+class WorldSpec:
+    """Size and seed of a world (the job's config holds one)."""
+
+    n_images: int = 10_000
+    image_size: int = 64
+    seed: int = 0
+    val_fraction: float = 0.05
+    test_fraction: float = 0.15
+    n_queries: int = 600
+    n_paraphrases: int = 120
+    p_look: float = 0.8
+    rows_per_file: int = 2_000
+
+    def __post_init__(self) -> None:
+        if self.n_images < 10:
+            raise ValueError("n_images must be at least 10")
+        if not 16 <= self.image_size <= 512:
+            raise ValueError("image_size must be in [16, 512]")
+        if not 0 <= self.val_fraction + self.test_fraction < 1:
+            raise ValueError("val_fraction + test_fraction must be in [0, 1)")
+
+
+def image_record(seed: int, index: int, size: int, p_look: float) -> dict:
+    """Everything about image ``index``: factors, beauty, caption, PNG. Pure in (seed, index)."""
+    from aligner.world.captions import make_caption
+
+    rng = np.random.default_rng([seed, 1, index])
+    f = sample_factors(rng)
+    beauty = oracle_beauty(f)
+    caption = make_caption(rng, f, beauty, p_look=p_look)
+    png = encode_png(render(f, size, rng))
+    return {"index": index, "factors": f, "beauty": beauty, "caption": caption, "png": png}
+
+
+def _render_chunk(args: tuple[int, int, int, int, float]) -> list[dict]:
+    seed, start, stop, size, p_look = args
+    return [image_record(seed, i, size, p_look) for i in range(start, stop)]
+
+
+def assign_splits(n: int, seed: int, val_fraction: float, test_fraction: float) -> np.ndarray:
+    """A seeded permutation cut into train / val / test; returns the split name per image."""
+    rng = np.random.default_rng([seed, 2])
+    order = rng.permutation(n)
+    n_test = int(round(n * test_fraction))
+    n_val = int(round(n * val_fraction))
+    split = np.empty(n, dtype=object)
+    split[order[:n_test]] = "test"
+    split[order[n_test:n_test + n_val]] = "val"
+    split[order[n_test + n_val:]] = "train"
+    return split
+
+
+def image_id(index: int) -> str:
+    return f"img-{index:07d}"
+
+
+def make_queries(spec: WorldSpec) -> tuple[pa.Table, pa.Table]:
+    """Content queries (train/val/test, disjoint content keys) and held-out-word paraphrases.
+
+    Returns:
+        (queries, truth): ``queries`` has query_id, query, split, kind; ``truth`` has the
+        content key each query asks for (``count`` 0 and ``background`` "" mean "any") and the
+        look it asks for (``look``: "" or "good"/"bad:<factor>").
+    """
+    rng = np.random.default_rng([spec.seed, 3])
+    keys = []
+    for colour in COLOURS:
+        for shape in SHAPES:
+            keys.append((shape, colour, 0, ""))
+            keys += [(shape, colour, c, "") for c in COUNTS]
+            keys += [(shape, colour, 0, b) for b in BACKGROUNDS]
+            keys += [(shape, colour, c, b) for c in COUNTS for b in BACKGROUNDS]
+    keys = [keys[i] for i in rng.permutation(len(keys))[:min(spec.n_queries, len(keys))]]
+    n = len(keys)
+    n_test = int(round(n * 0.3))
+    n_val = int(round(n * 0.1))
+    splits = ["test"] * n_test + ["val"] * n_val + ["train"] * (n - n_test - n_val)
+    rows, truth = [], []
+    for i, ((shape, colour, count, bg), split) in enumerate(zip(keys, splits, strict=True)):
+        text = content_phrase(rng, shape, colour, count or None, bg or None)
+        qid = f"q-{i:05d}"
+        rows.append({"query_id": qid, "query": text, "split": split, "kind": "content"})
+        truth.append({"query_id": qid, "shape": shape, "colour": colour, "count": count,
+                      "background": bg, "look": ""})
+    test_keys = [k for k, s in zip(keys, splits, strict=True) if s == "test"] or keys
+    for j in range(spec.n_paraphrases):
+        shape, colour, count, bg = test_keys[int(rng.integers(len(test_keys)))]
+        content = content_phrase(rng, shape, colour, count or None, bg or None, heldout=True)
+        look, looks = "", []
+        if rng.random() < 0.5:  # ask for a look, in held-out words
+            good = bool(rng.random() < 0.5)
+            looks = heldout_look_phrases(rng, good, int(rng.integers(1, 3)))
+            look = "good" if good else "bad"
+        text = compose(rng, content, looks, heldout_nouns=True) if looks else content
+        qid = f"p-{j:05d}"
+        rows.append({"query_id": qid, "query": text, "split": "test", "kind": "paraphrase"})
+        truth.append({"query_id": qid, "shape": shape, "colour": colour, "count": count,
+                      "background": bg, "look": look})
+    return pa.Table.from_pylist(rows), pa.Table.from_pylist(truth)
+
+
+def generate_world(spec: WorldSpec, out_dir: str | Path, workers: int | None = None,
+                   progress: bool = True) -> dict:
+    """Write a world directory (see module docstring); returns summary counts.
+
+    Args:
+        spec: size, seed and fractions.
+        out_dir: target directory (created; existing world files are replaced).
+        workers: render processes (default: CPU count, at most 8). The output does not depend
+            on it.
+        progress: show a progress bar.
+    """
+    from tqdm import tqdm
+
+    t0 = time.time()
+    out = Path(out_dir)
+    for sub in ("corpus", "queries", "eval"):
+        (out / sub).mkdir(parents=True, exist_ok=True)
+        for old in (out / sub).glob("*.parquet"):
+            old.unlink()
+    splits = assign_splits(spec.n_images, spec.seed, spec.val_fraction, spec.test_fraction)
+    workers = workers or min(8, os.cpu_count() or 1)
+    chunk = 250
+    tasks = [(spec.seed, s, min(s + chunk, spec.n_images), spec.image_size, spec.p_look)
+             for s in range(0, spec.n_images, chunk)]
+    corpus_rows: list[dict] = []
+    oracle_rows: list[dict] = []
+    file_idx = 0
+
+    def flush(final: bool = False) -> None:
+        nonlocal corpus_rows, file_idx
+        while len(corpus_rows) >= spec.rows_per_file or (final and corpus_rows):
+            part, corpus_rows = corpus_rows[:spec.rows_per_file], corpus_rows[spec.rows_per_file:]
+            table = pa.Table.from_pylist(part, schema=CORPUS_SCHEMA)
+            pq.write_table(table, out / "corpus" / f"part-{file_idx:05d}.parquet",
+                           row_group_size=500)
+            file_idx += 1
+
+    bar = tqdm(total=spec.n_images, desc="render world", unit="img", disable=not progress)
+    pool = ProcessPoolExecutor(workers) if workers > 1 else None
+    try:
+        results = pool.map(_render_chunk, tasks) if pool else map(_render_chunk, tasks)
+        for recs in results:
+            for r in recs:
+                i = r["index"]
+                f: Factors = r["factors"]
+                corpus_rows.append({"id": image_id(i), "image": r["png"], "caption": r["caption"],
+                                    "split": splits[i]})
+                oracle_rows.append({"id": image_id(i), "split": splits[i], "beauty": r["beauty"],
+                                    **f.as_dict()})
+            bar.update(len(recs))
+            flush()
+    finally:
+        if pool:
+            pool.shutdown()
+        bar.close()
+    flush(final=True)
+    oracle = pa.Table.from_pylist(oracle_rows)
+    oracle = oracle.set_column(oracle.schema.get_field_index("beauty"), "beauty",
+                               oracle["beauty"].cast(pa.float32()))
+    pq.write_table(oracle, out / "eval" / "oracle.parquet")
+    queries, truth = make_queries(spec)
+    pq.write_table(queries, out / "queries" / "queries.parquet")
+    pq.write_table(truth, out / "eval" / "query_truth.parquet")
+    counts = {s: int((splits == s).sum()) for s in SPLITS}
+    qcounts = {f"{k}/{s}": n for (k, s), n in _count(queries).items()}
+    beauty = np.array([r["beauty"] for r in oracle_rows])
+    summary = {"images": spec.n_images, "splits": counts, "queries": qcounts,
+               "corpus_files": file_idx, "beauty_mean": float(beauty.mean()),
+               "beauty_std": float(beauty.std()), "factors": list(FACTORS),
+               "seconds": round(time.time() - t0, 2)}
+    log.info("world: %d images (%s) in %.1f s -> %s", spec.n_images, counts, summary["seconds"], out)
+    return summary
+
+
+def _count(queries: pa.Table) -> dict[tuple[str, str], int]:
+    out: dict[tuple[str, str], int] = {}
+    for k, s in zip(queries["kind"].to_pylist(), queries["split"].to_pylist(), strict=True):
+        out[(k, s)] = out.get((k, s), 0) + 1
+    return out
+
+
+CORPUS_SCHEMA = pa.schema([("id", pa.string()), ("image", pa.binary()), ("caption", pa.string()),
+                           ("split", pa.string())])
+
+
+class World:
+    """Read access to a generated world (corpus for everyone; ``eval/`` for evaluation only)."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+        if not (self.root / "corpus").is_dir():
+            raise FileNotFoundError(f"{self.root} is not a world directory (no corpus/)")
+
+    @property
+    def corpus_dir(self) -> Path:
+        return self.root / "corpus"
+
+    def corpus(self, columns: list[str] | None = None, split: str | None = None) -> pa.Table:
+        """The corpus table (optionally one split only)."""
+        import pyarrow.dataset as ds
+
+        d = ds.dataset(str(self.corpus_dir), format="parquet")
+        filt = (ds.field("split") == split) if split else None
+        return d.to_table(columns=columns, filter=filt)
+
+    def queries(self, split: str | None = None, kind: str | None = None) -> pa.Table:
+        t = pq.read_table(self.root / "queries" / "queries.parquet")
+        mask = np.ones(t.num_rows, bool)
+        if split:
+            mask &= np.array(t["split"].to_pylist()) == split
+        if kind:
+            mask &= np.array(t["kind"].to_pylist()) == kind
+        return t.filter(pa.array(mask))
+
+    def oracle(self) -> pa.Table:
+        """The hidden oracle (evaluation only)."""
+        return pq.read_table(self.root / "eval" / "oracle.parquet")
+
+    def query_truth(self) -> pa.Table:
+        """What each query asks for (evaluation only)."""
+        return pq.read_table(self.root / "eval" / "query_truth.parquet")
