@@ -150,6 +150,11 @@ class EncodeImages:
 
     def __init__(self, spec: dict[str, Any], device: str = "cpu", torch_threads: int = 0,
                  batch_size: int = 256, scorer: str = "") -> None:
+        t0 = time.time()
+        if not logging.getLogger().handlers:  # a fresh actor process: log like the driver
+            from aligner.logs import setup_logging
+
+            setup_logging()
         import torch
 
         from aligner.models import ModelSpec, load_retriever
@@ -157,7 +162,10 @@ class EncodeImages:
 
         if torch_threads > 0:
             torch.set_num_threads(torch_threads)
+        t1 = time.time()
         self.retriever = load_retriever(ModelSpec(**spec), device=device)
+        log.info("model actor ready: imports %.1f s, model load %.1f s (pid %d)", t1 - t0,
+                    time.time() - t1, os.getpid())
         self.batch_size = batch_size
         scorer_obj = make_scorer(scorer) if scorer else None
         self.scorer = scorer_obj if scorer_obj is not None and scorer_obj.needs == "embedding" \
@@ -248,8 +256,13 @@ def build_pipeline(shards: list[Shard], preprocess: Any, spec: dict[str, Any], p
     from aligner.readers import read_shards
 
     ds = read_shards(shards, batch_rows)
-    ds = ds.map_batches(DecodeImages(preprocess, max_pixels, scorer), batch_size=None,
-                        batch_format="pyarrow", zero_copy_batch=True)
+    decode = DecodeImages(preprocess, max_pixels, scorer)
+    # Ray Data buffers a task's output up to target_max_block_size (128 MB) before emitting a
+    # block: a whole shard of pixels would then reach the model at once, at the end of the
+    # task. Blocks of about one decode batch keep the pipeline streaming within a shard.
+    row_bytes = 4 * int(np.prod(decode.pixel_shape)) + 512
+    ds.context.target_max_block_size = max(1 << 20, row_bytes * batch_rows)
+    ds = ds.map_batches(decode, batch_size=None, batch_format="pyarrow", zero_copy_batch=True)
     return ds.map_batches(
         EncodeImages, batch_size=batch_size, batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=plan.size),
@@ -422,12 +435,12 @@ class ShardWriter:
 
 
 def write_plan(out_dir: str | Path, shards: list[Shard], model: dict[str, Any],
-               input_uri: str) -> None:
+               input_uri: str, checkpoint_hash: str | None = None) -> None:
     """Record the shard plan and the model an output was started with (``shards.json``)."""
     from aligner.manifest import atomic_write_text
 
     atomic_write_text(Path(out_dir) / PLAN_FILE, json.dumps({
-        "input": input_uri, "model": model,
+        "input": input_uri, "model": model, "checkpoint_hash": checkpoint_hash,
         "shards": [{"shard_id": s.shard_id, "what": s.describe(), "num_rows": s.num_rows}
                    for s in shards]}, indent=1))
 

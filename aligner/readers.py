@@ -393,17 +393,24 @@ class _Fetcher:
         self.threads = threads
         self._fs: dict[str, pafs.FileSystem] = {}
 
+    def _resolve(self, target: str) -> tuple[pafs.FileSystem, str]:
+        scheme, sep, rest = target.partition("://")
+        if sep and scheme in ("s3", "gs", "gcs"):  # path = bucket/key: one client per bucket
+            key = f"{scheme}://{rest.split('/', 1)[0]}"
+            if key not in self._fs:
+                self._fs[key] = resolve(target)[0]
+            return self._fs[key], rest
+        if not sep:
+            if "local" not in self._fs:
+                self._fs["local"] = resolve(target)[0]
+            import os
+
+            return self._fs["local"], os.path.abspath(target)
+        return resolve(target)
+
     def _read(self, uri: str) -> tuple[bytes | None, str]:
-        target = _join(self.root, uri)
         try:
-            if "://" in target:
-                scheme_host = target.split("/", 3)[:3]
-                key = "/".join(scheme_host)
-                if key not in self._fs:
-                    self._fs[key] = resolve(target)[0]
-                fs, path = self._fs[key], resolve(target)[1]
-            else:
-                fs, path = resolve(target)
+            fs, path = self._resolve(_join(self.root, uri))
             with fs.open_input_stream(path) as f:
                 return f.read(), ""
         except Exception as e:  # noqa: BLE001 - every fetch error becomes a failure row
@@ -521,6 +528,7 @@ def _iter_tar(shard: Shard, rows: _Rows) -> Iterator[pa.Table]:
     path = shard.paths[0]
     key: str | None = None
     files: dict[str, bytes] = {}
+    end = -1
     try:
         with fs.open_input_stream(path) as stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
             for member in tar:
@@ -534,7 +542,12 @@ def _iter_tar(shard: Shard, rows: _Rows) -> Iterator[pa.Table]:
                             yield rows.take()
                     key, files = k, {}
                 fh = tar.extractfile(member)
-                files[ext] = fh.read() if fh is not None else b""
+                data = fh.read() if fh is not None else b""
+                if len(data) != member.size:  # stream mode does not notice a cut file
+                    raise tarfile.ReadError(f"unexpected end of data in {member.name}: "
+                                            f"{len(data)} of {member.size} bytes")
+                files[ext] = data
+            end = tar.offset  # where the end-of-archive marker (2 zero blocks) must start
     except (tarfile.TarError, OSError, EOFError) as e:
         # Keep what was read; the rest of the tar becomes one failure row.
         rows.add(f"{posixpath.basename(path)}#unreadable", path, None, "",
@@ -542,6 +555,14 @@ def _iter_tar(shard: Shard, rows: _Rows) -> Iterator[pa.Table]:
         key = None  # the half-read sample is part of the failure
     if key is not None:
         _emit_sample(rows, path, key, files)
+    if end >= 0:
+        # Stream mode ends quietly when the file is cut inside or before a header; a whole
+        # archive has two zero blocks (1024 bytes) after its last member.
+        size = fs.get_file_info(path).size
+        if size is not None and (size % 512 or size < end + 1024):
+            rows.add(f"{posixpath.basename(path)}#unreadable", path, None, "",
+                     f"tar_error: truncated: {size} bytes, no end-of-archive marker "
+                     f"(after {rows.count} samples)", "read")
 
 
 def iter_shard(shard: Shard, batch_rows: int = DEFAULT_BATCH_ROWS) -> Iterator[pa.Table]:

@@ -72,6 +72,9 @@ class EmbedConfig:
             raise ValueError("num_actors must be >= 0")
         if not self.input or not self.output:
             raise ValueError("input and output are required")
+        if "://" in self.output:  # the writer, manifest and config helpers use local paths
+            raise ValueError(f"output {self.output!r}: only local or mounted paths (e.g. a "
+                             "FUSE-mounted bucket) are supported for outputs so far")
 
 
 def _spec_key(spec: dict[str, Any]) -> dict[str, Any]:
@@ -165,7 +168,12 @@ def run(cfg: EmbedConfig) -> dict[str, Any]:
     model = retriever.describe()
     log.info("model %s (D=%d) loaded on the driver in %.1f s", model, retriever.embed_dim,
              time.time() - t)
-    E.write_plan(out, shards, dataclasses.asdict(cfg.model), cfg.input)
+    prev_hash = (E.read_plan(out) or {}).get("checkpoint_hash")
+    if done and prev_hash and prev_hash != retriever.checkpoint_hash:
+        raise ValueError(f"{out} was started with weights {prev_hash}, these are "
+                         f"{retriever.checkpoint_hash} (the checkpoint changed): use another "
+                         "output or overwrite=true")
+    E.write_plan(out, shards, dataclasses.asdict(cfg.model), cfg.input, retriever.checkpoint_hash)
     save_config(cfg, out / "config.yaml")
     plan = E.plan_actor_pool(ray.cluster_resources(), cfg.num_actors)
     log.info("actor pool: %s", plan)
