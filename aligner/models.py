@@ -83,7 +83,7 @@ def builtin_config(image_size: int = 64, embed_dim: int = 256) -> dict[str, Any]
     return {
         "embed_dim": embed_dim,
         "vision_cfg": {"image_size": image_size, "layers": 4, "width": 192,
-                       "patch_size": max(4, image_size // 8), "head_width": 64},
+                       "patch_size": max(4, image_size // 4), "head_width": 64},
         "text_cfg": {"hf_model_name": BUILTIN_TEXT_TOWER, "hf_tokenizer_name": BUILTIN_TEXT_TOWER,
                      "hf_pooler_type": "mean_pooler", "hf_proj_type": "linear",
                      "context_length": 32},

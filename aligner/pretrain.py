@@ -119,8 +119,8 @@ def pretrain_loop(cfg: dict[str, Any]) -> None:
 
     ``cfg`` keys: data_ref (ObjectRef of :class:`PretrainData`) or data, model (ModelSpec
     fields), steps, batch_size (global), lr, min_lr_ratio, warmup, weight_decay, betas, seed,
-    flip, text_unlocked_layers, text_lr_scale, eval_every, checkpoint_every, threads,
-    grad_clip.
+    flip, text_unlocked_layers, text_lr_scale, text_proj_lr_scale, eval_every,
+    checkpoint_every, threads, grad_clip.
     """
     import ray
     import ray.train.torch
@@ -148,6 +148,20 @@ def pretrain_loop(cfg: dict[str, Any]) -> None:
                 g["params"] = [p for p in g["params"] if id(p) not in text_params]
                 groups.append({"params": tp, "weight_decay": g["weight_decay"],
                                "lr": cfg["lr"] * cfg.get("text_lr_scale", 0.1)})
+    proj_scale = float(cfg.get("text_proj_lr_scale", 1.0))
+    proj_params = {id(p) for p in model.text.proj.parameters()}
+    if proj_scale != 1.0:
+        for g in list(groups):
+            pp = [p for p in g["params"] if id(p) in proj_params]
+            if pp:
+                g["params"] = [p for p in g["params"] if id(p) not in proj_params]
+                if proj_scale > 0:
+                    groups.append({"params": pp, "weight_decay": g["weight_decay"],
+                                   "lr": cfg["lr"] * proj_scale})
+        if proj_scale == 0:
+            for p in model.text.proj.parameters():
+                p.requires_grad = False
+    groups = [g for g in groups if g["params"]]
     opt = torch.optim.AdamW(groups, lr=cfg["lr"], betas=tuple(cfg["betas"]))
     steps = int(cfg["steps"])
     sched = torch.optim.lr_scheduler.LambdaLR(

@@ -52,6 +52,8 @@ class PretrainConfig:
     text_unlocked_layers: int = field(
         default=0, metadata={"help": "unlock the last N text layers (0: locked, cached)"})
     text_lr_scale: float = field(default=0.1, metadata={"help": "LR scale of unlocked text layers"})
+    text_proj_lr_scale: float = field(
+        default=1.0, metadata={"help": "LR scale of the text projection (0: frozen, pure LiT)"})
     seed: int = field(default=0, metadata={"help": "seed of sampling and flips"})
     num_workers: int = field(default=1, metadata={"help": "Ray Train workers"})
     use_gpu: bool = field(default=False, metadata={"help": "one GPU per worker"})
@@ -126,7 +128,8 @@ def run_training(cfg: PretrainConfig, data) -> Path:
                 "warmup": cfg.warmup, "weight_decay": cfg.weight_decay, "betas": cfg.betas,
                 "seed": cfg.seed, "flip": cfg.flip, "grad_clip": cfg.grad_clip,
                 "text_unlocked_layers": cfg.text_unlocked_layers,
-                "text_lr_scale": cfg.text_lr_scale, "eval_every": cfg.eval_every,
+                "text_lr_scale": cfg.text_lr_scale, "text_proj_lr_scale": cfg.text_proj_lr_scale,
+                "eval_every": cfg.eval_every,
                 "checkpoint_every": cfg.checkpoint_every, "log_every": cfg.log_every,
                 "threads": threads}
     out = Path(cfg.output).resolve()
@@ -178,7 +181,8 @@ def evaluate_checkpoint(ckpt: Path, world_dir: str, gallery: str = "test") -> di
     captions = corpus["caption"].to_pylist()
     return {"gallery": gallery, "gallery_size": len(blobs),
             "caption_recall_test": ev.caption_recall(r.encode_texts, captions, "test"),
-            "paraphrases": ev.paraphrase_hits(r.encode_texts),
+            "paraphrases": ev.content_hits(r.encode_texts, "paraphrase"),
+            "content_queries": ev.content_hits(r.encode_texts, "content"),
             "premise": ev.premise(r.encode_texts, gallery_split=None)}
 
 
@@ -242,8 +246,12 @@ def _log_summary(m: dict) -> None:
     p = m["premise"]
     log.info("test caption recall: R@1 %.3f R@5 %.3f R@10 %.3f (chance@10 %.4f)",
              r["r@1"]["mean"], r["r@5"]["mean"], r["r@10"]["mean"], r["chance@10"]["mean"])
-    log.info("paraphrases (unseen words): content in top 10 for %.2f of queries",
-             m["paraphrases"]["hit@10"]["mean"])
+    for key, what in (("content_queries", "caption words"), ("paraphrases", "unseen words")):
+        h = m[key]
+        log.info("%s queries (%s): right content in top 10 for %.2f (chance %.2f), "
+                 "precision@10 %.3f (chance %.3f)", key, what, h["hit@10"]["mean"],
+                 h["hit@10_chance"]["mean"], h["precision@10"]["mean"],
+                 h["precision@10_chance"]["mean"])
     g = p["aesthetic@10_gain"]
     log.info("premise: + good look words changes oracle aesthetic@10 by %+.3f [%.3f, %.3f]",
              g["mean"], g["ci_low"], g["ci_high"])

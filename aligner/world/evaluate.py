@@ -16,7 +16,7 @@ import pyarrow as pa
 
 from aligner.metrics import ci_dict, recall_at_k, topk
 from aligner.world.generate import World
-from aligner.world.vocab import GOOD_LOOK_SUFFIX
+from aligner.world.vocab import GOOD_LOOK_ADJECTIVES, GOOD_LOOK_TAIL
 
 EncodeTexts = Callable[[list[str]], np.ndarray]
 
@@ -40,7 +40,7 @@ def content_match(truth: dict, labels: pa.Table | dict[str, np.ndarray]) -> np.n
 
 def with_good_looks(query: str) -> str:
     """The simplest aesthetic rephrase: the query plus good look words."""
-    return f"a {GOOD_LOOK_SUFFIX} photo of {query}"
+    return f"a {GOOD_LOOK_ADJECTIVES} photo of {query} {GOOD_LOOK_TAIL}"
 
 
 class WorldEval:
@@ -87,13 +87,23 @@ class WorldEval:
                                                        self.labels.items()}).mean()
                          for i, q in enumerate(query_ids)])
 
-    def paraphrase_hits(self, encode: EncodeTexts, k: int = 10) -> dict[str, dict]:
-        """Paraphrases (held-out words): does the top k contain the right content?"""
-        q = self.world.queries(kind="paraphrase")
+    def content_hits(self, encode: EncodeTexts, kind: str, k: int = 10,
+                     split: str = "test") -> dict[str, dict]:
+        """Does a query's top k contain the content it asks for? With the chance level.
+
+        ``kind``: ``paraphrase`` (held-out words) or ``content`` (caption words). Chance is
+        the hit rate of a random top k: ``1 - (1 - m/N)^k`` for m matching images of N.
+        """
+        q = self.world.queries(split=split, kind=kind)
         qids, texts = q["query_id"].to_pylist(), q["query"].to_pylist()
         top = self.query_topk(encode, texts, k)
         rel = self.relevance(qids, top)
-        return {"hit@10": ci_dict((rel > 0).astype(float)), "precision@10": ci_dict(rel)}
+        n = len(self.ids)
+        match = np.array([content_match(self.truth[i], self.labels).sum() for i in qids])
+        chance = 1.0 - (1.0 - match / n) ** k
+        return {f"hit@{k}": ci_dict((rel > 0).astype(float)), f"precision@{k}": ci_dict(rel),
+                f"hit@{k}_chance": {"mean": float(chance.mean())},
+                f"precision@{k}_chance": {"mean": float((match / n).mean())}}
 
     def premise(self, encode: EncodeTexts, k: int = 10, split: str = "test",
                 gallery_split: str | None = None) -> dict[str, dict]:

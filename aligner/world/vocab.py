@@ -30,29 +30,29 @@ class Words:
 
 SHAPE_WORDS: dict[str, tuple[Words, Words]] = {
     # (singular, plural)
-    "circle": (Words(("circle", "disc", "round dot", "round shape"), ("disk", "orb")),
-               Words(("circles", "discs", "round dots", "round shapes"), ("disks", "orbs"))),
-    "square": (Words(("square", "box", "block", "tile"), ("cube", "quadrilateral")),
-               Words(("squares", "boxes", "blocks", "tiles"), ("cubes", "quadrilaterals"))),
-    "triangle": (Words(("triangle", "wedge", "triangular shape"), ("pyramid", "trigon")),
-                 Words(("triangles", "wedges", "triangular shapes"), ("pyramids", "trigons"))),
-    "star": (Words(("star", "star shape", "five-pointed star"), ("starburst", "asterisk")),
-             Words(("stars", "star shapes", "five-pointed stars"), ("starbursts", "asterisks"))),
-    "diamond": (Words(("diamond", "rhombus", "diamond shape"), ("lozenge", "kite")),
-                Words(("diamonds", "rhombuses", "diamond shapes"), ("lozenges", "kites"))),
-    "ring": (Words(("ring", "hoop", "donut"), ("halo", "loop")),
-             Words(("rings", "hoops", "donuts"), ("halos", "loops"))),
+    "circle": (Words(("circle", "disc", "round dot", "round shape", "dot", "sphere"), ("disk", "orb")),
+               Words(("circles", "discs", "round dots", "round shapes", "dots", "spheres"), ("disks", "orbs"))),
+    "square": (Words(("square", "box", "block", "tile", "rectangle", "square shape"), ("cube", "quadrilateral")),
+               Words(("squares", "boxes", "blocks", "tiles", "rectangles", "square shapes"), ("cubes", "quadrilaterals"))),
+    "triangle": (Words(("triangle", "wedge", "triangular shape", "arrowhead", "three-sided shape"), ("pyramid", "trigon")),
+                 Words(("triangles", "wedges", "triangular shapes", "arrowheads", "three-sided shapes"), ("pyramids", "trigons"))),
+    "star": (Words(("star", "star shape", "five-pointed star", "starfish shape", "spiky star"), ("starburst", "asterisk")),
+             Words(("stars", "star shapes", "five-pointed stars", "starfish shapes", "spiky stars"), ("starbursts", "asterisks"))),
+    "diamond": (Words(("diamond", "rhombus", "diamond shape", "rhomb", "gem shape"), ("lozenge", "kite")),
+                Words(("diamonds", "rhombuses", "diamond shapes", "rhombs", "gem shapes"), ("lozenges", "kites"))),
+    "ring": (Words(("ring", "hoop", "donut", "circle outline", "annulus"), ("halo", "loop")),
+             Words(("rings", "hoops", "donuts", "circle outlines", "annuli"), ("halos", "loops"))),
 }
 
 COLOUR_WORDS: dict[str, Words] = {
-    "red": Words(("red", "scarlet", "cherry red"), ("crimson", "ruby")),
-    "orange": Words(("orange", "tangerine", "amber"), ("apricot", "rust-orange")),
-    "yellow": Words(("yellow", "lemon", "golden yellow"), ("canary", "mustard")),
-    "green": Words(("green", "emerald", "lime green"), ("jade", "verdant")),
-    "blue": Words(("blue", "navy", "royal blue"), ("cobalt", "sapphire")),
-    "purple": Words(("purple", "violet", "lilac"), ("plum", "lavender")),
-    "pink": Words(("pink", "rose", "hot pink"), ("fuchsia", "salmon")),
-    "black": Words(("black", "jet-black", "charcoal"), ("ebony", "onyx")),
+    "red": Words(("red", "scarlet", "cherry red", "blood-red", "brick red"), ("crimson", "ruby")),
+    "orange": Words(("orange", "tangerine", "amber", "pumpkin orange", "bright orange"), ("apricot", "rust-orange")),
+    "yellow": Words(("yellow", "lemon", "golden yellow", "butter yellow", "sunflower yellow"), ("canary", "mustard")),
+    "green": Words(("green", "emerald", "lime green", "olive green", "forest green"), ("jade", "verdant")),
+    "blue": Words(("blue", "navy", "royal blue", "indigo", "ultramarine"), ("cobalt", "sapphire")),
+    "purple": Words(("purple", "violet", "lilac", "mauve", "grape purple"), ("plum", "lavender")),
+    "pink": Words(("pink", "rose", "hot pink", "magenta", "bubblegum pink"), ("fuchsia", "salmon")),
+    "black": Words(("black", "jet-black", "charcoal", "pitch-black", "inky black"), ("ebony", "onyx")),
 }
 
 COUNT_WORDS: dict[int, Words] = {
@@ -104,7 +104,8 @@ OVERALL_WORDS: dict[str, Words] = {
 PHOTO_NOUNS = Words(("photo", "picture", "image", "shot", "snapshot"), ("photograph", "capture"))
 
 # What a rephraser adds to a query to ask for beautiful results (the premise check uses these).
-GOOD_LOOK_SUFFIX = "crisp, clean, well-lit, vivid, centred, with warm golden tones"
+GOOD_LOOK_ADJECTIVES = "crisp, clean, well-lit, vivid, centred"
+GOOD_LOOK_TAIL = "with warm golden tones"
 
 
 def all_words(heldout: bool) -> set[str]:
