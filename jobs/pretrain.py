@@ -40,7 +40,7 @@ class PretrainConfig:
     output: str = field(default="out/base", metadata={"help": "output directory"})
     model: ModelSpec = field(default_factory=ModelSpec,
                              metadata={"help": "starting model (built-in by default)"})
-    steps: int = field(default=300, metadata={"help": "optimizer steps"})
+    steps: int = field(default=500, metadata={"help": "optimizer steps"})
     batch_size: int = field(default=256, metadata={"help": "global batch (split over workers)"})
     lr: float = field(default=1e-3, metadata={"help": "peak learning rate"})
     min_lr_ratio: float = field(default=0.02, metadata={"help": "final LR / peak LR"})
@@ -53,7 +53,7 @@ class PretrainConfig:
         default=0, metadata={"help": "unlock the last N text layers (0: locked, cached)"})
     text_lr_scale: float = field(default=0.1, metadata={"help": "LR scale of unlocked text layers"})
     text_proj_lr_scale: float = field(
-        default=1.0, metadata={"help": "LR scale of the text projection (0: frozen, pure LiT)"})
+        default=0.1, metadata={"help": "LR scale of the text projection (0: frozen, pure LiT)"})
     seed: int = field(default=0, metadata={"help": "seed of sampling and flips"})
     num_workers: int = field(default=1, metadata={"help": "Ray Train workers"})
     use_gpu: bool = field(default=False, metadata={"help": "one GPU per worker"})
