@@ -259,6 +259,21 @@ def set_search_params(index, nprobe: int | None = None,
     return applied
 
 
+def _skip_polysemous_training(index) -> None:
+    """Switch off faiss' polysemous PQ training (on by default for factory ``PQ{m}``).
+
+    It reorders PQ centroids for Hamming pre-filtering (``polysemous_ht``), which this module
+    never enables, and costs about 5x the PQ training itself (measured: 59 s vs 12 s for
+    ``IVF100,PQ16`` on 10k vectors of size 64).
+    """
+    faiss = _faiss()
+    index = _unwrap_idmap(index)
+    if isinstance(index, faiss.IndexPreTransform):
+        index = faiss.downcast_index(index.index)
+    if getattr(index, "do_polysemous_training", False):
+        index.do_polysemous_training = False
+
+
 def _clamped_factory(factory: str, n_train: int, nlist: int, clamp: bool) -> str:
     if n_train >= nlist:
         return factory
@@ -532,6 +547,7 @@ def build_index(embeddings: str | Path, out_dir: str | Path, factory: str = "Fla
         raise ValueError(f"faiss cannot build factory string {factory!r} for dim {dim}: "
                          f"{str(e).strip().splitlines()[-1]}") from e
     requested, n_train, t_train = factory, 0, 0.0
+    _skip_polysemous_training(template)
     if not template.is_trained:
         if train_sample < 1:
             raise ValueError(f"factory {factory!r} needs training but train_sample={train_sample}")
@@ -540,6 +556,7 @@ def build_index(embeddings: str | Path, out_dir: str | Path, factory: str = "Fla
             factory = _clamped_factory(factory, min(train_sample, total), int(ivf.nlist), clamp_nlist)
             if factory != requested:
                 template = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
+                _skip_polysemous_training(template)
         t = time.time()
         sample = sample_vectors(infos, train_sample, seed)
         n_train = len(sample)

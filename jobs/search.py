@@ -1,0 +1,98 @@
+"""Search an index with text: print the ranked results and write an image grid.
+
+    python -m jobs.search --config jobs/configs/search.yaml index=out/index query="two red circles on grass" k=10
+
+``query`` may be a list (``query='["a cat", "a dog"]'``). The query encoder defaults to the
+model recorded in the index manifest (the one that embedded the corpus) and the images come
+from the corpus recorded there; ``model.*`` and ``corpus=`` override both. Writes
+``search.png`` (one row of results per query) and ``search.html`` (self-contained) to
+``output``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from aligner.config import dump_yaml, load_config, save_config, to_dict
+from aligner.logs import setup_logging
+from aligner.manifest import write_manifest
+
+log = logging.getLogger("jobs.search")
+DEFAULT_YAML = Path(__file__).parent / "configs" / "search.yaml"
+
+
+@dataclass
+class SearchConfig:
+    """Text-to-image search over a faiss index."""
+
+    index: str = field(default="out/index", metadata={"help": "index directory (jobs.build_index)"})
+    query: list[str] = field(default_factory=list, metadata={"help": "query text(s)"})
+    k: int = field(default=10, metadata={"help": "results per query"})
+    model: str = field(default="", metadata={
+        "help": "query encoder: '' = the model in the index manifest, 'builtin', or an "
+                "open_clip name (with model_pretrained / model_checkpoint)"})
+    model_pretrained: str = field(default="", metadata={"help": "open_clip tag or weights file"})
+    model_checkpoint: str = field(default="", metadata={"help": "checkpoint directory"})
+    corpus: str = field(default="", metadata={"help": "corpus for the images ('' = from manifest)"})
+    output: str = field(default="out/search", metadata={"help": "where search.png/html go"})
+    nprobe: int = field(default=0, metadata={"help": "IVF lists to visit (0: the index's)"})
+    ef_search: int = field(default=0, metadata={"help": "HNSW breadth (0: the index's)"})
+
+    def __post_init__(self) -> None:
+        if self.k < 1:
+            raise ValueError("k must be >= 1")
+
+
+def main(argv: list[str] | None = None) -> int:
+    setup_logging()
+    cfg = load_config(SearchConfig, argv, DEFAULT_YAML, prog="python -m jobs.search")
+    from aligner.models import ModelSpec
+    from aligner.search import Searcher, hits_to_items
+    from aligner.viz import image_grid_html, rows_grid_png
+
+    started = time.time()
+    log.debug("config:\n%s", dump_yaml(cfg))
+    queries = [q for q in cfg.query if q and q.strip()]
+    if not queries:
+        log.error("no query given: pass query=\"some text\"")
+        return 2
+    spec = None
+    if cfg.model or cfg.model_checkpoint:
+        spec = ModelSpec(name=cfg.model or "builtin", pretrained=cfg.model_pretrained or None,
+                         checkpoint=cfg.model_checkpoint or None)
+    try:
+        searcher = Searcher.open(cfg.index, spec, cfg.corpus or None, cfg.nprobe or None,
+                                 cfg.ef_search or None)
+        results = searcher.search(queries, cfg.k)
+    except (FileNotFoundError, ValueError) as e:
+        log.error("%s", e)
+        return 2
+    rows = []
+    for q, hits in zip(queries, results, strict=True):
+        print(f"\nquery: {q}")
+        print(f"{'rank':>4}  {'id':<24} {'score':>6} {'aesth':>6}  caption")
+        for h in hits:
+            aest = f"{h.aesthetic:6.2f}" if h.aesthetic is not None else "   n/a"
+            print(f"{h.rank:>4}  {h.id:<24} {h.score:6.3f} {aest}  {h.caption[:90]}")
+        rows.append((q, hits_to_items(hits, searcher.images(hits))))
+    out = Path(cfg.output)
+    out.mkdir(parents=True, exist_ok=True)
+    png = rows_grid_png(rows, out / "search.png", title=f"top {cfg.k} from {cfg.index}")
+    html = image_grid_html(rows, out / "search.html", title=f"top {cfg.k} from {cfg.index}")
+    (out / "results.json").write_text(json.dumps(
+        {q: [h.__dict__ for h in hits] for q, hits in zip(queries, results, strict=True)},
+        indent=1))
+    save_config(cfg, out / "config.yaml")
+    write_manifest(out, "search", to_dict(cfg), started, model=searcher.retriever.describe(),
+                   corpus=searcher.corpus, outputs={"png": png.name, "html": html.name,
+                                                    "results": "results.json"})
+    print(f"\ngrid: {png}\npage: {html}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
