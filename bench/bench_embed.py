@@ -200,6 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n", type=int, default=10_000, help="images for the throughput comparison")
     p.add_argument("--mem-n", type=int, default=0, help="also measure peak memory at this N")
     p.add_argument("--model", default="builtin")
+    p.add_argument("--repeat", type=int, default=2, help="plain-loop runs (the best counts)")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--rows-per-shard", type=int, default=2_000)
     p.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "bench_embed"))
@@ -213,8 +214,11 @@ def main(argv: list[str] | None = None) -> int:
     t = time.perf_counter()
     corpus = make_corpus(work / f"corpus-{args.n}", args.n)
     print(f"corpus: {args.n} images in {time.perf_counter() - t:.1f} s ({work})", flush=True)
-    plain = plain_loop(corpus, args.model, args.batch_size, score=True)
-    plain_ns = plain_loop(corpus, args.model, args.batch_size, score=False)
+    # best of --repeat runs: the first pass in a fresh process pays one-off warm-up costs
+    plain = max((plain_loop(corpus, args.model, args.batch_size, score=True)
+                 for _ in range(args.repeat)), key=lambda r: r["rows_per_s"])
+    plain_ns = max((plain_loop(corpus, args.model, args.batch_size, score=False)
+                    for _ in range(args.repeat)), key=lambda r: r["rows_per_s"])
     ray_res = child(args, args.n)
     mem = child(args, args.mem_n) if args.mem_n else None
 

@@ -315,10 +315,10 @@ def test_udfs_in_process(tmp_path):
 
 def test_actor_pool_plans():
     two = plan_actor_pool({"CPU": 2.0})
-    assert (two.size, two.num_gpus, two.device, two.torch_threads) == (1, 0.0, "cpu", 1)
+    assert (two.size, two.num_gpus, two.device, two.torch_threads) == (1, 0.0, "cpu", 2)
     assert two.num_cpus <= 1.0  # a whole CPU always stays free for the read/decode tasks
     big = plan_actor_pool({"CPU": 32.0})
-    assert big.size == 8 and big.torch_threads == 2 and big.size * big.num_cpus <= 31
+    assert big.size == 8 and big.torch_threads == 4 and big.size * big.num_cpus <= 31
     gpu = plan_actor_pool({"CPU": 16.0, "GPU": 4.0})
     assert (gpu.size, gpu.num_gpus, gpu.device) == (4, 1.0, "cuda")
     assert plan_actor_pool({"CPU": 16.0, "GPU": 2.0}, num_actors=5).size == 2
