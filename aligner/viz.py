@@ -118,7 +118,7 @@ def _draw_png(rows: list[tuple[str, list[GridItem]]], path: Path, title: str | N
                 continue
             im = to_pil(items[c].image)
             if im is None:
-                ax.set_facecolor("0.85")
+                ax.imshow(Image.new("RGB", (8, 8), (217, 217, 217)))  # square, like the others
                 ax.text(0.5, 0.5, "no image", ha="center", va="center", fontsize=8,
                         transform=ax.transAxes)
             else:

@@ -30,7 +30,9 @@ class SearchConfig:
     """Text-to-image search over a faiss index."""
 
     index: str = field(default="out/index", metadata={"help": "index directory (jobs.build_index)"})
-    query: list[str] = field(default_factory=list, metadata={"help": "query text(s)"})
+    # str first: one query containing a comma must stay one query (a bare list[str] splits
+    # "a cat, sleeping" into two); a YAML list ('["a cat", "a dog"]') is still a list
+    query: str | list[str] = field(default_factory=list, metadata={"help": "query text(s)"})
     k: int = field(default=10, metadata={"help": "results per query"})
     model: str = field(default="", metadata={
         "help": "query encoder: '' = the model in the index manifest, 'builtin', or an "
@@ -56,7 +58,8 @@ def main(argv: list[str] | None = None) -> int:
 
     started = time.time()
     log.debug("config:\n%s", dump_yaml(cfg))
-    queries = [q for q in cfg.query if q and q.strip()]
+    queries = [q for q in ([cfg.query] if isinstance(cfg.query, str) else cfg.query)
+               if q and q.strip()]
     if not queries:
         log.error("no query given: pass query=\"some text\"")
         return 2

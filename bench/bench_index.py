@@ -1,0 +1,338 @@
+"""Benchmark: Flat vs HNSW32 vs IVF-Flat vs IVF-PQ, built by ``aligner.index.build_index``.
+
+    python bench/bench_index.py --n 100000,1000000
+    python bench/bench_index.py --quick                  # N=20k, 200 queries: a smoke run
+
+For each N the data are generated once, in chunks, and written in the embed job's layout
+(``embeddings/part-*.parquet`` with ``id, embedding fixed_size_list<float32>[D], aesthetic,
+caption, source``, an empty ``failures/``, ``manifest.json``) into a temp dir, so every index is
+built through the streamed path the build job uses (training sample drawn across the files,
+record-batch adds).
+
+Data: a mixture of 1,000 Gaussians in a 32-dim subspace of R^512, plus a little isotropic
+noise, normalised: ``x = (c_label + sigma z) W + eps e`` with ``c, z ~ N(0, I_32)``, ``W`` 32
+orthonormal rows, ``e ~ N(0, I_512)``; sigma 1.0, eps 0.05. Queries are drawn the same way with
+another seed. Like real image embeddings, the data have a low intrinsic dimension and clusters
+that overlap (mean cosine to the nearest neighbour ~0.73, between random pairs ~0), so IVF
+recall depends on nprobe (isotropic clusters in 512 dims are so far apart that any nprobe
+finds everything, which measures nothing).
+
+Per index: build wall time (and its train / add parts from the manifest), size on disk of the
+faiss shard, QPS for one batch of ``--queries`` queries through ``SearchIndex.search`` with
+faiss on all threads and on one thread (``faiss.omp_set_num_threads(1)``), and recall@10
+against the Flat index's results from the same run (Flat itself is checked against
+``aligner.index.exact_topk`` over the Parquet files on 100 queries). Ratios are relative to
+Flat measured side by side in the same run.
+
+Parameters per N: ``IVF{L}`` with ``L = 2**round(log2(4 sqrt(N)))`` lists (512 at 20k, 1024 at
+100k, 4096 at 1M), ``PQ64`` (one byte per 8 dims: 64 bytes per vector instead of 2,048),
+``train_sample = min(N, --train-sample)`` (100k, the build job's default; at 1M that is 24
+points per list, below the 39 faiss asks for, which it warns about); IVF rows are reported for
+each ``--nprobe`` (one build); HNSW32 with faiss' efConstruction 40 (the factory string cannot
+set it) and ``--ef-search``. Above ``--hnsw-max-n`` rows (default 300k) HNSW is skipped and
+reported as skipped, with a time estimate from a smaller N of the same run (HNSW build time
+grows about as N log N): on 2 cores it would take ~6 min at 1M, longer than all other indexes.
+
+Measured on 2 shared cores (other sessions' jobs kept the load average at 2-3, so the
+all-thread numbers are pessimistic), ``--n 100000,1000000``: 11 min in all; at 1M Flat answers
+59 queries/s, IVF4096,Flat 2,450 q/s at recall@10 0.90 (nprobe 16), IVF4096,PQ64 6,800 q/s at
+0.63 in 4% of the space; PQ64's recall stops at ~0.63-0.69 whatever nprobe (the code is the
+limit, not the lists probed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+DIM = 512
+CHUNK = 50_000  # rows generated and written per Parquet file
+CENTRES = 1000
+LATENT = 32
+SIGMA = 1.0
+EPS = 0.05
+
+
+# ----------------------------------------------------------------------------- data
+
+
+class Mixture:
+    """Gaussian mixture in a ``LATENT``-dim subspace of R^dim (see the module docstring)."""
+
+    def __init__(self, dim: int, seed: int = 0) -> None:
+        rng = np.random.default_rng(seed)
+        self.dim = dim
+        self.centres = rng.standard_normal((CENTRES, LATENT), dtype=np.float32)
+        q, _ = np.linalg.qr(rng.standard_normal((dim, LATENT)))
+        self.basis = np.ascontiguousarray(q.T, dtype=np.float32)  # [LATENT, dim], orthonormal
+
+    def sample(self, n: int, seed: int) -> np.ndarray:
+        """``[n, dim]`` float32 unit vectors."""
+        rng = np.random.default_rng(seed)
+        z = self.centres[rng.integers(0, CENTRES, n)]
+        z += SIGMA * rng.standard_normal(z.shape, dtype=np.float32)
+        x = z @ self.basis
+        x += EPS * rng.standard_normal(x.shape, dtype=np.float32)
+        x /= np.linalg.norm(x, axis=1, keepdims=True)
+        return x
+
+
+def write_embeddings(root: Path, n: int, mix: Mixture) -> Path:
+    """Write ``n`` clustered vectors in the embed job's layout (skipped if already there)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from aligner.embed import embeddings_schema
+    from aligner.manifest import write_manifest
+
+    done = root / "manifest.json"
+    if done.is_file() and json.loads(done.read_text()).get("rows") == n:
+        return root
+    shutil.rmtree(root, ignore_errors=True)
+    (root / "embeddings").mkdir(parents=True)
+    (root / "failures").mkdir()
+    dim = mix.dim
+    schema, t = embeddings_schema(dim), time.time()
+    for f, lo in enumerate(range(0, n, CHUNK)):
+        m = min(CHUNK, n - lo)
+        x = mix.sample(m, seed=1000 + f)
+        pq.write_table(pa.table({
+            "id": [f"v{i:08d}" for i in range(lo, lo + m)],
+            "embedding": pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1)), dim),
+            "aesthetic": pa.array(np.zeros(m, np.float32)),
+            "caption": pa.nulls(m, pa.string()), "source": pa.nulls(m, pa.string())},
+            schema=schema), root / "embeddings" / f"part-{f:05d}.parquet")
+    write_manifest(root, "embed", config={"input": "synthetic"}, rows=n,
+                   model={"name": "synthetic", "embed_dim": dim},
+                   data={"centres": CENTRES, "latent": LATENT, "sigma": SIGMA, "eps": EPS})
+    print(f"  wrote {n:,} x {dim} vectors in {time.time() - t:.1f} s -> {root}", flush=True)
+    return root
+
+
+def exact_from_files(root: Path, queries: np.ndarray, k: int) -> np.ndarray:
+    """Exact top-k positions, reading the Parquet files in stream order (no index)."""
+    from aligner.index import inspect_embeddings, iter_embedding_batches, merge_topk
+
+    best_s = np.full((len(queries), k), -np.inf, np.float32)
+    best_p = np.full((len(queries), k), -1, np.int64)
+    pos = 0
+    for b in iter_embedding_batches(inspect_embeddings(root), 65_536):
+        s = queries @ b.vectors.T
+        p = np.broadcast_to(np.arange(pos, pos + len(b.vectors)), s.shape)
+        best_s, best_p = merge_topk([best_s, s], [best_p, p], k)
+        pos += len(b.vectors)
+    return best_p
+
+
+# ----------------------------------------------------------------------------- measuring
+
+
+def ivf_lists(n: int) -> int:
+    return 2 ** round(math.log2(4 * math.sqrt(n)))
+
+
+def dir_bytes(d: Path, pattern: str = "shard-*.faiss") -> int:
+    return sum(f.stat().st_size for f in d.glob(pattern))
+
+
+def time_search(index, queries: np.ndarray, k: int, threads: int, min_s: float = 1.0) -> float:
+    """Queries per second for one batch: best of up to 3 runs (fewer if a run takes > min_s)."""
+    import faiss
+
+    faiss.omp_set_num_threads(threads)
+    index.search(queries[:8], k)  # warm-up (page-in, lazy allocations)
+    best = math.inf
+    for _ in range(3):
+        t = time.perf_counter()
+        index.search(queries, k)
+        best = min(best, time.perf_counter() - t)
+        if best > min_s:
+            break
+    return len(queries) / best
+
+
+def run_one(emb: Path, out: Path, factory: str, queries: np.ndarray, k: int, all_threads: int,
+            train_sample: int, nprobes: list[int], ef_search: int, truth: np.ndarray | None,
+            build_threads: int) -> tuple[list[dict[str, Any]], np.ndarray]:
+    import faiss
+
+    from aligner.index import build_index, recall_at_k
+
+    faiss.omp_set_num_threads(build_threads)
+    ivf = factory.startswith("IVF")
+    t = time.time()
+    index = build_index(emb, out, factory, train_sample=train_sample,
+                        ef_search=ef_search if factory.startswith("HNSW") else None)
+    build_s = time.time() - t
+    m = index.manifest
+    base = {"index": factory, "n": index.ntotal, "build_s": build_s,
+            "train_s": m["timings_s"]["train"], "add_s": m["timings_s"]["add"],
+            "train_rows": m["train_sample"]["used"], "bytes": dir_bytes(out)}
+    rows, positions = [], None
+    for nprobe in (nprobes if ivf else [None]):
+        params = {}
+        if ivf:
+            params = index.set_params(nprobe=nprobe)
+        elif factory.startswith("HNSW"):
+            params = {"efSearch": ef_search}
+        faiss.omp_set_num_threads(all_threads)
+        res = index.search(queries, k)
+        row = dict(base, params=" ".join(f"{a}={b}" for a, b in params.items()) or "-",
+                   qps_all=time_search(index, queries, k, all_threads),
+                   qps_1=time_search(index, queries, k, 1),
+                   recall=recall_at_k(res.positions, truth) if truth is not None else 1.0)
+        rows.append(row)
+        positions = res.positions
+        print(f"  {factory:<14} {row['params']:<12} build {build_s:7.1f} s  "
+              f"QPS {row['qps_all']:9.0f} / {row['qps_1']:9.0f} (1 thr)  "
+              f"recall@{k} {row['recall']:.3f}", flush=True)
+    del index
+    gc.collect()
+    faiss.omp_set_num_threads(all_threads)
+    return rows, positions
+
+
+def bench_n(n: int, args, work: Path, hnsw_rate: dict[int, float]) -> list[dict[str, Any]]:
+    k, dim = 10, args.dim
+    lists = ivf_lists(n)
+    train = min(n, args.train_sample)
+    print(f"\nN = {n:,}  (dim {dim}, IVF{lists}, train_sample {train:,}, "
+          f"{args.queries} queries, k={k})", flush=True)
+    mix = Mixture(dim)
+    emb = write_embeddings(work / f"emb-{n}", n, mix)
+    queries = mix.sample(args.queries, seed=7)
+    all_threads = os.cpu_count() or 1
+
+    build_threads = args.build_threads or all_threads
+    rows, truth = run_one(emb, work / f"idx-{n}-flat", "Flat", queries, k, all_threads,
+                          train, [], args.ef_search, None, build_threads)
+    check = exact_from_files(emb, queries[:100], k)
+    from aligner.index import recall_at_k
+
+    flat_ok = recall_at_k(truth[:100], check)
+    print(f"  Flat vs exact_topk over the files (100 queries): recall {flat_ok:.4f}", flush=True)
+    if flat_ok < 1.0:
+        raise SystemExit("Flat disagrees with exact search: the benchmark's ground truth is wrong")
+    shutil.rmtree(work / f"idx-{n}-flat", ignore_errors=True)
+
+    for factory in args.factories:
+        fac = factory.replace("{L}", str(lists))
+        if fac.startswith("HNSW") and n > args.hnsw_max_n:
+            est = ""
+            if hnsw_rate:
+                n0, s0 = max(hnsw_rate.items())
+                est = (f"; est. {s0 * n * math.log(n) / (n0 * math.log(n0)) / 60:.0f} min from "
+                       f"{s0:.0f} s at N={n0:,}")
+            reason = f"N={n:,} > --hnsw-max-n {args.hnsw_max_n:,}{est}"
+            print(f"  {fac:<14} skipped: {reason}", flush=True)
+            rows.append({"index": fac, "n": n, "skipped": reason})
+            continue
+        got, _ = run_one(emb, work / f"idx-{n}", fac, queries, k, all_threads, train,
+                         args.nprobe, args.ef_search, truth, build_threads)
+        if fac.startswith("HNSW"):
+            hnsw_rate[n] = got[0]["build_s"]
+        rows += got
+        shutil.rmtree(work / f"idx-{n}", ignore_errors=True)
+    return rows
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    head = (f"{'N':>9}  {'index':<15} {'params':<11} {'build s':>8} {'(train':>7} {'add)':>6} "
+            f"{'x Flat':>7} {'size MB':>8} {'x Flat':>6} {'QPS all':>9} {'QPS 1thr':>9} "
+            f"{'x Flat':>7} {'recall@10':>9}")
+    out = [head, "-" * len(head)]
+    flat = {r["n"]: r for r in rows if r["index"] == "Flat"}
+    for r in rows:
+        if "skipped" in r:
+            out.append(f"{r['n']:>9,}  {r['index']:<15} skipped: {r['skipped']}")
+            continue
+        f = flat[r["n"]]
+        out.append(
+            f"{r['n']:>9,}  {r['index']:<15} {r['params']:<11} {r['build_s']:8.1f} "
+            f"{r['train_s']:7.1f} {r['add_s']:6.1f} {r['build_s'] / f['build_s']:7.1f} "
+            f"{r['bytes'] / 1e6:8.1f} {r['bytes'] / f['bytes']:6.3f} {r['qps_all']:9.0f} "
+            f"{r['qps_1']:9.0f} {r['qps_all'] / f['qps_all']:7.1f} {r['recall']:9.3f}")
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--n", default="100000", help="comma-separated corpus sizes")
+    p.add_argument("--quick", action="store_true", help="N=20k, 200 queries (smoke run)")
+    p.add_argument("--dim", type=int, default=DIM)
+    p.add_argument("--queries", type=int, default=1000)
+    p.add_argument("--train-sample", type=int, default=100_000,
+                   help="rows to train IVF/PQ on (capped at N)")
+    p.add_argument("--factories", default="HNSW32,IVF{L}_Flat,IVF{L}_PQ64",
+                   help="besides Flat; '_' for ',' inside a factory, {L} = the IVF list count")
+    p.add_argument("--nprobe", default="16,64", help="IVF nprobe values (one row each)")
+    p.add_argument("--ef-search", type=int, default=64, help="HNSW efSearch")
+    p.add_argument("--hnsw-max-n", type=int, default=300_000,
+                   help="skip HNSW above this N (its build is the slowest; reported as skipped)")
+    p.add_argument("--build-threads", type=int, default=0,
+                   help="faiss threads while building (0: all). On a machine shared with other "
+                        "busy processes one thread can build IVF-PQ several times faster: "
+                        "OpenMP barriers wait for descheduled threads")
+    p.add_argument("--workdir", default="", help="where data and indexes go (default: a temp dir)")
+    p.add_argument("--keep", action="store_true", help="keep the generated data")
+    p.add_argument("--json", default="", help="also write the rows to this JSON file")
+    args = p.parse_args(argv)
+    sizes = [20_000] if args.quick else [int(float(s)) for s in args.n.split(",") if s]
+    if args.quick:
+        args.queries = min(args.queries, 200)
+    args.factories = [f.strip().replace("_", ",") for f in args.factories.split(",") if f.strip()]
+    args.nprobe = [int(v) for v in args.nprobe.split(",") if v]
+
+    import faiss
+
+    logging_quiet()
+    work = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="bench-index-"))
+    work.mkdir(parents=True, exist_ok=True)
+    print(f"faiss {faiss.__version__}, {os.cpu_count()} CPUs, build threads "
+          f"{args.build_threads or os.cpu_count()}, load average "
+          f"{' '.join(f'{v:.2f}' for v in os.getloadavg())}, workdir {work}", flush=True)
+    rows: list[dict[str, Any]] = []
+    hnsw_rate: dict[int, float] = {}
+    t0 = time.time()
+    try:
+        for n in sizes:
+            rows += bench_n(n, args, work, hnsw_rate)
+    finally:
+        if not args.keep and not args.workdir:
+            shutil.rmtree(work, ignore_errors=True)
+    print(f"\n{table(rows)}\n")
+    print(f"QPS: one batch of {args.queries} queries, k=10, through SearchIndex.search; 'all' = "
+          f"faiss on {os.cpu_count()} threads. x Flat: build time, size and all-thread QPS "
+          f"relative to Flat at the same N. Total {time.time() - t0:.0f} s; load average now "
+          f"{' '.join(f'{v:.2f}' for v in os.getloadavg())}.")
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+    return 0
+
+
+def logging_quiet() -> None:
+    import logging
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
