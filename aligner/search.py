@@ -41,8 +41,12 @@ def spec_from_index(index: SearchIndex) -> ModelSpec:
     if not model:
         raise ValueError("the index manifest does not record the embedding model: "
                          "pass model.name / model.checkpoint explicitly")
-    return ModelSpec(name=model.get("name") or "builtin", pretrained=model.get("pretrained"),
+    spec = ModelSpec(name=model.get("name") or "builtin", pretrained=model.get("pretrained"),
                      checkpoint=model.get("checkpoint"))
+    if spec.name == "builtin" and not spec.checkpoint:  # sizes live in the spec, not a file
+        spec.image_size = int(model.get("image_size") or spec.image_size)
+        spec.embed_dim = int(model.get("embed_dim") or spec.embed_dim)
+    return spec
 
 
 def corpus_from_index(index: SearchIndex) -> str | None:

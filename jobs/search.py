@@ -4,7 +4,8 @@
 
 ``query`` may be a list (``query='["a cat", "a dog"]'``). The query encoder defaults to the
 model recorded in the index manifest (the one that embedded the corpus) and the images come
-from the corpus recorded there; ``model.*`` and ``corpus=`` override both. Writes
+from the corpus recorded there; ``model.name=ViT-B-32 model.pretrained=...`` /
+``model.checkpoint=DIR`` and ``corpus=`` override them. Writes
 ``search.png`` (one row of results per query) and ``search.html`` (self-contained) to
 ``output``.
 """
@@ -20,6 +21,7 @@ from pathlib import Path
 from aligner.config import dump_yaml, load_config, save_config, to_dict
 from aligner.logs import setup_logging
 from aligner.manifest import write_manifest
+from aligner.models import ModelSpec
 
 log = logging.getLogger("jobs.search")
 DEFAULT_YAML = Path(__file__).parent / "configs" / "search.yaml"
@@ -34,11 +36,9 @@ class SearchConfig:
     # "a cat, sleeping" into two); a YAML list ('["a cat", "a dog"]') is still a list
     query: str | list[str] = field(default_factory=list, metadata={"help": "query text(s)"})
     k: int = field(default=10, metadata={"help": "results per query"})
-    model: str = field(default="", metadata={
-        "help": "query encoder: '' = the model in the index manifest, 'builtin', or an "
-                "open_clip name (with model_pretrained / model_checkpoint)"})
-    model_pretrained: str = field(default="", metadata={"help": "open_clip tag or weights file"})
-    model_checkpoint: str = field(default="", metadata={"help": "checkpoint directory"})
+    model: ModelSpec | None = field(default=None, metadata={
+        "help": "query encoder (model.name / model.pretrained / model.checkpoint); unset = the "
+                "model that embedded the corpus, from the index manifest"})
     corpus: str = field(default="", metadata={"help": "corpus for the images ('' = from manifest)"})
     output: str = field(default="out/search", metadata={"help": "where search.png/html go"})
     nprobe: int = field(default=0, metadata={"help": "IVF lists to visit (0: the index's)"})
@@ -52,7 +52,6 @@ class SearchConfig:
 def main(argv: list[str] | None = None) -> int:
     setup_logging()
     cfg = load_config(SearchConfig, argv, DEFAULT_YAML, prog="python -m jobs.search")
-    from aligner.models import ModelSpec
     from aligner.search import Searcher, hits_to_items
     from aligner.viz import image_grid_html, rows_grid_png
 
@@ -63,12 +62,8 @@ def main(argv: list[str] | None = None) -> int:
     if not queries:
         log.error("no query given: pass query=\"some text\"")
         return 2
-    spec = None
-    if cfg.model or cfg.model_checkpoint:
-        spec = ModelSpec(name=cfg.model or "builtin", pretrained=cfg.model_pretrained or None,
-                         checkpoint=cfg.model_checkpoint or None)
     try:
-        searcher = Searcher.open(cfg.index, spec, cfg.corpus or None, cfg.nprobe or None,
+        searcher = Searcher.open(cfg.index, cfg.model, cfg.corpus or None, cfg.nprobe or None,
                                  cfg.ef_search or None)
         results = searcher.search(queries, cfg.k)
     except (FileNotFoundError, ValueError) as e:
