@@ -66,3 +66,26 @@ def spearman(a: np.ndarray, b: np.ndarray) -> float:
     if ra.std() == 0 or rb.std() == 0:
         return float("nan")
     return float(np.corrcoef(ra, rb)[0, 1])
+
+
+def weighted_bootstrap_ci(values: np.ndarray, weights: np.ndarray, n_boot: int = 2000,
+                          alpha: float = 0.05, seed: int = 0) -> dict[str, float]:
+    """Weighted mean ``sum(w v) / sum(w)`` with a percentile bootstrap CI (rows resampled).
+
+    Returns:
+        ``{"mean", "ci_low", "ci_high", "n"}`` like :func:`ci_dict` (NaN when the weights sum
+        to 0 or there are no rows).
+    """
+    v = np.asarray(values, dtype=np.float64)
+    w = np.asarray(weights, dtype=np.float64)
+    nan = {"mean": float("nan"), "ci_low": float("nan"), "ci_high": float("nan"), "n": int(v.size)}
+    if v.size == 0 or w.sum() <= 0:
+        return nan
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, v.size, (n_boot, v.size))
+    ws = w[idx].sum(1)
+    means = np.where(ws > 0, (w[idx] * v[idx]).sum(1) / np.maximum(ws, 1e-300), np.nan)
+    means = means[np.isfinite(means)]
+    return {"mean": float((w * v).sum() / w.sum()),
+            "ci_low": float(np.quantile(means, alpha / 2)),
+            "ci_high": float(np.quantile(means, 1 - alpha / 2)), "n": int(v.size)}

@@ -66,13 +66,28 @@ def load_train_state(directory: Path) -> dict[str, Any] | None:
     return torch.load(f, map_location="cpu", weights_only=False) if f.is_file() else None
 
 
+def in_train_session() -> bool:
+    """Whether this process is a Ray Train worker (else the loop runs as a plain function)."""
+    try:
+        import ray.train
+
+        ray.train.get_context().get_world_rank()
+        return True
+    except Exception:  # noqa: BLE001 - outside Ray Train
+        return False
+
+
 def report(metrics: dict[str, Any], save_fn=None) -> None:
     """``ray.train.report`` from every worker; rank 0 attaches a checkpoint written by ``save_fn``.
+
+    Outside Ray Train (a plain single-process run, e.g. a benchmark) it does nothing.
 
     Args:
         metrics: per-step metrics (only rank 0's are kept with the checkpoint).
         save_fn: ``save_fn(directory)`` writes the checkpoint files; None = metrics only.
     """
+    if not in_train_session():
+        return
     import ray.train
 
     rank, _ = worker_context()
@@ -87,6 +102,8 @@ def report(metrics: dict[str, Any], save_fn=None) -> None:
 
 def latest_checkpoint_dir() -> str | None:
     """The checkpoint this (restarted) run should resume from, as a local directory."""
+    if not in_train_session():
+        return None
     import ray.train
 
     ckpt = ray.train.get_checkpoint()

@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 
 import numpy as np
@@ -58,6 +59,37 @@ class WorldEval:
         self.beauty = np.asarray(oracle["beauty"].to_pylist(), np.float64)[order]
         truth = world.query_truth()
         self.truth = {r["query_id"]: r for r in truth.to_pylist()}
+        all_beauty = np.asarray(oracle["beauty"].to_pylist(), np.float64)
+        self._beauty_by_id = dict(zip(oracle["id"].to_pylist(), all_beauty.tolist(), strict=True))
+        self._beauty_range = (float(all_beauty.min()), float(all_beauty.max()))
+
+    def with_embeddings(self, image_embeddings: np.ndarray) -> WorldEval:
+        """The same gallery (ids, labels, truth) with another model's ``[N, D]`` embeddings."""
+        if image_embeddings.shape[0] != len(self.ids):
+            raise ValueError(f"{image_embeddings.shape[0]} embeddings for {len(self.ids)} ids")
+        other = copy.copy(self)
+        other.emb = image_embeddings
+        return other
+
+    def content_matches(self, query_ids: list[str], top: np.ndarray) -> np.ndarray:
+        """Per result: does gallery image ``top[i, j]`` have query i's content? ``[Q, M]`` bool."""
+        return np.stack([content_match(self.truth[q], {c: v[top[i]] for c, v in
+                                                       self.labels.items()})
+                         for i, q in enumerate(query_ids)]) if len(query_ids) else \
+            np.zeros((0, top.shape[1] if top.ndim == 2 else 0), bool)
+
+    def beauty_of(self, ids: list[str]) -> np.ndarray:
+        """Oracle beauty of any corpus ids (not only the gallery's); NaN for unknown ids."""
+        return np.array([self._beauty_by_id.get(i, np.nan) for i in ids], np.float64)
+
+    def utility_beauty(self, low: float = 0.1) -> np.ndarray:
+        """Gallery beauty min-max normalised over the whole corpus into ``[low, 1]``: ``[N]``.
+
+        The HPIR-style row utility (``mean(match * b')``) uses it so that a relevant image
+        always counts more than an irrelevant one (which counts 0), however plain it is.
+        """
+        lo, hi = self._beauty_range
+        return low + (1.0 - low) * (self.beauty - lo) / max(hi - lo, 1e-12)
 
     def subset(self, split: str | None) -> np.ndarray:
         """Gallery indices of one split (None: all)."""

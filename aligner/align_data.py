@@ -1,0 +1,214 @@
+"""Driver-side preparation of :class:`aligner.align.AlignData` (everything frozen, computed once).
+
+Reads the preference pairs, the queries table (for each query's split), and the corpus
+(images and captions); decodes every image a step can touch into one uint8 array (degraded
+copies are made here from their originals, deterministically, never stored on disk); caches
+the locked text tower's pooled outputs; and scores every pair under the frozen reference
+model, so the reference never runs inside the training loop.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import time
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+
+from aligner.align import AlignData, PairSet
+from aligner.models import ModelSpec
+
+log = logging.getLogger(__name__)
+
+PREF_COLUMNS = ("query_id", "query", "chosen_id", "rejected_id", "source", "weight")
+
+
+def read_table(path: str | Path, name: str) -> pa.Table:
+    """A Parquet file, or a directory of Parquet files (e.g. ``queries/queries.parquet``)."""
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"{name}: {p} does not exist")
+    if p.is_dir():
+        files = sorted(f for f in p.rglob("*.parquet") if "failures" not in f.parts)
+        if not files:
+            raise FileNotFoundError(f"{name}: no Parquet files under {p}")
+        return pa.concat_tables([pq.read_table(f) for f in files], promote_options="default")
+    return pq.read_table(p)
+
+
+def read_preferences(path: str | Path) -> pa.Table:
+    """The preferences table, with its schema checked (DESIGN.md data contract)."""
+    t = read_table(path, "preferences")
+    missing = [c for c in PREF_COLUMNS if c not in t.column_names]
+    if missing:
+        raise ValueError(f"preferences {path} lacks columns {missing} (has {t.column_names})")
+    if t.num_rows == 0:
+        raise ValueError(f"preferences {path} has no pairs")
+    return t
+
+
+def query_splits(queries: str | Path, query_ids: list[str], val_fraction: float,
+                 seed: int) -> dict[str, str]:
+    """Each query id's split: the queries table's ``split`` column, else a seeded hash."""
+    split: dict[str, str] = {}
+    p = Path(queries)
+    if p.exists():
+        t = read_table(p, "queries")
+        if "split" in t.column_names and "query_id" in t.column_names:
+            split = dict(zip(t["query_id"].to_pylist(), t["split"].to_pylist(), strict=True))
+    for q in query_ids:
+        if q not in split:
+            h = zlib.crc32(f"{seed}:{q}".encode()) / 2**32
+            split[q] = "val" if h < val_fraction else "train"
+    return split
+
+
+def decode_rgb(blob: bytes, size: int) -> np.ndarray:
+    """Encoded image -> ``[size, size, 3]`` uint8: shortest side to ``size``, centre crop."""
+    from PIL import Image
+
+    im = Image.open(io.BytesIO(blob)).convert("RGB")
+    if im.size != (size, size):
+        w, h = im.size
+        s = size / min(w, h)
+        im = im.resize((max(size, round(w * s)), max(size, round(h * s))), Image.BICUBIC)
+        w, h = im.size
+        left, top = (w - size) // 2, (h - size) // 2
+        im = im.crop((left, top, left + size, top + size))
+    return np.asarray(im, dtype=np.uint8)
+
+
+def prepare_align_data(preferences: str, corpus: str, queries: str, model: ModelSpec,
+                       val_fraction: float = 0.1, seed: int = 0,
+                       max_caption_images: int = 0) -> tuple[AlignData, dict]:
+    """Build :class:`AlignData` and the counts for the manifest."""
+    import torch
+    import torch.nn.functional as F
+
+    from aligner.degrade import materialise, parse_degraded_id
+    from aligner.models import load_checkpoint, load_retriever
+    from aligner.pretrain import to_pixels
+    from aligner.textcache import cached_pooled_features
+
+    t0 = time.time()
+    prefs = read_preferences(preferences)
+    rows = prefs.select(list(PREF_COLUMNS)).to_pylist()
+    split = query_splits(queries, sorted({r["query_id"] for r in rows}), val_fraction, seed)
+    kept = {"train": [], "val": []}
+    dropped = 0
+    for r in rows:
+        s = split.get(r["query_id"], "train")
+        if s in kept:
+            kept[s].append(r)
+        else:
+            dropped += 1  # pairs of test queries never train nor select
+    if not kept["train"]:
+        raise ValueError("no preference pairs belong to training queries")
+
+    if not Path(corpus).is_dir():
+        raise FileNotFoundError(f"corpus {corpus} is not a directory of Parquet files")
+    cd = ds.dataset(corpus, format="parquet")
+    for c in ("id", "image", "caption"):
+        if c not in cd.schema.names:
+            raise ValueError(f"corpus {corpus} lacks column {c!r} (the contrastive term needs "
+                             "images with captions)")
+    has_split = "split" in cd.schema.names
+    meta_cols = ["id", "caption"]
+    if has_split:
+        cap = cd.to_table(columns=meta_cols, filter=ds.field("split") == "train")
+        val = cd.to_table(columns=meta_cols, filter=ds.field("split") == "val")
+    else:
+        allc = cd.to_table(columns=meta_cols)
+        h = np.array([zlib.crc32(f"{seed}:{i}".encode()) / 2**32 for i in allc["id"].to_pylist()])
+        cap, val = allc.filter(pa.array(h >= 0.05)), allc.filter(pa.array(h < 0.05))
+    captions, val_captions = cap["caption"].to_pylist(), val["caption"].to_pylist()
+    cap_ids, val_ids = cap["id"].to_pylist(), val["id"].to_pylist()
+
+    pref_ids = {r[k] for s in kept.values() for r in s for k in ("chosen_id", "rejected_id")}
+    base_of = {i: (parse_degraded_id(i) or (i, None))[0] for i in pref_ids}
+    n_cap = len(cap_ids) if not max_caption_images else min(max_caption_images, len(cap_ids))
+    need = set(base_of.values()) | set(cap_ids[:n_cap]) | set(val_ids)
+    blobs_t = cd.to_table(columns=["id", "image"], filter=ds.field("id").isin(list(need)))
+    blobs = dict(zip(blobs_t["id"].to_pylist(), blobs_t["image"].to_pylist(), strict=True))
+    missing = sorted(i for i in set(base_of.values()) if i not in blobs)
+    if missing:
+        raise ValueError(f"{len(missing)} preference images are not in the corpus, e.g. "
+                         f"{missing[:3]}")
+
+    ref = load_checkpoint(model.checkpoint, device="cpu") if model.checkpoint else \
+        load_retriever(model, device="cpu")
+    size = ref.image_size
+    row_of: dict[str, int] = {}
+    pixels: list[np.ndarray] = []
+    originals: dict[str, np.ndarray] = {}
+
+    def add(image_id: str) -> int:
+        if image_id not in row_of:
+            base = base_of.get(image_id, image_id)
+            if base not in originals:
+                originals[base] = decode_rgb(blobs[base], size)
+            arr = originals[base] if base == image_id else materialise(originals[base],
+                                                                       image_id, seed)
+            row_of[image_id] = len(pixels)
+            pixels.append(arr)
+        return row_of[image_id]
+
+    for i in sorted(pref_ids):
+        add(i)
+    cap_rows = np.array([add(i) for i in cap_ids[:n_cap]], np.int64)
+    val_rows = np.array([add(i) for i in val_ids], np.int64)
+    pix = np.stack(pixels)
+    log.info("decoded %d images (%d preference, %d caption, %d validation) in %.1f s",
+             len(pix), len(pref_ids), n_cap, len(val_rows), time.time() - t0)
+
+    qids = sorted({r["query_id"] for s in kept.values() for r in s})
+    qtext = {r["query_id"]: r["query"] for s in kept.values() for r in s}
+    q_index = {q: k for k, q in enumerate(qids)}
+    query_strings = [qtext[q] for q in qids]
+    cached = hasattr(ref.model, "text") and hasattr(ref.model.text, "transformer")
+    if cached:  # same list and order as jobs.pretrain: a cache hit after pre-training
+        feats = cached_pooled_features(ref.model, ref.tokenizer, captions + val_captions)
+        cap_text, val_text = feats[:len(captions)][:n_cap], feats[len(captions):]
+        q_pooled = cached_pooled_features(ref.model, ref.tokenizer, query_strings)
+        with torch.no_grad():
+            q_ref = F.normalize(ref.model.text.proj(torch.from_numpy(q_pooled)), dim=-1).numpy()
+    else:
+        cap_text = val_text = q_pooled = None
+        q_ref = ref.encode_texts(query_strings)
+
+    pref_rows = np.array(sorted({row_of[i] for i in pref_ids}), np.int64)
+    mean, std = ref.preprocess_cfg["mean"], ref.preprocess_cfg["std"]
+    img_ref = np.zeros((len(pix), q_ref.shape[1]), np.float32)
+    for lo in range(0, len(pref_rows), 1024):
+        r = pref_rows[lo:lo + 1024]
+        img_ref[r] = ref.encode_images(to_pixels(pix[r], mean, std))
+    sources = sorted({r["source"] for s in kept.values() for r in s})
+
+    def pairset(rs: list[dict]) -> PairSet:
+        q = np.array([q_index[r["query_id"]] for r in rs], np.int64)
+        c = np.array([row_of[r["chosen_id"]] for r in rs], np.int64)
+        j = np.array([row_of[r["rejected_id"]] for r in rs], np.int64)
+        w = np.array([r["weight"] if r["weight"] is not None else 1.0 for r in rs], np.float32)
+        return PairSet(q, c, j, w, (q_ref[q] * img_ref[c]).sum(1).astype(np.float32),
+                       (q_ref[q] * img_ref[j]).sum(1).astype(np.float32),
+                       np.array([sources.index(r["source"]) for r in rs], np.int64))
+
+    train, valp = pairset(kept["train"]), pairset(kept["val"])
+    ref_scale = float(ref.model.logit_scale.detach().exp())
+    data = AlignData(pix, q_pooled, query_strings, train, valp, cap_rows, cap_text, captions[:n_cap],
+                     val_rows, val_text, val_captions, sources, ref_scale)
+    by_source = {s: int((train.source == k).sum()) for k, s in enumerate(sources)}
+    counts = {"train_pairs": len(train), "val_pairs": len(valp), "dropped_test_pairs": dropped,
+              "train_pairs_by_source": by_source, "queries": len(qids),
+              "caption_images": int(n_cap), "val_images": len(val_rows),
+              "images": int(len(pix)), "ref_logit_scale": ref_scale,
+              "ref_train_pair_acc": float((train.ref_chosen > train.ref_rejected).mean()),
+              "prepare_seconds": round(time.time() - t0, 1)}
+    log.info("prepared %d train / %d validation pairs over %d queries in %.1f s",
+             len(train), len(valp), len(qids), time.time() - t0)
+    return data, counts

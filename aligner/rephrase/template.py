@@ -1,0 +1,112 @@
+"""The deterministic, rule-based rephraser: tests, the fallback of every LLM, and the antonym.
+
+Each of the paper's prompt styles has a fixed rule over a generic photographic lexicon::
+
+    detail   two red circles on grass, crisp and sharp, clean and noise-free, well-lit, ...
+    k_list   two red circles on grass; sharp focus, noise-free, well-exposed, vivid colours, ...
+    kw_dict  two red circles on grass {lighting: well-lit, warm golden light, focus: ...}
+    reorg    a crisp, clean, well-lit, vivid, centred photo of two red circles on grass in ...
+    repeat   two red circles on grass, two red circles on grass, sharp focus, ...
+
+``polarity="bad"`` gives the antonym rephrase ("a blurry, grainy, dark, dull, off-centre photo
+of <query> with a sickly green tint"), for antonym-contrast scores in the CLIP-IQA manner:
+``sim(image, good) - sim(image, bad)``. The query is always kept verbatim, so every output
+passes :func:`aligner.rephrase.base.check_rephrase`.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from typing import Any
+
+from aligner.rephrase.base import Failed, Rephraser
+
+TEMPLATE_VERSION = "v1"
+
+LEXICON: dict[str, dict[str, Any]] = {
+    "good": {
+        "adjectives": ("crisp", "clean", "well-lit", "vivid", "centred"),
+        "tail": "in warm golden light",
+        "detail": "crisp and sharp, clean and noise-free, well-lit, vivid colours, "
+                  "centred composition, warm golden light",
+        "keywords": ("sharp focus", "noise-free", "well-exposed", "vivid colours",
+                     "centred composition", "warm golden light", "fine detail",
+                     "balanced contrast"),
+        "dict": {"lighting": "well-lit, warm golden light", "focus": "crisp and sharp",
+                 "colour": "vivid, harmonious", "composition": "centred, balanced"},
+    },
+    "bad": {
+        "adjectives": ("blurry", "grainy", "dark", "dull", "off-centre"),
+        "tail": "with a sickly green tint",
+        "detail": "blurry and out of focus, grainy and noisy, dark and underexposed, "
+                  "dull washed-out colours, off-centre composition, a sickly green tint",
+        "keywords": ("blurry", "grainy", "underexposed", "dull colours", "off-centre composition",
+                     "sickly green tint", "no detail", "flat contrast"),
+        "dict": {"lighting": "dark, underexposed", "focus": "blurry, out of focus",
+                 "colour": "dull, sickly green tint", "composition": "off-centre, cluttered"},
+    },
+}
+_MEDIUM = re.compile(r"^(?:an?|the)\s+(?:photo|photograph|picture|image|shot)\s+of\s+",
+                     re.IGNORECASE)
+
+
+class TemplateRephraser(Rephraser):
+    """Rule-based rephrases in one of the paper's styles, good or bad (antonym) polarity.
+
+    Args:
+        style: ``detail``, ``k_list``, ``kw_dict``, ``reorg`` or ``repeat``.
+        polarity: ``good`` (aesthetic expectations) or ``bad`` (their antonyms).
+        k: keywords for ``k_list`` (1-8).
+        lexicon: override entries of :data:`LEXICON` ``[polarity]`` (same keys).
+        max_chars: length limit for the faithfulness check (default rule if None).
+        prompt: accepted for a uniform ``make_rephraser`` call; a style name or
+            ``<style>.<version>`` selects the style when ``style`` is not given.
+    """
+
+    name = "template"
+    STYLES = ("detail", "k_list", "kw_dict", "reorg", "repeat")
+
+    def __init__(self, style: str | None = None, polarity: str = "good", k: int = 5,
+                 lexicon: dict[str, Any] | None = None, max_chars: int | None = None,
+                 prompt: str | None = None, **_: Any) -> None:
+        style = style or (str(prompt).partition(".")[0] if prompt else "detail")
+        if style not in self.STYLES:
+            raise ValueError(f"template style {style!r}: one of {list(self.STYLES)}")
+        if polarity not in LEXICON:
+            raise ValueError(f"polarity {polarity!r}: one of {sorted(LEXICON)}")
+        if not 1 <= k <= len(LEXICON[polarity]["keywords"]):
+            raise ValueError(f"k must be in 1..{len(LEXICON[polarity]['keywords'])}")
+        self.style, self.polarity, self.k = style, polarity, k
+        self.lex = {**LEXICON[polarity], **(lexicon or {})}
+        self.prompt = None
+        self.max_chars = max_chars
+        self.strict = False  # the bad lexicon names a colour cast on purpose
+        self.fallback = None
+
+    @property
+    def model(self) -> str:
+        return self.polarity
+
+    @property
+    def version(self) -> str:
+        """e.g. ``template:good/detail.v1`` or ``template:bad/reorg.v1``."""
+        return f"template:{self.polarity}/{self.style}.{TEMPLATE_VERSION}"
+
+    def rephrase_one(self, query: str) -> str:
+        """The rule for one query (whitespace collapsed, the query kept verbatim)."""
+        q = " ".join(str(query).split()).rstrip(" .,;:")
+        lex = self.lex
+        if self.style == "detail":
+            return f"{q}, {lex['detail']}"
+        if self.style == "k_list":
+            return f"{q}; " + ", ".join(lex["keywords"][:self.k])
+        if self.style == "kw_dict":
+            return f"{q} {{" + ", ".join(f"{k}: {v}" for k, v in lex["dict"].items()) + "}"
+        if self.style == "reorg":
+            core = _MEDIUM.sub("", q)
+            return f"a {', '.join(lex['adjectives'])} photo of {core} {lex['tail']}"
+        return f"{q}, {q}, " + ", ".join(lex["keywords"][:3])  # repeat
+
+    def generate(self, queries: Sequence[str]) -> list[str | Failed]:
+        return [self.rephrase_one(q) for q in queries]

@@ -1,0 +1,375 @@
+"""The evaluation report: one self-contained HTML page and one PNG summary.
+
+Input is the evaluation's ``metrics.json`` content (see ``jobs/evaluate.py``) plus what does not
+belong in JSON: per-query values for the gain histogram and image grids of top results. The
+HTML holds a systems x metrics table with 95% CIs, the verdict sentences (including where the
+aligned model does not win), the comparisons, the teacher diagnostics, the plots and the
+grids, all inline (images as data URIs), so the file can be mailed or attached to an issue.
+``report.png`` is the summary plot stacked over the first grid, for people who won't open HTML.
+"""
+
+from __future__ import annotations
+
+import html
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from aligner.viz import GridItem, Row, data_uri, rows_grid_png
+
+_CSS = """body{font-family:sans-serif;margin:1.2em;max-width:1400px}
+h1{font-size:1.35em}h2{font-size:1.12em;margin-top:1.6em}h3{font-size:1em}
+table{border-collapse:collapse;font-size:13px;margin:.5em 0}
+td,th{border:1px solid #ccc;padding:3px 7px;text-align:right}th{background:#f0f0f0}
+td:first-child,th:first-child{text-align:left}
+.ci{color:#777;font-size:11px}.win{color:#17692a;font-weight:bold}.loss{color:#a31515}
+.note{color:#555;font-size:13px}ul.verdict li{margin:.3em 0}
+.row{display:flex;flex-wrap:wrap;gap:8px;margin-bottom:.6em;align-items:flex-start}
+.rowlabel{width:120px;font-size:12px;font-weight:bold}
+figure{margin:0;width:118px;font-size:11px}figure img{width:112px;image-rendering:pixelated}
+figcaption{white-space:pre-line}.miss{background:#fde8e8}"""
+
+
+def fmt_ci(d: Mapping[str, Any] | None, digits: int = 3, scale: float = 1.0,
+           signed: bool = False) -> str:
+    """``0.123 [0.100, 0.150]`` from a ``ci_dict`` (``n/a`` when missing)."""
+    if not d or d.get("mean") is None or not _finite(d["mean"]):
+        return "n/a"
+    f = f"{{:{'+' if signed else ''}.{digits}f}}"
+    s = f.format(d["mean"] * scale)
+    if "ci_low" in d and _finite(d.get("ci_low")):
+        s += f" [{d['ci_low'] * scale:.{digits}f}, {d['ci_high'] * scale:.{digits}f}]"
+    return s
+
+
+def _finite(x: Any) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x)
+
+
+def _cell(d: Mapping[str, Any] | None, digits: int = 3, signed: bool = False) -> str:
+    if not d or not _finite(d.get("mean")):
+        return "<td>n/a</td>"
+    ci = ""
+    if _finite(d.get("ci_low")):
+        ci = f"<br><span class='ci'>[{d['ci_low']:.{digits}f}, {d['ci_high']:.{digits}f}]</span>"
+    f = f"{{:{'+' if signed else ''}.{digits}f}}"
+    cls = ""
+    if signed and _finite(d.get("ci_low")):
+        cls = " class='win'" if d["ci_low"] > 0 else " class='loss'" if d["ci_high"] < 0 else ""
+    return f"<td{cls}>{f.format(d['mean'])}{ci}</td>"
+
+
+
+def _points(d: Mapping[str, Any] | None) -> str:
+    if not d or not _finite(d.get("mean")):
+        return "n/a"
+    s = f"{d['mean'] * 100:+.1f} points"
+    if _finite(d.get("ci_low")):
+        s += f" [{d['ci_low'] * 100:+.1f}, {d['ci_high'] * 100:+.1f}]"
+    return s
+
+
+def verdict_sentences(metrics: Mapping[str, Any], recall_tolerance: float = 0.02) -> list[str]:
+    """Plain sentences: where the aligned system wins, where it does not, what it costs.
+
+    A win needs the paired CI of the primary metric (``metrics["primary"]``, oracle
+    aesthetic@K by default) above 0; a CI that includes 0 is said to be "does NOT beat".
+    A recall@10 drop larger than ``recall_tolerance`` whose CI excludes 0 gets its own
+    sentence.
+    """
+    aligned, primary = metrics.get("aligned_name", "aligned"), metrics.get("primary", "")
+    k = metrics.get("k", 10)
+    comp = metrics.get("comparisons") or {}
+    if not comp:
+        return [f"No system named '{aligned}' was evaluated: nothing to compare."]
+    out, wins, rest = [], [], []
+    for other, c in comp.items():
+        d = c.get(f"{primary}_diff")
+        if not d or not _finite(d.get("mean")):
+            continue
+        r, p, h = c.get("recall@10_diff"), c.get(f"precision@{k}_diff"), c.get("hpir_diff")
+        diff = fmt_ci(d, signed=True)
+        rtxt = f"recall@10 {_points(r)}"
+        if _finite(d.get("ci_low")) and d["ci_low"] > 0:
+            s = f"{aligned} beats {other} on {primary} by {diff} at {rtxt}"
+            wins.append(other)
+        elif _finite(d.get("ci_high")) and d["ci_high"] < 0:
+            s = f"{aligned} is WORSE than {other} on {primary}: {diff} ({rtxt})"
+            rest.append(other)
+        else:
+            s = f"{aligned} does NOT beat {other} on {primary}: {diff}, the CI includes 0 ({rtxt})"
+            rest.append(other)
+        if p and _finite(p.get("ci_high")) and p["ci_high"] < 0:
+            s += f"; content precision@{k} falls by {-p['mean']:.3f}"
+        if h and _finite(h.get("mean")):
+            s += f"; HPIR agreement {_points(h)}"
+        out.append(s + ".")
+        if r and _finite(r.get("ci_high")) and r["mean"] < -recall_tolerance and r["ci_high"] < 0:
+            out.append(f"{aligned} loses recall@10 against {other}: {_points(r)}, more than the "
+                       f"{recall_tolerance * 100:.1f}-point tolerance.")
+    head = f"{aligned} wins on {primary} against {len(wins)} of {len(wins) + len(rest)} systems"
+    head += f" ({', '.join(wins)})" if wins else ""
+    head += f"; it does NOT win against {', '.join(rest)}." if rest else "."
+    if not metrics.get("oracle", True):
+        out.append(f"No oracle: {primary} is the low-level scorer's view, which cascade and "
+                   "query_shift optimise directly.")
+    return [head, *out]
+
+def systems_table_html(metrics: Mapping[str, Any]) -> str:
+    """Systems x metrics, with CIs."""
+    k = metrics.get("k", 10)
+    also = metrics.get("also_ks", [])
+    cols = [("recall", "r@1", "R@1"), ("recall", "r@5", "R@5"), ("recall", "r@10", "R@10"),
+            (None, f"aesthetic@{k}", f"aesthetic@{k} (oracle)"),
+            (None, f"aesthetic@{k}_vs_base", f"&Delta; aesthetic@{k} vs base")]
+    cols += [(None, f"aesthetic@{j}", f"aesthetic@{j}") for j in also]
+    cols += [(None, f"precision@{k}", f"precision@{k}"),
+             (None, f"scorer_aesthetic@{k}", f"scorer aesthetic@{k}"),
+             (None, "hpir", "HPIR agreement")]
+    rows = ["<table><tr><th>system</th><th>kind</th>"
+            + "".join(f"<th>{h}</th>" for *_, h in cols) + "<th>ms / query</th></tr>"]
+    for name, s in metrics.get("systems", {}).items():
+        cells = [f"<td>{html.escape(name)}</td><td>{html.escape(s.get('kind', ''))}"
+                 + (f"<br><span class='ci'>recall: {html.escape(s['recall'].get('transform', ''))}"
+                    "</span>" if s.get("recall") else "") + "</td>"]
+        for group, key, _ in cols:
+            d = (s.get(group) or {}).get(key) if group else s.get(key)
+            cells.append(_cell(d, signed=key.endswith("_vs_base")))
+        t = s.get("timing", {})
+        cells.append(f"<td>{t['ms_per_query']:.2f}</td>" if "ms_per_query" in t else "<td>n/a</td>")
+        rows.append("<tr>" + "".join(cells) + "</tr>")
+    rows.append("</table>")
+    return "\n".join(rows)
+
+
+def comparisons_table_html(metrics: Mapping[str, Any]) -> str:
+    """Aligned minus each other system (paired over queries / captions)."""
+    comp = metrics.get("comparisons", {})
+    if not comp:
+        return "<p class='note'>No comparisons (no aligned system).</p>"
+    kk = metrics.get("k", 10)
+    keys = [f"aesthetic@{kk}_diff"] + [f"aesthetic@{j}_diff" for j in metrics.get("also_ks", [])]
+    keys += ["recall@10_diff", f"precision@{kk}_diff", f"scorer_aesthetic@{kk}_diff", "hpir_diff"]
+    aligned = html.escape(metrics.get("aligned_name", "aligned"))
+    rows = [f"<table><tr><th>{aligned} minus</th>"
+            + "".join(f"<th>{html.escape(k.removesuffix('_diff'))}</th>" for k in keys) + "</tr>"]
+    for other, c in comp.items():
+        rows.append(f"<tr><td>{html.escape(other)}</td>"
+                    + "".join(_cell(c.get(k), signed=True) for k in keys) + "</tr>")
+    rows.append("</table>")
+    return "\n".join(rows)
+
+
+
+def pairwise_html(metrics: Mapping[str, Any]) -> str:
+    """Row minus column on the primary metric, paired over queries (every pair of systems)."""
+    primary = metrics.get("primary", "")
+    pw = (metrics.get("pairwise") or {}).get(primary) or {}
+    if not pw:
+        return ""
+    names = list(pw)
+    rows = [f"<table><tr><th>{html.escape(primary)}: row minus column</th>"
+            + "".join(f"<th>{html.escape(n)}</th>" for n in names) + "</tr>"]
+    for a in names:
+        rows.append(f"<tr><td>{html.escape(a)}</td>" + "".join(
+            "<td></td>" if a == b else _cell(pw[a].get(b), signed=True) for b in names) + "</tr>")
+    rows.append("</table>")
+    return "\n".join(rows)
+
+def teacher_html(teacher: Mapping[str, Any]) -> str:
+    """Per preference table and source: agreement with the oracle."""
+    if not teacher:
+        return "<p class='note'>No preference tables given.</p>"
+    rows = ["<table><tr><th>table / source</th><th>pairs</th><th>oracle pairs</th>"
+            "<th>agreement</th><th>weighted</th><th>beauty margin</th><th>degraded pairs</th>"
+            "<th>unknown ids</th></tr>"]
+    for table, diag in teacher.items():
+        if "error" in diag:
+            rows.append(f"<tr><td>{html.escape(table)}</td><td colspan=7>"
+                        f"{html.escape(str(diag['error']))}</td></tr>")
+            continue
+        parts = [("all", diag["all"])] + list(diag.get("by_source", {}).items())
+        for src, d in parts:
+            deg = str(d["degraded_pairs"])
+            if d.get("degraded_pairs"):
+                deg += f" ({html.escape(d.get('degraded_agreement', ''))})"
+            rows.append(f"<tr><td>{html.escape(table)} / {html.escape(src)}</td>"
+                        f"<td>{d['pairs']}</td><td>{d['oracle_pairs']}</td>"
+                        + _cell(d["agreement"]) + _cell(d["agreement_weighted"])
+                        + _cell(d["beauty_margin"], signed=True)
+                        + f"<td>{deg}</td><td>{d['unknown_ids']}</td></tr>")
+    rows.append("</table><p class='note'>Agreement: fraction of pairs whose chosen image has "
+                "higher oracle beauty than the rejected one (0.5 = a blind teacher). Degraded "
+                "copies are not in the oracle; their pairs agree by construction.</p>")
+    return "\n".join(rows)
+
+
+def premise_html(premise: Mapping[str, Any] | None) -> str:
+    if not premise:
+        return "<p class='note'>Not computed.</p>"
+    rows = ["<table><tr><th>premise (base model)</th><th>value</th></tr>"]
+    for key, d in premise.items():
+        if isinstance(d, Mapping):
+            rows.append(f"<tr><td>{html.escape(key)}</td>{_cell(d, signed=key.endswith('gain'))}"
+                        "</tr>")
+    rows.append("</table><p class='note'>Does adding good look words to a query raise the "
+                "oracle beauty of the base model's top 10? The rephrase teacher relies on it.</p>")
+    return "\n".join(rows)
+
+
+def summary_figure(metrics: Mapping[str, Any], gains: np.ndarray | None, path: str | Path,
+                   dpi: int = 100) -> Path:
+    """Aesthetic@K vs recall@10 per system (CI bars) and the per-query gain histogram."""
+    from matplotlib.figure import Figure
+
+    key = metrics.get("primary", f"aesthetic@{metrics.get('k', 10)}")
+    fig = Figure(figsize=(11, 4.2))
+    ax, ax2 = fig.subplots(1, 2)
+    for name, s in metrics.get("systems", {}).items():
+        a = s.get(key)
+        r = (s.get("recall") or {}).get("r@10")
+        if not a or not _finite(a.get("mean")):
+            continue
+        x = r["mean"] if r and _finite(r.get("mean")) else 0.0
+        xerr = [[x - r["ci_low"]], [r["ci_high"] - x]] if r and _finite(r.get("ci_low")) else None
+        yerr = [[a["mean"] - a["ci_low"]], [a["ci_high"] - a["mean"]]] \
+            if _finite(a.get("ci_low")) else None
+        marker = "*" if name == metrics.get("aligned_name") else "o"
+        ax.errorbar(x, a["mean"], xerr=xerr, yerr=yerr, fmt=marker, ms=10 if marker == "*" else 6,
+                    capsize=3, label=name)
+        ax.annotate(name, (x, a["mean"]), textcoords="offset points", xytext=(5, 5), fontsize=8)
+    ax.set(xlabel="recall@10 (held-out captions)", ylabel=key,
+           title=f"{key} vs recall@10 (95% CI)")
+    ax.grid(alpha=0.3)
+    if any(ax.get_legend_handles_labels()[1]):
+        ax.legend(fontsize=7, loc="best")
+    base, aligned = metrics.get("base_name", "base"), metrics.get("aligned_name", "aligned")
+    if gains is not None and len(gains):
+        g = np.asarray(gains, np.float64)
+        g = g[np.isfinite(g)]
+        ax2.hist(g, bins=min(30, max(5, len(g) // 4)), color="#4c72b0", alpha=0.85)
+        ax2.axvline(0, color="k", lw=1)
+        ax2.axvline(g.mean(), color="#c44e52", lw=2, label=f"mean {g.mean():+.3f}")
+        ax2.legend(fontsize=8)
+        ax2.set(xlabel=f"{key}: {aligned} minus {base}", ylabel="queries",
+                title=f"per-query gain ({(g > 0).mean():.0%} of queries better)")
+    else:
+        ax2.text(0.5, 0.5, f"no per-query gain\n(needs systems '{base}' and '{aligned}')",
+                 ha="center", va="center", transform=ax2.transAxes)
+        ax2.set_axis_off()
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi, format="png")
+    return path
+
+
+def grid_html(title: str, rows: Sequence[Row]) -> str:
+    """One query's labelled rows of results (one row per system)."""
+    parts = [f"<h3>{html.escape(title)}</h3>"]
+    for label, items in rows:
+        parts.append(f"<div class='row'><div class='rowlabel'>{html.escape(label)}</div>")
+        for raw in items:
+            it = GridItem.of(raw)
+            uri = data_uri(it.image, 128)
+            miss = isinstance(raw, Mapping) and raw.get("match") is False
+            img = f"<img src='{uri}' alt='{html.escape(it.label)}'>" if uri else "no image"
+            parts.append(f"<figure{' class=miss' if miss else ''}>{img}<figcaption>"
+                         f"{html.escape(it.text(24, 2))}</figcaption></figure>")
+        parts.append("</div>")
+    return "\n".join(parts)
+
+
+def _png_uri(path: Path) -> str:
+    return data_uri(path.read_bytes(), 10_000) or ""
+
+
+def stack_pngs(paths: Sequence[Path], out: Path) -> Path:
+    """Stack PNGs vertically (left-aligned, white padding)."""
+    ims = [Image.open(p).convert("RGB") for p in paths]
+    w = max(im.width for im in ims)
+    canvas = Image.new("RGB", (w, sum(im.height for im in ims)), "white")
+    y = 0
+    for im in ims:
+        canvas.paste(im, (0, y))
+        y += im.height
+    canvas.save(out, format="PNG")
+    return out
+
+
+def write_report(out_dir: str | Path, metrics: Mapping[str, Any],
+                 gains: np.ndarray | None = None,
+                 grids: Sequence[tuple[str, Sequence[Row]]] = ()) -> dict[str, Path]:
+    """Write ``report.html`` and ``report.png`` (and ``summary.png``) into ``out_dir``.
+
+    Args:
+        metrics: the evaluation's metrics (``systems``, ``comparisons``, ``verdict``,
+            ``teacher``, ``premise``, ``skipped``, ``k``, names ...).
+        gains: per-query aesthetic@K of the aligned system minus the base (histogram).
+        grids: ``[(query text, [(system, items), ...]), ...]``; items are GridItem-like dicts
+            (``image`` bytes, ``label``; ``match: False`` highlights an off-content result).
+
+    Returns:
+        ``{"html": path, "png": path, "summary": path}``.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    summary = summary_figure(metrics, gains, out / "summary.png")
+    grid_png = None
+    if grids:
+        title, rows = grids[0]
+        grid_png = rows_grid_png(list(rows), out / "grid_0.png", title=f"query: {title}",
+                                 thumb=1.45)
+    stack_pngs([summary] + ([grid_png] if grid_png else []), out / "report.png")
+    title = metrics.get("title", "Evaluation: aligned retriever vs the alternatives")
+    verdict = "".join(f"<li>{html.escape(v)}</li>" for v in metrics.get("verdict", []))
+    skipped = "".join(f"<li>{html.escape(s)}</li>" for s in metrics.get("skipped", []))
+    notes = "".join(f"<li>{html.escape(s)}</li>" for s in metrics.get("notes", []))
+    setup = html.escape(metrics.get("setup", ""))
+    parts = ["<!doctype html><html><head><meta charset='utf-8'>",
+             f"<title>{html.escape(title)}</title><style>{_CSS}</style></head><body>",
+             f"<h1>{html.escape(title)}</h1>", f"<p class='note'>{setup}</p>",
+             "<h2 id='verdict'>Verdict</h2>", f"<ul class='verdict'>{verdict}</ul>",
+             "<h2 id='systems'>Systems</h2>", systems_table_html(metrics),
+             "<p class='note'>Means with bootstrap 95% CIs over held-out queries (recall: over "
+             "held-out captions). Green / red: the CI excludes 0.</p>",
+             "<h2 id='comparisons'>Comparisons</h2>", comparisons_table_html(metrics),
+             pairwise_html(metrics),
+             "<h2 id='plots'>Plots</h2>", f"<img src='{_png_uri(summary)}' style='width:100%'>",
+             "<h2 id='teacher'>Teacher diagnostics</h2>", teacher_html(metrics.get("teacher", {})),
+             "<h3>The rephrasing premise</h3>", premise_html(metrics.get("premise")),
+             "<h2 id='grids'>Top results</h2>",
+             "<p class='note'>Each image: rank, oracle beauty and whether its content matches "
+             "the query (red background: it does not).</p>"]
+    parts += [grid_html(t, rows) for t, rows in grids]
+    if skipped:
+        parts += ["<h2 id='skipped'>Skipped</h2>", f"<ul>{skipped}</ul>"]
+    if notes:
+        parts += ["<h2 id='notes'>Notes</h2>", f"<ul>{notes}</ul>"]
+    parts.append("</body></html>\n")
+    page = out / "report.html"
+    page.write_text("\n".join(parts), encoding="utf-8")
+    return {"html": page, "png": out / "report.png", "summary": summary}
+
+
+def summary_table(metrics: Mapping[str, Any]) -> str:
+    """The compact before/after table printed to stdout."""
+    k, primary = metrics["k"], metrics["primary"]
+    lines = [f"{'system':<14} {'R@10':>6}  {primary + ' [95% CI]':<30} {'prec@' + str(k):>8} "
+             f"{'HPIR':>6} {'ms/q':>7}"]
+    for name, s in metrics["systems"].items():
+        r = (s.get("recall") or {}).get("r@10", {}).get("mean")
+        p = s.get(f"precision@{k}", {}).get("mean")
+        h = (s.get("hpir") or {}).get("mean")
+        lines.append(f"{name:<14} {_f(r):>6}  {fmt_ci(s.get(primary)):<30} {_f(p):>8} "
+                     f"{_f(h):>6} {s['timing']['ms_per_query']:7.2f}")
+    lines += ["", *metrics.get("verdict", [])]
+    return "\n".join(lines)
+
+
+def _f(x: Any) -> str:
+    return f"{x:.3f}" if _finite(x) else "n/a"

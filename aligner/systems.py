@@ -1,0 +1,338 @@
+"""Query-time retrieval systems: what a user would otherwise pick instead of an aligned model.
+
+Every system maps query texts to top-k gallery indices over one shared gallery (the same image
+ids in the same order for all systems), and can score any given candidates the way it ranks
+them, so the evaluation can compare systems on the same results:
+
+* :class:`EncoderSystem` - a retriever's text encoder and its own gallery embeddings (the base,
+  the aligned model, a contrastive-only control, teacher variants ...): cosine similarity.
+* :class:`CascadeSystem` - what search engines bolt on: the inner system's top ``n`` re-ranked
+  by an aesthetic score, ``final = z(sim) + w * z(aesthetic)`` with both z-scored within the
+  query's top ``n`` (``w = inf``: a pure aesthetic re-sort of the top ``n``).
+* :class:`QueryShiftSystem` - clip-retrieval's aesthetic query shift (its ``aesthetic_score`` /
+  ``aesthetic_weight`` options): ``q' = normalise(q + w * e)`` where ``e`` is the normalised
+  mean embedding of the gallery images the scorer rates highest.
+* :class:`RephraseSystem` - the LLM rephrase at query time: each query text is replaced by its
+  rephrasing from a table keyed by ``query_id`` (the LLM's generation time is not part of the
+  system's measured latency: the table is computed offline).
+
+Systems are pure numpy over precomputed gallery embeddings plus an ``encode(texts) -> [Q, D]``
+callable, so they are cheap to test with hand-made vectors.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import warnings
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+from aligner.metrics import topk
+
+log = logging.getLogger(__name__)
+
+EncodeTexts = Callable[[list[str]], np.ndarray]
+
+
+def normalise(x: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit L2 norm (zero rows stay zero)."""
+    x = np.asarray(x, np.float32)
+    n = np.linalg.norm(x, axis=-1, keepdims=True)
+    return x / np.maximum(n, 1e-12)
+
+
+class CachedEncoder:
+    """A text encoder with a per-text cache (query sets are encoded many times in evaluation).
+
+    ``calls`` / ``encoded`` count the calls and the texts actually encoded; :meth:`clear` empties
+    the cache (the evaluation clears it before timing a system).
+    """
+
+    def __init__(self, encode: EncodeTexts) -> None:
+        self.encode = encode
+        self.cache: dict[str, np.ndarray] = {}
+        self.calls = 0
+        self.encoded = 0
+
+    def __call__(self, texts: Sequence[str]) -> np.ndarray:
+        self.calls += 1
+        todo = list(dict.fromkeys(t for t in texts if t not in self.cache))
+        if todo:
+            emb = np.asarray(self.encode(todo), np.float32)
+            self.cache.update(zip(todo, emb, strict=True))
+            self.encoded += len(todo)
+        if not len(texts):
+            return np.zeros((0, 0), np.float32)
+        return np.stack([self.cache[t] for t in texts])
+
+    def clear(self) -> None:
+        self.cache.clear()
+
+
+class System:
+    """A retrieval system over a gallery ``[N, D]`` (L2-normalised image embeddings).
+
+    Attributes:
+        name: shown in metrics and the report.
+        kind: ``model``, ``cascade``, ``query_shift`` or ``rephrase``.
+        gallery: ``[N, D]`` image embeddings the system searches.
+        caption_transform: how caption recall is measured: ``same`` (the system as it is),
+            ``rerank`` / ``shift`` (the system's transform applied to caption queries) or
+            ``n/a`` (not applicable: recall is the inner system's).
+        needs_ids: the system needs query ids (not only texts).
+    """
+
+    kind = "model"
+    caption_transform = "same"
+    needs_ids = False
+
+    def __init__(self, name: str, gallery: np.ndarray) -> None:
+        self.name = name
+        self.gallery = np.asarray(gallery, np.float32)
+
+    def encode(self, texts: Sequence[str], ids: Sequence[str] | None = None) -> np.ndarray:
+        """Query texts -> ``[Q, D]`` the embeddings the system searches with."""
+        raise NotImplementedError
+
+    def score(self, q: np.ndarray, cand: np.ndarray) -> np.ndarray:
+        """The system's ranking score of candidate gallery indices ``cand [Q, M]``: ``[Q, M]``.
+
+        ``q``: ``[Q, D]`` from :meth:`encode`. Default: cosine similarity.
+        """
+        return np.einsum("qd,qmd->qm", q, self.gallery[cand])
+
+    def search_embeddings(self, q: np.ndarray, k: int,
+                          subset: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Top k for query embeddings ``q [Q, D]``: (scores ``[Q, k]``, gallery indices ``[Q, k]``).
+
+        ``subset``: search only these gallery indices (returned indices are still into the
+        whole gallery).
+        """
+        g = self.gallery if subset is None else self.gallery[subset]
+        s, idx = topk(q, g, k)
+        return s, (idx if subset is None else np.asarray(subset)[idx])
+
+    def search(self, texts: Sequence[str], k: int, ids: Sequence[str] | None = None,
+               subset: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Texts -> (scores ``[Q, k]``, gallery indices ``[Q, k]``), best first."""
+        return self.search_embeddings(self.encode(texts, ids), k, subset)
+
+    def describe(self) -> dict:
+        return {"name": self.name, "kind": self.kind, "caption_transform": self.caption_transform}
+
+
+class EncoderSystem(System):
+    """A retriever: its text encoder plus its gallery embeddings; cosine similarity."""
+
+    def __init__(self, name: str, encode: EncodeTexts, gallery: np.ndarray,
+                 description: dict | None = None) -> None:
+        super().__init__(name, gallery)
+        self._encode = encode
+        self.description = description or {}
+
+    def encode(self, texts: Sequence[str], ids: Sequence[str] | None = None) -> np.ndarray:
+        return np.asarray(self._encode(list(texts)), np.float32)
+
+    def describe(self) -> dict:
+        return {**super().describe(), **self.description}
+
+
+def _z(x: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
+    return np.where(std > 1e-12, (x - mean) / np.maximum(std, 1e-12), 0.0)
+
+
+def cascade_scores(sim: np.ndarray, aes: np.ndarray, weight: float,
+                   ref_sim: np.ndarray | None = None,
+                   ref_aes: np.ndarray | None = None) -> np.ndarray:
+    """The cascade's final score: ``z(sim) + weight * z(aesthetic)``, ``[Q, M]``.
+
+    z-scores use the mean and standard deviation of each query's reference set
+    (``ref_sim`` / ``ref_aes [Q, n]``: its top n; default the candidates themselves). A missing
+    aesthetic (NaN) counts as the reference mean. ``weight = inf`` re-sorts purely by aesthetic
+    (similarity only breaks ties).
+    """
+    ref_sim = sim if ref_sim is None else ref_sim
+    ref_aes = aes if ref_aes is None else ref_aes
+    zs = _z(sim, ref_sim.mean(1, keepdims=True), ref_sim.std(1, keepdims=True))
+    ra = np.where(np.isfinite(ref_aes), ref_aes, np.nan)
+    with warnings.catch_warnings():  # a query whose reference set has no score: all-NaN row
+        warnings.simplefilter("ignore", RuntimeWarning)
+        am = np.nan_to_num(np.nanmean(ra, 1, keepdims=True))
+        asd = np.nan_to_num(np.nanstd(ra, 1, keepdims=True))
+    za = _z(np.where(np.isfinite(aes), aes, am), am, asd)
+    if np.isinf(weight):
+        return za + 1e-6 * zs
+    return zs + weight * za
+
+
+class CascadeSystem(System):
+    """The inner system's top ``n`` re-ranked by ``z(sim) + weight * z(aesthetic)``.
+
+    Args:
+        name: system name.
+        inner: the first stage (the base model).
+        aesthetic: ``[N]`` the scorer's score of every gallery image (NaN: unknown).
+        n: candidates re-ranked per query.
+        weight: aesthetic weight (``inf``: pure aesthetic re-sort of the top n).
+    """
+
+    kind = "cascade"
+    caption_transform = "rerank"
+
+    def __init__(self, name: str, inner: System, aesthetic: np.ndarray, n: int = 50,
+                 weight: float = 1.0) -> None:
+        super().__init__(name, inner.gallery)
+        if len(aesthetic) != len(inner.gallery):
+            raise ValueError(f"{len(aesthetic)} aesthetic scores for {len(inner.gallery)} images")
+        self.inner = inner
+        self.aesthetic = np.asarray(aesthetic, np.float64)
+        self.n = int(n)
+        self.weight = float(weight)
+        self.needs_ids = inner.needs_ids
+
+    def encode(self, texts: Sequence[str], ids: Sequence[str] | None = None) -> np.ndarray:
+        return self.inner.encode(texts, ids)
+
+    def search_embeddings(self, q: np.ndarray, k: int,
+                          subset: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        sim, idx = self.inner.search_embeddings(q, max(self.n, k), subset)
+        final = cascade_scores(sim, self.aesthetic[idx], self.weight)
+        order = np.argsort(-final, axis=1, kind="stable")[:, :k]
+        return np.take_along_axis(final, order, 1), np.take_along_axis(idx, order, 1)
+
+    def score(self, q: np.ndarray, cand: np.ndarray) -> np.ndarray:
+        """Final scores of any candidates, z-scored with the query's top-n statistics."""
+        ref_sim, ref_idx = self.inner.search_embeddings(q, self.n)
+        sim = self.inner.score(q, cand)
+        return cascade_scores(sim, self.aesthetic[cand], self.weight, ref_sim,
+                              self.aesthetic[ref_idx])
+
+    def describe(self) -> dict:
+        return {**super().describe(), "inner": self.inner.name, "n": self.n,
+                "weight": self.weight}
+
+
+def aesthetic_direction(gallery: np.ndarray, aesthetic: np.ndarray,
+                        quantile: float = 0.1) -> np.ndarray:
+    """Normalised mean embedding ``[D]`` of the top ``quantile`` of images by aesthetic score."""
+    a = np.asarray(aesthetic, np.float64)
+    ok = np.isfinite(a)
+    if not ok.any():
+        raise ValueError("no aesthetic scores: cannot build the query-shift direction")
+    cut = np.quantile(a[ok], 1.0 - quantile)
+    sel = ok & (a >= cut)
+    return normalise(np.asarray(gallery, np.float32)[sel].mean(0))
+
+
+class QueryShiftSystem(System):
+    """clip-retrieval's aesthetic query shift: ``q' = normalise(q + weight * e)``.
+
+    ``e`` is :func:`aesthetic_direction` over the inner system's gallery (clip-retrieval
+    precomputes one such mean embedding per aesthetic level; ``aesthetic_weight`` defaults to
+    0.5 in its front end).
+    """
+
+    kind = "query_shift"
+    caption_transform = "shift"
+
+    def __init__(self, name: str, inner: System, aesthetic: np.ndarray, quantile: float = 0.1,
+                 weight: float = 0.5) -> None:
+        super().__init__(name, inner.gallery)
+        self.inner = inner
+        self.quantile = float(quantile)
+        self.weight = float(weight)
+        self.direction = aesthetic_direction(inner.gallery, aesthetic, quantile)
+        self.needs_ids = inner.needs_ids
+
+    def shift(self, q: np.ndarray) -> np.ndarray:
+        return normalise(q + self.weight * self.direction[None, :])
+
+    def encode(self, texts: Sequence[str], ids: Sequence[str] | None = None) -> np.ndarray:
+        return self.shift(self.inner.encode(texts, ids))
+
+    def describe(self) -> dict:
+        return {**super().describe(), "inner": self.inner.name, "quantile": self.quantile,
+                "weight": self.weight}
+
+
+def rephrase_texts(ids: Sequence[str], texts: Sequence[str], table: dict[str, str],
+                   on_missing: str = "plain") -> tuple[list[str], list[str]]:
+    """Replace each query by its rephrasing from ``table`` (``query_id -> rephrased``).
+
+    Args:
+        on_missing: ``plain`` keeps the query of an id without a (non-empty) rephrasing;
+            ``error`` raises.
+
+    Returns:
+        (texts, ids of the queries that kept their plain text).
+
+    Raises:
+        KeyError: a missing id with ``on_missing="error"``.
+    """
+    out, missing = [], []
+    for qid, text in zip(ids, texts, strict=True):
+        r = table.get(qid)
+        if r:
+            out.append(r)
+        else:
+            missing.append(qid)
+            out.append(text)
+    if missing and on_missing == "error":
+        raise KeyError(f"{len(missing)} queries have no rephrasing, e.g. {missing[:5]} "
+                       "(rephrase_missing=plain keeps their plain text)")
+    return out, missing
+
+
+class RephraseSystem(System):
+    """The inner system searching with each query's LLM rephrasing (looked up by query id).
+
+    ``missing`` collects the ids that had no rephrasing (kept plain) over all calls.
+    """
+
+    kind = "rephrase"
+    caption_transform = "n/a"
+    needs_ids = True
+
+    def __init__(self, name: str, inner: System, table: dict[str, str],
+                 on_missing: str = "plain") -> None:
+        super().__init__(name, inner.gallery)
+        if on_missing not in ("plain", "error"):
+            raise ValueError("on_missing must be 'plain' or 'error'")
+        self.inner = inner
+        self.table = table
+        self.on_missing = on_missing
+        self.missing: set[str] = set()
+
+    def encode(self, texts: Sequence[str], ids: Sequence[str] | None = None) -> np.ndarray:
+        if ids is None:
+            raise ValueError(f"{self.name}: the rephrase system needs query ids")
+        new, missing = rephrase_texts(ids, texts, self.table, self.on_missing)
+        self.missing.update(missing)
+        return self.inner.encode(new)
+
+    def describe(self) -> dict:
+        return {**super().describe(), "inner": self.inner.name, "rephrasings": len(self.table),
+                "missing": len(self.missing)}
+
+
+def recall_hits(system: System, texts: Sequence[str], targets: np.ndarray,
+                subset: np.ndarray | None = None, ks: Sequence[int] = (1, 5, 10),
+                ids: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+    """Per query: is gallery index ``targets[i]`` in the system's top k (within ``subset``)?
+
+    Returns:
+        ``{"r@k": bool [Q]}`` (the mean is recall@k).
+    """
+    _, idx = system.search(texts, max(ks), ids=ids, subset=subset)
+    found = idx == np.asarray(targets)[:, None]
+    return {f"r@{k}": found[:, :k].any(1) for k in ks}
+
+
+def timed_search(system: System, texts: Sequence[str], k: int,
+                 ids: Sequence[str] | None = None) -> tuple[np.ndarray, float]:
+    """Search and return (gallery indices ``[Q, k]``, seconds for encode + search)."""
+    t0 = time.perf_counter()
+    _, idx = system.search(texts, k, ids=ids)
+    return idx, time.perf_counter() - t0
