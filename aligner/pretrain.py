@@ -30,6 +30,7 @@ from aligner.training import (
     latest_checkpoint_dir,
     load_train_state,
     param_groups,
+    quiet_ray_train_logs,
     report,
     save_train_state,
     set_threads,
@@ -130,6 +131,7 @@ def pretrain_loop(cfg: dict[str, Any]) -> None:
 
     rank, world = worker_context()
     set_threads(cfg.get("threads"))
+    quiet_ray_train_logs()
     data: PretrainData = ray.get(cfg["data_ref"]) if "data_ref" in cfg else cfg["data"]
     device = "cuda" if torch.cuda.is_available() else "cpu"
     retriever = load_retriever(ModelSpec(**cfg["model"]), device=device)

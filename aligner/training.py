@@ -112,6 +112,20 @@ def latest_checkpoint_dir() -> str | None:
     return ckpt.to_directory(tempfile.mkdtemp(prefix="resume-"))
 
 
+def quiet_ray_train_logs() -> None:
+    """Silence Ray Train's per-report INFO lines in a worker ("Reporting training result ...",
+    "Checkpoint successfully created ..."): our loops log their own metrics once per interval.
+    Warnings and errors still show."""
+    import logging
+
+    try:
+        from ray.train.v2._internal.execution import context, storage
+    except ImportError:  # another Ray Train version: keep its logs
+        return
+    for name in (context.__file__, storage.__name__):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
 def set_threads(n: int | None) -> None:
     """Torch intra-op threads for a worker (defaults to the CPUs Ray gave it)."""
     if n is None:

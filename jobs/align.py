@@ -4,10 +4,13 @@
         preferences=out/preferences model.checkpoint=out/base/checkpoint output=out/aligned
 
 The starting checkpoint is also the frozen reference of the DPO loss. Pairs of training
-queries train; pairs of validation queries (the queries table's ``split``) drive early
-stopping together with held-out caption recall. ``pref_weight=0`` trains the
+queries train; pairs of validation queries (the queries table's ``split``) and held-out
+caption recall choose the output (``selection``): by default the weight-space interpolation
+``start + alpha * (final - start)`` (WiSE-FT) that moved furthest towards the teacher on
+held-out pairs (reward margin) while its validation recall@10 stays within
+``recall_tolerance`` of the start. ``pref_weight=0`` trains the
 contrastive-only control with the same steps and data. Outputs: ``checkpoint/`` (the
-selected state: best by validation, or the last one with ``early_stopping=false``),
+selected state, see ``selection``),
 ``last/``, ``train_log.jsonl`` + ``train_log.csv``, ``training.png``, ``metrics.json``,
 ``config.yaml``, ``manifest.json``. A re-run on the same output resumes from its latest
 checkpoint; ``max_failures`` restarts a crashed worker group from it.
@@ -69,8 +72,12 @@ class AlignConfig:
     text_unlocked_layers: int = field(default=0, metadata={
         "help": "with train=text|both: unlock the last N text layers (0: projection only)"})
     text_lr_scale: float = field(default=0.1, metadata={"help": "LR scale of text parameters"})
-    early_stopping: bool = field(default=True, metadata={
-        "help": "output the best validation state (else the last)"})
+    selection: str = field(default="wise", metadata={
+        "help": "which state is the output: wise (the best weight interpolation between the "
+                "start and the final state on validation) | early_stopping (the best validated "
+                "step) | last"})
+    wise_alphas: list[float] = field(default_factory=lambda: [0.4, 0.6, 0.8, 1.0], metadata={
+        "help": "selection=wise: interpolation weights tried (1 = the final state)"})
     recall_tolerance: float = field(default=0.01, metadata={
         "help": "early stopping: max drop of validation recall@10 vs the start"})
     val_fraction: float = field(default=0.1, metadata={
@@ -98,6 +105,12 @@ class AlignConfig:
             raise ValueError("label_smoothing must be in [0, 0.5)")
         if self.pref_weight < 0 or self.contrastive_weight < 0:
             raise ValueError("loss weights must be >= 0")
+        if self.selection not in ("wise", "early_stopping", "last"):
+            raise ValueError("selection must be wise, early_stopping or last")
+        if not self.wise_alphas or any(not 0 < a <= 1 for a in self.wise_alphas):
+            raise ValueError("wise_alphas must be non-empty values in (0, 1]")
+        if self.selection == "wise" and len(self.wise_alphas) > 1 and not self.eval_every:
+            raise ValueError("selection=wise with several alphas needs eval_every > 0")
         if self.pref_weight == 0 and self.contrastive_weight == 0:
             raise ValueError("pref_weight and contrastive_weight cannot both be 0")
         if not self.model.checkpoint and self.model.name == "builtin" and not self.model.pretrained:
@@ -118,9 +131,13 @@ def run_training(cfg: AlignConfig, data) -> Path:
             "warmup", "weight_decay", "betas", "grad_clip", "beta", "label_smoothing",
             "pref_weight", "contrastive_weight", "train", "vision_last_blocks",
             "text_unlocked_layers", "text_lr_scale", "seed", "eval_every", "checkpoint_every",
-            "log_every", "recall_tolerance")
+            "log_every", "recall_tolerance", "selection", "wise_alphas")
     loop_cfg = {k: getattr(cfg, k) for k in keys}
-    loop_cfg.update(data_ref=ray.put(data), model=to_dict(cfg.model), threads=threads)
+    model = to_dict(cfg.model)
+    for key in ("checkpoint", "pretrained"):  # Ray Train workers do not share our cwd
+        if model.get(key) and Path(model[key]).exists():
+            model[key] = str(Path(model[key]).resolve())
+    loop_cfg.update(data_ref=ray.put(data), model=model, threads=threads)
     out = Path(cfg.output).resolve()
     trainer = TorchTrainer(
         align_loop,
@@ -156,25 +173,30 @@ def write_logs(history: list[dict], out: Path) -> None:
 
 
 def plot_history(history: list[dict], path: Path) -> None:
-    """Losses, pair accuracy (train / validation) and validation recall against step."""
+    """Losses (train / held-out DPO), pair accuracies and validation recall against step."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(1, 3, figsize=(12, 3.2))
+    nan = float("nan")
+    fig, ax = plt.subplots(1, 3, figsize=(13, 3.4))
     tr = [h for h in history if "loss" in h]
+    ev = [h for h in history if "val_r@10" in h or "val_pair_loss" in h]
     for key in ("pref_loss", "contrastive"):
-        ax[0].plot([h["step"] for h in tr], [h[key] for h in tr], label=key)
-    ax[0].set(xlabel="step", title="training losses")
-    ax[0].legend()
-    ev = [h for h in history if "val_r@10" in h or "val_pair_acc" in h]
+        ax[0].plot([h["step"] for h in tr], [h[key] for h in tr], label=f"train {key}")
+    ax[0].plot([h["step"] for h in ev], [h.get("val_pair_loss", nan) for h in ev], marker="o",
+               label="held-out DPO loss")
+    ax[0].set(xlabel="step", title="losses (train: means per log interval)")
+    ax[0].legend(fontsize=8)
     ax[1].plot([h["step"] for h in tr], [h["train_pair_acc"] for h in tr], label="train pairs")
-    ax[1].plot([h["step"] for h in ev], [h.get("val_pair_acc", float("nan")) for h in ev],
-               marker="o", label="validation pairs")
-    ax[1].set(xlabel="step", ylabel="accuracy", title="teacher-pair accuracy")
-    ax[1].legend()
-    ax[2].plot([h["step"] for h in ev], [h.get("val_r@10", float("nan")) for h in ev],
+    ax[1].plot([h["step"] for h in ev], [h.get("val_pair_acc", nan) for h in ev],
+               marker="o", label="held-out pairs")
+    ax[1].plot([h["step"] for h in ev], [h.get("val_pair_reward_acc", nan) for h in ev],
+               marker="s", label="held-out reward acc (z > 0)")
+    ax[1].set(xlabel="step", ylabel="accuracy", title="teacher pairs")
+    ax[1].legend(fontsize=8)
+    ax[2].plot([h["step"] for h in ev], [h.get("val_r@10", nan) for h in ev],
                marker="o", label="R@10")
     ax[2].set(xlabel="step", title="validation caption recall@10")
     fig.tight_layout()
@@ -204,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     history = [json.loads(x) for x in (last / "train_log.jsonl").read_text().splitlines()
                if x.strip()]
     write_logs(history, out)
-    chosen = last / "best" if cfg.early_stopping and (last / "best").is_dir() else last
+    chosen = last / "best" if (last / "best").is_dir() else last
     final = out / "checkpoint"
     if final.exists():
         shutil.rmtree(final)
@@ -214,8 +236,9 @@ def main(argv: list[str] | None = None) -> int:
     meta = read_checkpoint_meta(final)
     evals = [h for h in history if "val_r@10" in h or "val_pair_acc" in h]
     metrics = {"fit_seconds": round(fit_s, 1), "steps": cfg.steps,
-               "selected_step": meta.get("step"), "selected_by": meta.get(
-                   "selected_by", "last step"),
+               "selected_step": meta.get("step"), "selected_alpha": meta.get("alpha", 1.0),
+               "selected_by": meta.get("selected_by", "last step"),
+               "interpolations": meta.get("interpolations", []),
                "start": evals[0] if evals else {}, "selected": meta.get("val") or (
                    evals[-1] if evals else {}), "last": history[-1] if history else {},
                "pairs_per_s": _median([h["pairs_per_s"] for h in history
@@ -229,10 +252,18 @@ def main(argv: list[str] | None = None) -> int:
                             "plot": "training.png", "metrics": "metrics.json"},
                    counts=counts)
     s, e = metrics["start"], metrics["selected"]
-    log.info("validation: pair accuracy %.3f -> %.3f, recall@10 %.3f -> %.3f (step %s of %d)",
-             s.get("val_pair_acc", float("nan")), e.get("val_pair_acc", float("nan")),
-             s.get("val_r@10", float("nan")), e.get("val_r@10", float("nan")),
-             metrics["selected_step"], cfg.steps)
+    nan = float("nan")
+    log.info("validation: DPO loss %.3f -> %.3f, reward accuracy %.3f -> %.3f, pair accuracy "
+             "%.3f -> %.3f, recall@10 %.3f -> %.3f (selected step %s of %d, alpha %s)",
+             s.get("val_pair_loss", nan), e.get("val_pair_loss", nan),
+             s.get("val_pair_reward_acc", nan), e.get("val_pair_reward_acc", nan),
+             s.get("val_pair_acc", nan), e.get("val_pair_acc", nan),
+             s.get("val_r@10", nan), e.get("val_r@10", nan), metrics["selected_step"], cfg.steps,
+             metrics["selected_alpha"])
+    if cfg.pref_weight > 0 and e.get("val_pair_loss", 0.0) >= s.get("val_pair_loss", 1e9):
+        log.warning("no validated state beats the starting model on held-out preference pairs "
+                    "(DPO loss %.3f vs %.3f at the start): fewer steps, a lower lr or a better "
+                    "teacher may help", e.get("val_pair_loss", nan), s.get("val_pair_loss", nan))
     print(f"aligned checkpoint: {final}\nlog: {out / 'train_log.csv'}")
     return 0
 

@@ -77,6 +77,10 @@ def test_align_two_workers_learns_and_resumes(ray_session, setup, tmp_path):
         start["val_pair_acc"], hist
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["train_pairs_by_source"]["degraded"] > 0 and metrics["val_pairs"] > 0
+    # selection=wise (default): every interpolation was validated; the chosen one is among them
+    alphas = [r["alpha"] for r in metrics["interpolations"]]
+    assert alphas == [0.4, 0.6, 0.8, 1.0] and metrics["selected_alpha"] in alphas
+    assert all("val_pair_margin" in r and "val_r@10" in r for r in metrics["interpolations"])
     before = load_file(str(setup / "start" / "open_clip_model.safetensors"))
     after = load_file(str(out / "checkpoint" / "open_clip_model.safetensors"))
     changed = [k for k in before if not np.array_equal(before[k], after[k])]
