@@ -111,6 +111,7 @@ def verdict_sentences(metrics: Mapping[str, Any], recall_tolerance: float = 0.02
         if r and _finite(r.get("ci_high")) and r["mean"] < -recall_tolerance and r["ci_high"] < 0:
             out.append(f"{aligned} loses recall@10 against {other}: {_points(r)}, more than the "
                        f"{recall_tolerance * 100:.1f}-point tolerance.")
+    out += equal_relevance_sentences(metrics)
     head = f"{aligned} wins on {primary} against {len(wins)} of {len(wins) + len(rest)} systems"
     head += f" ({', '.join(wins)})" if wins else ""
     head += f"; it does NOT win against {', '.join(rest)}." if rest else "."
@@ -118,6 +119,57 @@ def verdict_sentences(metrics: Mapping[str, Any], recall_tolerance: float = 0.02
         out.append(f"No oracle: {primary} is the low-level scorer's view, which cascade and "
                    "query_shift optimise directly.")
     return [head, *out]
+
+def equal_relevance_sentences(metrics: Mapping[str, Any]) -> list[str]:
+    """One sentence per swept baseline family: the aligned model against the family's best
+    setting whose relevance is at least the aligned model's (:mod:`aligner.frontier`)."""
+    eq = metrics.get("equal_relevance") or {}
+    fams = eq.get("families") or {}
+    if not fams:
+        return []
+    aligned, primary, k = (metrics.get("aligned_name", "aligned"), metrics.get("primary", ""),
+                           metrics.get("k", 10))
+    target = eq.get("aligned") or {}
+    rec, slack = target.get("recall@10"), float(eq.get("slack") or 0.0)
+    cond = (f"precision@{k} >= {target.get(f'precision@{k}', float('nan')) - slack:.3f}"
+            + (f" and recall@10 >= {rec - slack:.3f}" if _finite(rec) else ""))
+    out = []
+    for fam, r in fams.items():
+        if not r.get("setting"):
+            out.append(f"At equal or better relevance ({cond}) no {fam} setting qualifies: "
+                       f"every swept {fam} setting is less relevant than {aligned}.")
+            continue
+        d = r.get(f"{primary}_diff") or {}
+        verb = ("beats" if _finite(d.get("ci_low")) and d["ci_low"] > 0 else
+                "is WORSE than" if _finite(d.get("ci_high")) and d["ci_high"] < 0 else
+                "does NOT beat")
+        out.append(f"At equal or better relevance ({cond}), {aligned} {verb} the best {fam} "
+                   f"setting ({r['setting']}, {primary} {fmt_ci(r.get(primary))}) by "
+                   f"{fmt_ci(d, signed=True)}.")
+    return out
+
+
+def frontier_html(metrics: Mapping[str, Any]) -> str:
+    """The swept settings of every baseline family as one table."""
+    front = metrics.get("frontier") or {}
+    if not front:
+        return "<p class='note'>No baseline sweep (sweep=false or no oracle).</p>"
+    k, primary = metrics.get("k", 10), metrics.get("primary", "")
+    best = {r.get("setting") for r in ((metrics.get("equal_relevance") or {}).get("families")
+                                       or {}).values()}
+    rows = [f"<table><tr><th>setting</th><th>{html.escape(primary)}</th>"
+            f"<th>precision@{k}</th><th>recall@10</th></tr>"]
+    for fam_rows in front.values():
+        for r in fam_rows:
+            mark = " class='win'" if r["setting"] in best else ""
+            rec = r.get("recall@10")
+            rows.append(f"<tr><td{mark}>{html.escape(r['setting'])}</td>{_cell(r.get(primary))}"
+                        f"<td>{r.get(f'precision@{k}', float('nan')):.3f}</td>"
+                        f"<td>{'inner model' if rec is None else f'{rec:.3f}'}</td></tr>")
+    rows.append("</table><p class='note'>Bold green: the family's best setting at equal or "
+                "better relevance than the aligned model, which the verdict compares it with.</p>")
+    return "".join(rows)
+
 
 def systems_table_html(metrics: Mapping[str, Any]) -> str:
     """Systems x metrics, with CIs."""
@@ -319,12 +371,21 @@ def write_report(out_dir: str | Path, metrics: Mapping[str, Any],
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     summary = summary_figure(metrics, gains, out / "summary.png")
+    frontier_png = None
+    if metrics.get("frontier"):
+        from aligner.frontier import frontier_figure
+
+        frontier_png = frontier_figure(metrics["frontier"], metrics.get("systems", {}),
+                                       metrics.get("primary", ""), f"precision@{metrics['k']}",
+                                       out / "frontier.png", metrics.get("aligned_name",
+                                                                         "aligned"))
     grid_png = None
     if grids:
         title, rows = grids[0]
         grid_png = rows_grid_png(list(rows), out / "grid_0.png", title=f"query: {title}",
                                  thumb=1.45)
-    stack_pngs([summary] + ([grid_png] if grid_png else []), out / "report.png")
+    stack_pngs([summary] + ([frontier_png] if frontier_png else []) +
+               ([grid_png] if grid_png else []), out / "report.png")
     title = metrics.get("title", "Evaluation: aligned retriever vs the alternatives")
     verdict = "".join(f"<li>{html.escape(v)}</li>" for v in metrics.get("verdict", []))
     skipped = "".join(f"<li>{html.escape(s)}</li>" for s in metrics.get("skipped", []))
@@ -340,6 +401,12 @@ def write_report(out_dir: str | Path, metrics: Mapping[str, Any],
              "<h2 id='comparisons'>Comparisons</h2>", comparisons_table_html(metrics),
              pairwise_html(metrics),
              "<h2 id='plots'>Plots</h2>", f"<img src='{_png_uri(summary)}' style='width:100%'>",
+             "<h2 id='frontier'>At equal relevance: the baselines' knobs swept</h2>",
+             "<p class='note'>A cascade, a query shift or a query-time rephrase can always buy "
+             "aesthetics with relevance. Each is swept over its knob; the verdict compares the "
+             "aligned model with each family's best setting that is at least as relevant.</p>",
+             (f"<img src='{_png_uri(frontier_png)}' style='width:100%'>" if frontier_png
+              else ""), frontier_html(metrics),
              "<h2 id='teacher'>Teacher diagnostics</h2>", teacher_html(metrics.get("teacher", {})),
              "<h3>The rephrasing premise</h3>", premise_html(metrics.get("premise")),
              "<h2 id='grids'>Top results</h2>",

@@ -288,7 +288,9 @@ def rephrase_texts(ids: Sequence[str], texts: Sequence[str], table: dict[str, st
 class RephraseSystem(System):
     """The inner system searching with each query's LLM rephrasing (looked up by query id).
 
-    ``missing`` collects the ids that had no rephrasing (kept plain) over all calls.
+    ``mix`` < 1 searches with ``normalise((1 - mix) * q + mix * q_rephrased)``, a knob from
+    the plain query (0) to the rephrasing alone (1, the default). ``missing`` collects the ids
+    that had no rephrasing (kept plain) over all calls.
     """
 
     kind = "rephrase"
@@ -296,13 +298,16 @@ class RephraseSystem(System):
     needs_ids = True
 
     def __init__(self, name: str, inner: System, table: dict[str, str],
-                 on_missing: str = "plain") -> None:
+                 on_missing: str = "plain", mix: float = 1.0) -> None:
         super().__init__(name, inner.gallery)
         if on_missing not in ("plain", "error"):
             raise ValueError("on_missing must be 'plain' or 'error'")
+        if not 0.0 <= mix <= 1.0:
+            raise ValueError("mix must be in [0, 1]")
         self.inner = inner
         self.table = table
         self.on_missing = on_missing
+        self.mix = float(mix)
         self.missing: set[str] = set()
 
     def encode(self, texts: Sequence[str], ids: Sequence[str] | None = None) -> np.ndarray:
@@ -310,11 +315,14 @@ class RephraseSystem(System):
             raise ValueError(f"{self.name}: the rephrase system needs query ids")
         new, missing = rephrase_texts(ids, texts, self.table, self.on_missing)
         self.missing.update(missing)
-        return self.inner.encode(new)
+        q = self.inner.encode(new)
+        if self.mix < 1.0:
+            q = normalise((1.0 - self.mix) * self.inner.encode(list(texts)) + self.mix * q)
+        return q
 
     def describe(self) -> dict:
         return {**super().describe(), "inner": self.inner.name, "rephrasings": len(self.table),
-                "missing": len(self.missing)}
+                "missing": len(self.missing), "mix": self.mix}
 
 
 def recall_hits(system: System, texts: Sequence[str], targets: np.ndarray,

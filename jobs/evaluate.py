@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from aligner.config import dump_yaml, load_config, save_config, to_dict
+from aligner.frontier import DEFAULT_SWEEPS
 from aligner.logs import setup_logging
 from aligner.manifest import write_manifest
 
@@ -87,6 +88,17 @@ class EvaluateConfig:
         "help": "query shift: direction = mean embedding of this top fraction by aesthetic"})
     shift_weight: float = field(default=0.5, metadata={
         "help": "query shift: q' = normalise(q + w e) (clip-retrieval's aesthetic_weight)"})
+    sweep: bool = field(default=True, metadata={
+        "help": "sweep each baseline's knob and compare at equal or better relevance"})
+    cascade_weights: list[float] = field(default_factory=lambda: list(DEFAULT_SWEEPS["cascade"]),
+                                         metadata={"help": "sweep: cascade weights (.inf ok)"})
+    shift_weights: list[float] = field(default_factory=lambda: list(
+        DEFAULT_SWEEPS["query_shift"]), metadata={"help": "sweep: query shift weights"})
+    rephrase_mixes: list[float] = field(default_factory=lambda: list(
+        DEFAULT_SWEEPS["rephrase"]), metadata={"help": "sweep: share of the rephrased query"})
+    equal_relevance_slack: float = field(default=0.01, metadata={
+        "help": "sweep: a baseline setting within this much (absolute) of the aligned model's "
+                "precision and recall counts as equally relevant"})
     rephrased: str = field(default="", metadata={
         "help": "rephrase: dir with queries.parquet (query_id, query, rephrased) or a file; "
                 "'' skips the rephrase system"})
@@ -135,6 +147,11 @@ class EvaluateConfig:
             raise ValueError("cascade_n, k and also_ks must be >= 1")
         if not 0 < self.shift_quantile < 1 or self.shift_weight < 0 or self.cascade_weight < 0:
             raise ValueError("shift_quantile in (0, 1); shift_weight, cascade_weight >= 0")
+        if not 0 <= self.equal_relevance_slack < 0.5:
+            raise ValueError("equal_relevance_slack must be in [0, 0.5)")
+        if any(w < 0 for w in self.cascade_weights + self.shift_weights) or \
+                any(not 0 <= m <= 1 for m in self.rephrase_mixes):
+            raise ValueError("sweep weights must be >= 0 and rephrase_mixes in [0, 1]")
         if self.rephrase_missing not in ("plain", "error"):
             raise ValueError("rephrase_missing must be 'plain' or 'error'")
         if self.hpir_row_size < 1 or self.hpir_pairs_per_query < 1 or \
@@ -528,6 +545,13 @@ def run_evaluation(cfg: EvaluateConfig) -> EvalResult:
         if not len(pairs.query):
             notes.append("HPIR: every drawn row pair was a tie; no agreement computed")
 
+    # Baseline frontiers and the comparison at equal relevance -----------------------------
+    frontier, iso = {}, {}
+    if cfg.sweep and ev is not None and cfg.aligned_name in systems:
+        frontier, iso = _frontiers(cfg, systems, texts, qids, ev, aes, per, hits,
+                                   cap_texts if hits else None, targets if hits else None,
+                                   rec_gallery)
+
     # Assemble per-system metrics and comparisons -------------------------------------------
     primary = f"aesthetic@{cfg.k}" if ev is not None else f"scorer_aesthetic@{cfg.k}"
     out_systems = {}
@@ -592,6 +616,7 @@ def run_evaluation(cfg: EvaluateConfig) -> EvalResult:
         "recall": rec_info, "hpir": hpir_info, "systems": out_systems,
         "comparisons": comparisons, "pairwise": {primary: pairwise},
         "teacher": teacher or {}, "premise": premise,
+        "frontier": frontier, "equal_relevance": iso,
         "skipped": skipped, "notes": notes,
     }
     metrics["verdict"] = verdict_sentences(metrics, cfg.recall_tolerance)
@@ -614,6 +639,67 @@ def run_evaluation(cfg: EvaluateConfig) -> EvalResult:
                 "hpir_pairs": hpir_info.get("pairs", 0)},
         timings={"load_and_embed_s": round(t_systems, 1), "models": info},
         table=summary_table(metrics))
+
+
+def _frontiers(cfg: EvaluateConfig, systems: dict, texts: list[str], qids: list[str], ev, aes,
+               per: dict, hits: dict, cap_texts, targets, rec_gallery):
+    """Sweep every baseline's knob; compare the aligned model with each family's best setting
+    at equal or better relevance (:mod:`aligner.frontier`)."""
+    from aligner.frontier import Point, best_at_equal_relevance, frontier_rows
+    from aligner.metrics import ci_dict
+    from aligner.systems import CascadeSystem, QueryShiftSystem, RephraseSystem, recall_hits
+    from aligner.world.oracle_metrics import aesthetic_at_k, paired_difference
+
+    base = systems[cfg.base_name]
+    aligned = cfg.aligned_name
+    primary, prec = f"aesthetic@{cfg.k}", f"precision@{cfg.k}"
+    makers = {
+        "cascade": (cfg.cascade_weights,
+                    lambda w: CascadeSystem(f"cascade w={w}", base, aes, cfg.cascade_n, w)),
+        "query_shift": (cfg.shift_weights,
+                        lambda w: QueryShiftSystem(f"shift w={w}", base, aes, cfg.shift_quantile,
+                                                   w)),
+    }
+    if "rephrase" in systems:
+        table = systems["rephrase"].table
+        makers["rephrase"] = (cfg.rephrase_mixes, lambda m: RephraseSystem(
+            f"rephrase mix={m}", base, table, cfg.rephrase_missing, mix=m))
+    t0 = time.time()
+    frontier, iso = {}, {}
+    a_prec = float(np.mean(per[aligned][prec]))
+    a_rec = float(np.mean(hits[aligned]["r@10"])) if aligned in hits else None
+    b_rec = float(np.mean(hits[cfg.base_name]["r@10"])) if cfg.base_name in hits else None
+    for fam, (params, make) in makers.items():
+        if fam not in cfg.baselines:
+            continue
+        points = []
+        for w in params:
+            s = make(float(w))
+            _, top = s.search(texts, cfg.k, ids=qids)
+            pq = {primary: aesthetic_at_k(ev.beauty, top, cfg.k),
+                  prec: ev.relevance(qids, top[:, :cfg.k])}
+            rec = None
+            if cap_texts is not None and s.caption_transform != "n/a":
+                rec = recall_hits(s, cap_texts, targets, subset=rec_gallery)["r@10"]
+            points.append(Point(fam, float(w), pq, None if rec is None else rec.astype(float)))
+        frontier[fam] = frontier_rows(points, primary, prec, ci_dict)
+        slack = cfg.equal_relevance_slack
+        best = best_at_equal_relevance(points, primary, prec, a_prec, a_rec, inner_recall=b_rec,
+                                       slack=slack)
+        if best is None:
+            iso[fam] = {"setting": None, "note": (
+                f"no {fam} setting is as relevant as {aligned} (precision@{cfg.k} >= "
+                f"{a_prec - slack:.3f}" + (f", recall@10 >= {a_rec - slack:.3f})"
+                                           if a_rec is not None else ")"))}
+            continue
+        iso[fam] = {"setting": best.label, f"{primary}_diff": paired_difference(
+            per[aligned][primary], best.per_query[primary]),
+            f"{prec}_diff": paired_difference(per[aligned][prec], best.per_query[prec]),
+            primary: ci_dict(best.per_query[primary]), prec: best.mean(prec),
+            "recall@10": best.mean("recall@10") if best.recall is not None else b_rec}
+    log.info("swept %s in %.1f s", {f: len(v) for f, v in frontier.items()}, time.time() - t0)
+    return frontier, {"aligned": {prec: a_prec, "recall@10": a_rec},
+                      "slack": cfg.equal_relevance_slack, "families": iso}
 
 
 def _teacher(path: str, ev) -> dict:

@@ -239,6 +239,21 @@ def test_evaluate_job_end_to_end(tiny, capsys):
     assert per.num_rows == m["queries"]["n"] and "aligned/aesthetic@10" in per.column_names
     html = (out / "report.html").read_text()
     assert "Teacher diagnostics" in html and html.count("data:image/png;base64,") > 10
+    # every baseline swept over its knob; the aligned model compared at equal relevance
+    assert {f: len(v) for f, v in m["frontier"].items()} == {"cascade": 6, "query_shift": 7,
+                                                              "rephrase": 5}
+    assert all(r["recall@10"] is None for r in m["frontier"]["rephrase"])
+    fams = m["equal_relevance"]["families"]
+    assert set(fams) == {"cascade", "query_shift", "rephrase"}
+    for fam, r in fams.items():
+        if r["setting"] is None:
+            assert "no " + fam in r["note"]
+        else:
+            eq = m["equal_relevance"]
+            assert r["precision@10"] >= eq["aligned"]["precision@10"] - eq["slack"]
+            assert r["aesthetic@10_diff"]["n"] == m["queries"]["n"]
+    assert sum("At equal or better relevance" in v for v in m["verdict"]) == 3
+    assert (out / "frontier.png").is_file() and "knobs swept" in html
 
 
 def test_evaluate_job_on_a_corpus_without_oracle(tiny, monkeypatch):
