@@ -43,7 +43,7 @@ class MakeWorldConfig:
 def main(argv: list[str] | None = None) -> int:
     setup_logging()
     cfg = load_config(MakeWorldConfig, argv, DEFAULT_YAML, prog="python -m jobs.make_world")
-    from aligner.world import WorldSpec, generate_world
+    from aligner.world import WorldSpec, generate_world, world_fingerprint
 
     started = time.time()
     log.info("config:\n%s", dump_yaml(cfg))
@@ -54,6 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     summary = generate_world(spec, cfg.output, workers=cfg.workers or None, progress=cfg.progress)
     save_config(cfg, Path(cfg.output) / "config.yaml")
     write_manifest(cfg.output, "make_world", to_dict(cfg), started, summary=summary,
+                   fingerprint=world_fingerprint(spec),
                    outputs={"corpus": "corpus/", "queries": "queries/queries.parquet",
                             "oracle (evaluation only)": "eval/oracle.parquet",
                             "query truth (evaluation only)": "eval/query_truth.parquet"})

@@ -66,8 +66,12 @@ class PretrainConfig:
     eval_gallery: str = field(default="test", metadata={"help": "evaluation gallery: test | all"})
     max_train_images: int = field(default=0, metadata={"help": "use at most N train images (0: all)"})
     ray_address: str = field(default="", metadata={"help": "Ray cluster address (default: local)"})
+    export_to: str = field(default="", metadata={
+        "help": "also write the result as a shippable base here (aligner/assets/builtin_base)"})
 
     def __post_init__(self) -> None:
+        if self.export_to and not self.evaluate:
+            raise ValueError("export_to needs evaluate=true: a shipped base carries its metrics")
         if self.steps < 1 or self.batch_size < 2:
             raise ValueError("steps >= 1 and batch_size >= 2 are required")
         if self.num_workers < 1:
@@ -123,7 +127,11 @@ def run_training(cfg: PretrainConfig, data) -> Path:
 
     threads = cfg.threads_per_worker or max(1, int(ray.cluster_resources().get("CPU", 1))
                                             // cfg.num_workers)
-    loop_cfg = {"data_ref": ray.put(data), "model": to_dict(cfg.model), "steps": cfg.steps,
+    model = to_dict(cfg.model)
+    for key in ("checkpoint", "pretrained"):  # Ray Train workers do not share our cwd
+        if model.get(key) and Path(model[key]).exists():
+            model[key] = str(Path(model[key]).resolve())
+    loop_cfg = {"data_ref": ray.put(data), "model": model, "steps": cfg.steps,
                 "batch_size": cfg.batch_size, "lr": cfg.lr, "min_lr_ratio": cfg.min_lr_ratio,
                 "warmup": cfg.warmup, "weight_decay": cfg.weight_decay, "betas": cfg.betas,
                 "seed": cfg.seed, "flip": cfg.flip, "grad_clip": cfg.grad_clip,
@@ -237,6 +245,11 @@ def main(argv: list[str] | None = None) -> int:
                    outputs={"checkpoint": "checkpoint/", "metrics": "metrics.json",
                             "log": "train_log.jsonl", "plot": "training.png"},
                    counts={"train_images": len(data.images), "val_images": len(data.val_images)})
+    if cfg.export_to:
+        from aligner.shipped import export_base
+
+        dest = export_base(out, final, cfg.world, to_dict(cfg), cfg.export_to)
+        log.info("exported the base model to %s", dest)
     print(f"pre-trained checkpoint: {final}\nmetrics: {out / 'metrics.json'}")
     return 0
 

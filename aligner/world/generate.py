@@ -210,6 +210,27 @@ def generate_world(spec: WorldSpec, out_dir: str | Path, workers: int | None = N
     return summary
 
 
+def world_fingerprint(spec: WorldSpec, n_probe: int = 64) -> dict:
+    """What identifies a world without rendering all of it: its spec (seed, size, split
+    fractions ...) and a hash of the first ``n_probe`` images' captions (pure in
+    ``(seed, index)``; they encode each image's sampled factors).
+
+    A model trained on one world must only be evaluated on the same world (else its training
+    images can sit in the other world's test split); the quickstart compares fingerprints
+    before it reuses the shipped base model. Pixels are left out on purpose: an image
+    library's rounding change alters no split and no factor.
+    """
+    import hashlib
+    from dataclasses import asdict
+
+    h = hashlib.sha256()
+    for i in range(min(n_probe, spec.n_images)):
+        r = image_record(spec.seed, i, spec.image_size, spec.p_look)
+        h.update(r["caption"].encode() + b"\n")
+    fields = {k: v for k, v in asdict(spec).items() if k != "rows_per_file"}
+    return {"spec": fields, "probe": n_probe, "sha256": h.hexdigest()}
+
+
 def _count(queries: pa.Table) -> dict[tuple[str, str], int]:
     out: dict[tuple[str, str], int] = {}
     for k, s in zip(queries["kind"].to_pylist(), queries["split"].to_pylist(), strict=True):
