@@ -61,11 +61,12 @@ class BuildPreferencesConfig:
     model: ModelSpec | None = field(default=None, metadata={
         "help": "query encoder; unset = the model that embedded the corpus (its manifest)"})
     k: int = field(default=64, metadata={"help": "candidates retrieved per query"})
-    u: int = field(default=4, metadata={"help": "grid rows (semantic groups)"})
-    v: int = field(default=4, metadata={"help": "grid columns (aesthetic picks per row)"})
+    u: int = field(default=2, metadata={"help": "grid rows (semantic groups)"})
+    v: int = field(default=8, metadata={"help": "grid columns (aesthetic picks per row)"})
     stride: int = field(default=2, metadata={
         "help": "column stride; the grid uses the top u*v*stride candidates by semantics"})
-    retrieve_with: str = field(default="rephrased", metadata={"help": "rephrased | original"})
+    retrieve_with: str = field(default="original", metadata={
+        "help": "pool retrieved with the original query (the model's own results) | rephrased"})
     aesthetic: list[str] = field(default_factory=lambda: ["scorer", "contrast"], metadata={
         "help": "teacher components: scorer, rephrase, contrast (z-scored within the pool)"})
     aesthetic_weights: list[float] = field(default_factory=lambda: [1.0, 1.0],
@@ -74,7 +75,7 @@ class BuildPreferencesConfig:
                                                                "margin (grid distance)"})
     grid: bool = field(default=True, metadata={"help": "emit grid pairs"})
     degraded: bool = field(default=True, metadata={"help": "emit degraded-copy pairs"})
-    degraded_per_query: int = field(default=4, metadata={
+    degraded_per_query: int = field(default=16, metadata={
         "help": "top candidates (by semantics) paired with a degraded copy of themselves"})
     degrade_kinds: list[str] = field(
         default_factory=lambda: ["blur", "noise", "dark", "bright", "washed", "tint", "crop"],
