@@ -359,7 +359,9 @@ class PairSettings:
 
     @property
     def needs_rephrase(self) -> bool:
-        return self.retrieve_with == "rephrased" or "rephrase" in self.aesthetic
+        """Whether the queries must carry a rephrase (``contrast``'s good side is the rephrase)."""
+        return self.retrieve_with == "rephrased" or bool({"rephrase", "contrast"}
+                                                         & set(self.aesthetic))
 
 
 @dataclass

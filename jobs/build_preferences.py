@@ -295,7 +295,7 @@ def run(cfg: BuildPreferencesConfig) -> dict[str, Any]:
             raise ValueError(
                 f"queries {cfg.queries} has no 'rephrased' column, needed by retrieve_with="
                 f"{cfg.retrieve_with} / aesthetic={cfg.aesthetic}: run jobs.rephrase first, or "
-                "set fallback_to_original=true (or retrieve_with=original without 'rephrase')")
+                "set fallback_to_original=true (or aesthetic=[scorer] with retrieve_with=original)")
         log.warning("queries have no 'rephrased' column: using the original queries instead")
     extra, extra_counts = load_extra(cfg.extra_tables, all_queries, cfg.splits)
     reph = queries.column("rephrased").to_pylist() if has_reph else [None] * queries.num_rows

@@ -367,7 +367,7 @@ def test_job_end_to_end(job_inputs, tmp_path):
     out = tmp_path / "prefs"
     rc = main(["--config", "jobs/configs/build_preferences.yaml", f"embeddings={root / 'emb'}",
                f"queries={root / 'queries.parquet'}", f"output={out}", "k=16", "u=2", "v=2",
-               "stride=2", "degraded_per_query=2", "weighting=margin",
+               "stride=2", "degraded_per_query=2", "weighting=margin", "retrieve_with=rephrased",
                f"extra_tables=[{root / 'votes.parquet'}]", "source_weights=human=2",
                "examples=1"])
     assert rc == 0
@@ -427,7 +427,7 @@ def test_job_with_a_faiss_index_matches_exact_search(job_inputs, tmp_path):
     root = job_inputs
     build_index(root / "emb", tmp_path / "index", "Flat")
     args = [f"embeddings={root / 'emb'}", f"queries={root / 'queries.parquet'}", "k=16", "u=2",
-            "v=2", "stride=2", "examples=0"]
+            "v=2", "stride=2", "degraded_per_query=4", "examples=0"]
     assert main([*args, f"output={tmp_path / 'exact'}"]) == 0
     assert main([*args, f"output={tmp_path / 'faiss'}", f"index={tmp_path / 'index'}",
                  "bad_rephraser=template:reorg"]) == 0
