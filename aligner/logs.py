@@ -11,5 +11,5 @@ def setup_logging(level: str | int | None = None) -> None:
     level = level or os.environ.get("ALIGNER_LOG_LEVEL", "INFO")
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S", force=True)
-    for noisy in ("urllib3", "filelock", "fsspec", "PIL", "matplotlib", "httpx"):
+    for noisy in ("urllib3", "filelock", "fsspec", "PIL", "matplotlib", "httpx", "faiss"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

