@@ -131,3 +131,54 @@ def set_threads(n: int | None) -> None:
     if n is None:
         n = int(os.environ.get("OMP_NUM_THREADS", "0") or 0) or (os.cpu_count() or 1)
     torch.set_num_threads(max(1, n))
+
+
+def worker_threads(requested: int, num_workers: int) -> int:
+    """Torch threads per Ray Train worker: ``requested``, else the cluster's CPUs split evenly."""
+    import ray
+
+    return requested or max(1, int(ray.cluster_resources().get("CPU", 1)) // num_workers)
+
+
+def absolute_model_paths(model: dict[str, Any]) -> dict[str, Any]:
+    """``model`` with its local ``checkpoint`` / ``pretrained`` paths made absolute (Ray Train
+    workers do not share the driver's working directory)."""
+    model = dict(model)
+    for key in ("checkpoint", "pretrained"):
+        if model.get(key) and Path(model[key]).exists():
+            model[key] = str(Path(model[key]).resolve())
+    return model
+
+
+def fit_torch_trainer(loop, loop_cfg: dict[str, Any], *, name: str, out: Path,
+                      num_workers: int, use_gpu: bool, threads: int, max_failures: int,
+                      dest: Path) -> Path:
+    """Run ``loop`` in a ``TorchTrainer`` and copy its final checkpoint to ``dest``.
+
+    Checkpoints and Ray Train's run state go to ``out/ray_results`` (the last two kept), so a
+    re-run with the same ``out`` resumes; ``max_failures`` restarts a crashed worker group.
+    CPU workers each reserve ``threads`` CPUs; GPU workers one GPU.
+    """
+    import shutil
+
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    trainer = TorchTrainer(
+        loop,
+        train_loop_config=loop_cfg,
+        scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
+                                     resources_per_worker=None if use_gpu else
+                                     {"CPU": max(1, threads)}),
+        run_config=RunConfig(name=name, storage_path=str(out / "ray_results"),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2),
+                             failure_config=FailureConfig(max_failures=max_failures)),
+    )
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise RuntimeError(f"training produced no checkpoint: {result.error}")
+    if dest.exists():
+        shutil.rmtree(dest)
+    with result.checkpoint.as_directory() as d:
+        shutil.copytree(d, dest)
+    return dest

@@ -120,44 +120,23 @@ class AlignConfig:
 def run_training(cfg: AlignConfig, data) -> Path:
     """Fit with Ray Train; copy the final checkpoint to ``output/last`` and return it."""
     import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
 
     from aligner.align import align_loop
+    from aligner.training import absolute_model_paths, fit_torch_trainer, worker_threads
 
-    threads = cfg.threads_per_worker or max(1, int(ray.cluster_resources().get("CPU", 1))
-                                            // cfg.num_workers)
+    threads = worker_threads(cfg.threads_per_worker, cfg.num_workers)
     keys = ("steps", "pairs_per_step", "captions_per_step", "grad_accum", "lr", "min_lr_ratio",
             "warmup", "weight_decay", "betas", "grad_clip", "beta", "label_smoothing",
             "pref_weight", "contrastive_weight", "train", "vision_last_blocks",
             "text_unlocked_layers", "text_lr_scale", "seed", "eval_every", "checkpoint_every",
             "log_every", "recall_tolerance", "selection", "wise_alphas")
     loop_cfg = {k: getattr(cfg, k) for k in keys}
-    model = to_dict(cfg.model)
-    for key in ("checkpoint", "pretrained"):  # Ray Train workers do not share our cwd
-        if model.get(key) and Path(model[key]).exists():
-            model[key] = str(Path(model[key]).resolve())
-    loop_cfg.update(data_ref=ray.put(data), model=model, threads=threads)
+    loop_cfg.update(data_ref=ray.put(data), model=absolute_model_paths(to_dict(cfg.model)),
+                    threads=threads)
     out = Path(cfg.output).resolve()
-    trainer = TorchTrainer(
-        align_loop,
-        train_loop_config=loop_cfg,
-        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
-                                     resources_per_worker=None if cfg.use_gpu else
-                                     {"CPU": max(1, threads)}),
-        run_config=RunConfig(name="align", storage_path=str(out / "ray_results"),
-                             checkpoint_config=CheckpointConfig(num_to_keep=2),
-                             failure_config=FailureConfig(max_failures=cfg.max_failures)),
-    )
-    result = trainer.fit()
-    if result.checkpoint is None:
-        raise RuntimeError(f"training produced no checkpoint: {result.error}")
-    last = out / "last"
-    if last.exists():
-        shutil.rmtree(last)
-    with result.checkpoint.as_directory() as d:
-        shutil.copytree(d, last)
-    return last
+    return fit_torch_trainer(align_loop, loop_cfg, name="align", out=out,
+                             num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, threads=threads,
+                             max_failures=cfg.max_failures, dest=out / "last")
 
 
 def write_logs(history: list[dict], out: Path) -> None:

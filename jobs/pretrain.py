@@ -16,7 +16,6 @@ from __future__ import annotations
 import io
 import json
 import logging
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -120,18 +119,13 @@ def prepare_data(cfg: PretrainConfig):
 def run_training(cfg: PretrainConfig, data) -> Path:
     """Fit with Ray Train; returns the final checkpoint directory (copied into ``output``)."""
     import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
 
     from aligner.pretrain import pretrain_loop
+    from aligner.training import absolute_model_paths, fit_torch_trainer, worker_threads
 
-    threads = cfg.threads_per_worker or max(1, int(ray.cluster_resources().get("CPU", 1))
-                                            // cfg.num_workers)
-    model = to_dict(cfg.model)
-    for key in ("checkpoint", "pretrained"):  # Ray Train workers do not share our cwd
-        if model.get(key) and Path(model[key]).exists():
-            model[key] = str(Path(model[key]).resolve())
-    loop_cfg = {"data_ref": ray.put(data), "model": model, "steps": cfg.steps,
+    threads = worker_threads(cfg.threads_per_worker, cfg.num_workers)
+    loop_cfg = {"data_ref": ray.put(data), "model": absolute_model_paths(to_dict(cfg.model)),
+                "steps": cfg.steps,
                 "batch_size": cfg.batch_size, "lr": cfg.lr, "min_lr_ratio": cfg.min_lr_ratio,
                 "warmup": cfg.warmup, "weight_decay": cfg.weight_decay, "betas": cfg.betas,
                 "seed": cfg.seed, "flip": cfg.flip, "grad_clip": cfg.grad_clip,
@@ -141,25 +135,9 @@ def run_training(cfg: PretrainConfig, data) -> Path:
                 "checkpoint_every": cfg.checkpoint_every, "log_every": cfg.log_every,
                 "threads": threads}
     out = Path(cfg.output).resolve()
-    trainer = TorchTrainer(
-        pretrain_loop,
-        train_loop_config=loop_cfg,
-        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
-                                     resources_per_worker=None if cfg.use_gpu else
-                                     {"CPU": max(1, threads)}),
-        run_config=RunConfig(name="pretrain", storage_path=str(out / "ray_results"),
-                             checkpoint_config=CheckpointConfig(num_to_keep=2),
-                             failure_config=FailureConfig(max_failures=cfg.max_failures)),
-    )
-    result = trainer.fit()
-    if result.checkpoint is None:
-        raise RuntimeError(f"training produced no checkpoint: {result.error}")
-    final = out / "checkpoint"
-    if final.exists():
-        shutil.rmtree(final)
-    with result.checkpoint.as_directory() as d:
-        shutil.copytree(d, final)
-    return final
+    return fit_torch_trainer(pretrain_loop, loop_cfg, name="pretrain", out=out,
+                             num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, threads=threads,
+                             max_failures=cfg.max_failures, dest=out / "checkpoint")
 
 
 def evaluate_checkpoint(ckpt: Path, world_dir: str, gallery: str = "test") -> dict:
