@@ -3,8 +3,8 @@
     python bench/bench_align.py                      # generated world, 40 steps per setting
     python bench/bench_align.py --steps 60 --pairs 64 --captions 128
 
-All settings run the same loop (:func:`aligner.align.align_loop`) on the same data
-(:class:`aligner.align.AlignData` prepared once): the plain single-process loop calls it as a
+All settings run the same loop (:func:`aligner.training.align.align_loop`) on the same data
+(:class:`aligner.training.align.AlignData` prepared once): the plain single-process loop calls it as a
 function with every core; Ray Train runs it in ``TorchTrainer`` with 1 worker (all cores) and
 2 workers (cores split, DDP over gloo). Steady-state pairs/s is the median of the per-interval
 rates after the first interval; the whole-run rate (with Ray Train's start-up) is printed
@@ -32,8 +32,8 @@ def make_inputs(work: Path, n_images: int, pairs_per_query: int) -> tuple[Path, 
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from aligner.models import ModelSpec, load_retriever, save_checkpoint
-    from aligner.scorer import make_scorer
+    from aligner.aesthetics.scorer import make_scorer
+    from aligner.retrieval.models import ModelSpec, load_retriever, save_checkpoint
     from aligner.world import World, WorldSpec, generate_world
     from jobs.pretrain import decode_images
 
@@ -84,7 +84,7 @@ def run_plain(args, data, model: dict) -> dict:
     """The loop as a plain function in this process (no Ray), collecting its log lines."""
     import logging
 
-    from aligner.align import align_loop
+    from aligner.training.align import align_loop
 
     rates: list[float] = []
 
@@ -95,7 +95,7 @@ def run_plain(args, data, model: dict) -> dict:
                 if r:
                     rates.append(float(r))
 
-    lg = logging.getLogger("aligner.align")
+    lg = logging.getLogger("aligner.training.align")
     h = Grab()
     lg.addHandler(h)
     lg.setLevel(logging.INFO)
@@ -115,7 +115,7 @@ def run_ray(args, data, model: dict, workers: int, storage: Path) -> dict:
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from aligner.align import align_loop
+    from aligner.training.align import align_loop
 
     cpus = int(ray.cluster_resources().get("CPU", 1))
     threads = max(1, cpus // workers)
@@ -146,9 +146,9 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
 
-    from aligner.align_data import prepare_align_data
-    from aligner.models import ModelSpec
-    from aligner.raycluster import init_ray
+    from aligner.retrieval.models import ModelSpec
+    from aligner.runtime.raycluster import init_ray
+    from aligner.training.align_data import prepare_align_data
 
     with tempfile.TemporaryDirectory(prefix="bench-align-") as tmp:
         work = Path(tmp)

@@ -124,9 +124,9 @@ def plain_loop(corpus: Path, model: str, batch_size: int, score: bool) -> dict:
     import pyarrow.parquet as pq
     import torch
 
-    from aligner.images import decode_image, to_uint8
-    from aligner.models import ModelSpec, load_retriever
-    from aligner.scorer import LowLevelScorer
+    from aligner.aesthetics.scorer import LowLevelScorer
+    from aligner.data.images import decode_image, to_uint8
+    from aligner.retrieval.models import ModelSpec, load_retriever
 
     t0 = time.perf_counter()
     retriever = load_retriever(ModelSpec(name=model), device="cpu")
@@ -153,9 +153,9 @@ def ray_job(corpus: Path, out: Path, model: str, batch_size: int, rows_per_shard
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     import ray
 
-    from aligner.logs import setup_logging
-    from aligner.models import ModelSpec
-    from aligner.raycluster import init_ray
+    from aligner.retrieval.models import ModelSpec
+    from aligner.runtime.logs import setup_logging
+    from aligner.runtime.raycluster import init_ray
     from jobs.embed import EmbedConfig, run
 
     setup_logging("WARNING")

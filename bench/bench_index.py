@@ -1,4 +1,4 @@
-"""Benchmark: Flat vs HNSW32 vs IVF-Flat vs IVF-PQ, built by ``aligner.index.build_index``.
+"""Benchmark: Flat vs HNSW32 vs IVF-Flat vs IVF-PQ, built by ``aligner.retrieval.index.build_index``.
 
     python bench/bench_index.py --n 100000,1000000
     python bench/bench_index.py --quick                  # N=20k, 200 queries: a smoke run
@@ -21,7 +21,7 @@ Per index: build wall time (and its train / add parts from the manifest), size o
 faiss shard, QPS for one batch of ``--queries`` queries through ``SearchIndex.search`` with
 faiss on all threads and on one thread (``faiss.omp_set_num_threads(1)``), and recall@10
 against the Flat index's results from the same run (Flat itself is checked against
-``aligner.index.exact_topk`` over the Parquet files on 100 queries). Ratios are relative to
+``aligner.retrieval.index.exact_topk`` over the Parquet files on 100 queries). Ratios are relative to
 Flat measured side by side in the same run.
 
 Parameters per N: ``IVF{L}`` with ``L = 2**round(log2(4 sqrt(N)))`` lists (512 at 20k, 1024 at
@@ -96,8 +96,8 @@ def write_embeddings(root: Path, n: int, mix: Mixture) -> Path:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from aligner.embed import embeddings_schema
-    from aligner.manifest import write_manifest
+    from aligner.retrieval.embed_pipeline import embeddings_schema
+    from aligner.runtime.manifest import write_manifest
 
     done = root / "manifest.json"
     if done.is_file() and json.loads(done.read_text()).get("rows") == n:
@@ -125,7 +125,7 @@ def write_embeddings(root: Path, n: int, mix: Mixture) -> Path:
 
 def exact_from_files(root: Path, queries: np.ndarray, k: int) -> np.ndarray:
     """Exact top-k positions, reading the Parquet files in stream order (no index)."""
-    from aligner.index import inspect_embeddings, iter_embedding_batches, merge_topk
+    from aligner.retrieval.index import inspect_embeddings, iter_embedding_batches, merge_topk
 
     best_s = np.full((len(queries), k), -np.inf, np.float32)
     best_p = np.full((len(queries), k), -1, np.int64)
@@ -170,7 +170,7 @@ def run_one(emb: Path, out: Path, factory: str, queries: np.ndarray, k: int, all
             build_threads: int) -> tuple[list[dict[str, Any]], np.ndarray]:
     import faiss
 
-    from aligner.index import build_index, recall_at_k
+    from aligner.retrieval.index import build_index, recall_at_k
 
     faiss.omp_set_num_threads(build_threads)
     ivf = factory.startswith("IVF")
@@ -221,7 +221,7 @@ def bench_n(n: int, args, work: Path, hnsw_rate: dict[int, float]) -> list[dict[
     rows, truth = run_one(emb, work / f"idx-{n}-flat", "Flat", queries, k, all_threads,
                           train, [], args.ef_search, None, build_threads)
     check = exact_from_files(emb, queries[:100], k)
-    from aligner.index import recall_at_k
+    from aligner.retrieval.index import recall_at_k
 
     flat_ok = recall_at_k(truth[:100], check)
     print(f"  Flat vs exact_topk over the files (100 queries): recall {flat_ok:.4f}", flush=True)

@@ -26,10 +26,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from aligner.config import dump_yaml, load_config, save_config, to_dict
-from aligner.logs import setup_logging
-from aligner.manifest import write_manifest
-from aligner.models import ModelSpec
+from aligner.retrieval.models import ModelSpec
+from aligner.runtime.config import dump_yaml, load_config, save_config, to_dict
+from aligner.runtime.logs import setup_logging
+from aligner.runtime.manifest import write_manifest
 
 log = logging.getLogger("jobs.align")
 DEFAULT_YAML = Path(__file__).parent / "configs" / "align.yaml"
@@ -121,8 +121,8 @@ def run_training(cfg: AlignConfig, data) -> Path:
     """Fit with Ray Train; copy the final checkpoint to ``output/last`` and return it."""
     import ray
 
-    from aligner.align import align_loop
-    from aligner.training import absolute_model_paths, fit_torch_trainer, worker_threads
+    from aligner.training.align import align_loop
+    from aligner.training.loop import absolute_model_paths, fit_torch_trainer, worker_threads
 
     threads = worker_threads(cfg.threads_per_worker, cfg.num_workers)
     keys = ("steps", "pairs_per_step", "captions_per_step", "grad_accum", "lr", "min_lr_ratio",
@@ -186,8 +186,8 @@ def plot_history(history: list[dict], path: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     setup_logging()
     cfg = load_config(AlignConfig, argv, DEFAULT_YAML, prog="python -m jobs.align")
-    from aligner.align_data import prepare_align_data
-    from aligner.raycluster import init_ray
+    from aligner.runtime.raycluster import init_ray
+    from aligner.training.align_data import prepare_align_data
 
     started = time.time()
     log.info("config:\n%s", dump_yaml(cfg))
@@ -210,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     if final.exists():
         shutil.rmtree(final)
     shutil.copytree(chosen, final, ignore=shutil.ignore_patterns("best", "train_state.pt"))
-    from aligner.models import read_checkpoint_meta
+    from aligner.retrieval.models import read_checkpoint_meta
 
     meta = read_checkpoint_meta(final)
     evals = [h for h in history if "val_r@10" in h or "val_pair_acc" in h]

@@ -19,8 +19,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from aligner.config import dump_yaml, load_config, save_config, to_dict
-from aligner.logs import setup_logging
+from aligner.runtime.config import dump_yaml, load_config, save_config, to_dict
+from aligner.runtime.logs import setup_logging
 
 log = logging.getLogger("jobs.build_index")
 DEFAULT_YAML = Path(__file__).parent / "configs" / "build_index.yaml"
@@ -61,7 +61,7 @@ class IndexConfig:
 def main(argv: list[str] | None = None) -> int:
     setup_logging()
     cfg = load_config(IndexConfig, argv, DEFAULT_YAML, prog="python -m jobs.build_index")
-    from aligner.index import build_index
+    from aligner.retrieval.index import build_index
 
     started = time.time()
     log.info("config:\n%s", dump_yaml(cfg))

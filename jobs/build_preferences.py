@@ -9,7 +9,7 @@ the original query and by the teacher's aesthetic score, sample a ``u x v`` grid
 and emit its dominance pairs (source ``grid``); pair the top ``degraded_per_query`` candidates
 with degraded copies of themselves (source ``degraded``); add pairs from ``extra_tables``
 (human votes, LMM labels ...); then apply source weights, dedupe, drop contradictions and cap
-(:mod:`aligner.preference_tables`).
+(:mod:`aligner.data.preferences`).
 
 The query encoder defaults to the model recorded in the embeddings manifest, so query and
 image vectors match. No Ray: the work is a few matrix products per thousand queries; a corpus
@@ -32,10 +32,10 @@ from typing import Any
 
 import numpy as np
 
-from aligner.config import dump_yaml, load_config, save_config, to_dict
-from aligner.logs import setup_logging
-from aligner.models import ModelSpec
-from aligner.preferences import DEFAULT_BAD_TEMPLATE, PairSettings
+from aligner.preferences.pairs import DEFAULT_BAD_TEMPLATE, PairSettings
+from aligner.retrieval.models import ModelSpec
+from aligner.runtime.config import dump_yaml, load_config, save_config, to_dict
+from aligner.runtime.logs import setup_logging
 
 log = logging.getLogger("jobs.build_preferences")
 DEFAULT_YAML = Path(__file__).parent / "configs" / "build_preferences.yaml"
@@ -79,7 +79,7 @@ class BuildPreferencesConfig:
         "help": "top candidates (by semantics) paired with a degraded copy of themselves"})
     degrade_kinds: list[str] = field(
         default_factory=lambda: ["blur", "noise", "dark", "bright", "washed", "tint", "crop"],
-        metadata={"help": "kinds cycled over the pairs (aligner.degrade.DEGRADE_KINDS)"})
+        metadata={"help": "kinds cycled over the pairs (aligner.preferences.degrade.DEGRADE_KINDS)"})
     degrade_strengths: dict[str, float] = field(default_factory=dict, metadata={
         "help": "per-kind strength in (0, 1] (default 0.6), e.g. {blur: 0.8}"})
     bad_template: str = field(default=DEFAULT_BAD_TEMPLATE, metadata={
@@ -100,7 +100,7 @@ class BuildPreferencesConfig:
     examples: int = field(default=2, metadata={"help": "example grids drawn to grids.png"})
 
     def __post_init__(self) -> None:
-        from aligner.preference_tables import parse_source_weights
+        from aligner.data.preferences import parse_source_weights
 
         if not self.embeddings or not self.queries or not self.output:
             raise ValueError("embeddings, queries and output are required")
@@ -132,7 +132,7 @@ def spec_from_embeddings(embeddings: str | Path) -> tuple[ModelSpec, dict[str, A
         FileNotFoundError: no manifest.json.
         ValueError: the manifest does not record the model.
     """
-    from aligner.manifest import read_manifest
+    from aligner.runtime.manifest import read_manifest
 
     m = read_manifest(embeddings)
     model = m.get("model") or {}
@@ -189,7 +189,7 @@ def load_extra(paths: list[str], all_queries, splits: list[str]):
     query's human votes must not train). Returns (table or None, per-file counts)."""
     import pyarrow as pa
 
-    from aligner.preference_tables import read_preference_table
+    from aligner.data.preferences import read_preference_table
 
     if not paths:
         return None, {}
@@ -211,7 +211,7 @@ def load_extra(paths: list[str], all_queries, splits: list[str]):
 
 def bad_rephraser(cfg: BuildPreferencesConfig):
     """The antonym rephraser the ``contrast`` component uses."""
-    from aligner.preferences import template_rephraser
+    from aligner.preferences.pairs import template_rephraser
 
     if cfg.bad_rephraser.startswith("template:"):
         from aligner.rephrase.template import TemplateRephraser
@@ -228,10 +228,10 @@ def draw_examples(pools, settings: PairSettings, corpus: str, out: Path, n: int)
     written (none when the corpus cannot be read)."""
     from PIL import Image
 
-    from aligner.degrade import degraded_id, resolve_images
-    from aligner.preferences import fit_grid, sample_grid
-    from aligner.search import fetch_images
-    from aligner.viz import rows_grid_png
+    from aligner.preferences.degrade import degraded_id, resolve_images
+    from aligner.preferences.pairs import fit_grid, sample_grid
+    from aligner.retrieval.search import fetch_images
+    from aligner.runtime.grids import rows_grid_png
 
     full = (settings.u, settings.v, settings.stride)
     chosen = [p for p in pools if p.ids and fit_grid(len(p.ids), *full) == full][:n]
@@ -278,10 +278,10 @@ def run(cfg: BuildPreferencesConfig) -> dict[str, Any]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from aligner import preference_tables as T
-    from aligner import preferences as P
-    from aligner.manifest import write_manifest
-    from aligner.models import load_retriever
+    from aligner.data import preferences as T
+    from aligner.preferences import pairs as P
+    from aligner.retrieval.models import load_retriever
+    from aligner.runtime.manifest import write_manifest
 
     started = time.time()
     settings = cfg.settings()
@@ -318,7 +318,7 @@ def run(cfg: BuildPreferencesConfig) -> dict[str, Any]:
         log.warning("the checkpoint changed since the corpus was embedded (%s, now %s): query "
                     "and image vectors may not match", recorded, retriever.checkpoint_hash)
     if cfg.index:
-        from aligner.index import SearchIndex
+        from aligner.retrieval.index import SearchIndex
 
         candidates: Any = P.IndexCandidates(SearchIndex.load(cfg.index), emb_dir)
     else:

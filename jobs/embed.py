@@ -5,7 +5,7 @@
 
 Steps: plan the input's shards (fails fast on a missing input or a wrong schema), skip the
 shards already written to ``output`` (resume), load the model once on the driver (to check the
-spec, get D and the eval transform), run the pipeline of :mod:`aligner.embed` over the pending
+spec, get D and the eval transform), run the pipeline of :mod:`aligner.retrieval.embed_pipeline` over the pending
 shards and write each shard as soon as it is complete, then ``manifest.json`` with the totals
 of the whole output and of this run.
 """
@@ -20,10 +20,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from aligner.config import dump_yaml, load_config, save_config, to_dict
-from aligner.images import DEFAULT_MAX_PIXELS
-from aligner.logs import setup_logging
-from aligner.models import ModelSpec
+from aligner.data.images import DEFAULT_MAX_PIXELS
+from aligner.retrieval.models import ModelSpec
+from aligner.runtime.config import dump_yaml, load_config, save_config, to_dict
+from aligner.runtime.logs import setup_logging
 
 log = logging.getLogger("jobs.embed")
 DEFAULT_YAML = Path(__file__).parent / "configs" / "embed.yaml"
@@ -88,7 +88,7 @@ def check_resumable(cfg: EmbedConfig, plan_ids: list[str], done: set[str]) -> No
     Raises:
         ValueError: the output was started with another model or another input.
     """
-    from aligner.embed import read_plan
+    from aligner.retrieval.embed_pipeline import read_plan
 
     prev = read_plan(cfg.output)
     if prev is not None and _spec_key(prev.get("model", {})) != _spec_key(
@@ -113,10 +113,10 @@ def run(cfg: EmbedConfig) -> dict[str, Any]:
         ValueError: wrong corpus schema, unknown scorer, or an output that cannot be resumed.
         RuntimeError: shards that did not complete.
     """
-    from aligner import embed as E
-    from aligner.manifest import write_manifest
-    from aligner.readers import plan_shards
-    from aligner.scorer import make_scorer
+    from aligner.aesthetics.scorer import make_scorer
+    from aligner.data.corpus_shards import plan_shards
+    from aligner.retrieval import embed_pipeline as E
+    from aligner.runtime.manifest import write_manifest
 
     started = time.time()
     scorer = make_scorer(cfg.scorer)  # an unknown scorer fails before any work
@@ -154,8 +154,8 @@ def run(cfg: EmbedConfig) -> dict[str, Any]:
 
     import ray
 
-    from aligner.models import load_retriever
-    from aligner.raycluster import init_ray
+    from aligner.retrieval.models import load_retriever
+    from aligner.runtime.raycluster import init_ray
 
     init_ray(cfg.ray_address, progress_bars=cfg.progress)
     if not cfg.progress:

@@ -16,7 +16,7 @@ HPIR-style row agreement with the oracle, timing; teacher diagnostics for prefer
 the rephrasing premise. Writes ``metrics.json``, ``per_query.parquet``, ``report.html``,
 ``report.png``, ``config.yaml`` and ``manifest.json`` to ``output``.
 
-The oracle is read only through ``aligner.world.evaluate`` and only for the built-in world
+The oracle is read only through ``aligner.evaluation.oracle`` and only for the built-in world
 (``world``). With ``corpus`` (+ ``queries``) instead, only the metrics that need no oracle
 are computed (recall if captions exist, the scorer's aesthetic@K, timing) and the report says
 which were skipped.
@@ -32,10 +32,10 @@ from pathlib import Path
 
 import numpy as np
 
-from aligner.config import dump_yaml, load_config, save_config, to_dict
-from aligner.frontier import DEFAULT_SWEEPS
-from aligner.logs import setup_logging
-from aligner.manifest import write_manifest
+from aligner.evaluation.sweeps import DEFAULT_SWEEPS
+from aligner.runtime.config import dump_yaml, load_config, save_config, to_dict
+from aligner.runtime.logs import setup_logging
+from aligner.runtime.manifest import write_manifest
 
 log = logging.getLogger("jobs.evaluate")
 DEFAULT_YAML = Path(__file__).parent / "configs" / "evaluate.yaml"
@@ -297,7 +297,7 @@ def embed_gallery(retriever, gallery: Gallery, batch_size: int = 256) -> np.ndar
     """Embed every gallery image in-process (decoded once; the model's eval transform)."""
     import torch
 
-    from aligner.pretrain import to_pixels
+    from aligner.training.pretrain import to_pixels
 
     ims = gallery.decoded()
     size = retriever.image_size
@@ -319,7 +319,7 @@ def embed_gallery(retriever, gallery: Gallery, batch_size: int = 256) -> np.ndar
 def read_gallery_embeddings(emb_dir: str, ids: list[str], checkpoint_hash: str | None,
                             scorer: str) -> tuple[np.ndarray | None, np.ndarray | None, str]:
     """Precomputed embeddings in gallery order, the scorer's scores, and why not (if None)."""
-    from aligner.embed import embedding_matrix, read_embeddings
+    from aligner.retrieval.embed_pipeline import embedding_matrix, read_embeddings
 
     man = Path(emb_dir) / "manifest.json"
     meta = json.loads(man.read_text()) if man.is_file() else {}
@@ -341,8 +341,8 @@ def read_gallery_embeddings(emb_dir: str, ids: list[str], checkpoint_hash: str |
 
 def load_model_system(name: str, ckpt: str, emb_dir: str, gallery: Gallery, cfg: EvaluateConfig):
     """An :class:`EncoderSystem` for a checkpoint; returns (system, encoder, scorer scores, info)."""
-    from aligner.models import load_checkpoint
-    from aligner.systems import CachedEncoder, EncoderSystem
+    from aligner.evaluation.systems import CachedEncoder, EncoderSystem
+    from aligner.retrieval.models import load_checkpoint
 
     t0 = time.time()
     r = load_checkpoint(ckpt, device="cpu")
@@ -366,7 +366,7 @@ def load_model_system(name: str, ckpt: str, emb_dir: str, gallery: Gallery, cfg:
 
 def scorer_scores(cfg: EvaluateConfig, gallery: Gallery, base_emb: np.ndarray) -> np.ndarray:
     """The aesthetic scorer's score of every gallery image."""
-    from aligner.scorer import make_scorer
+    from aligner.aesthetics.scorer import make_scorer
 
     scorer = make_scorer(cfg.scorer)
     t0 = time.time()
@@ -383,7 +383,7 @@ def scorer_scores(cfg: EvaluateConfig, gallery: Gallery, base_emb: np.ndarray) -
 def build_systems(cfg: EvaluateConfig, gallery: Gallery, qids: list[str], texts: list[str]):
     """Base, the query-time baselines and the trained models; returns (systems, encoders,
     scorer scores, info, notes)."""
-    from aligner.systems import CascadeSystem, QueryShiftSystem, RephraseSystem
+    from aligner.evaluation.systems import CascadeSystem, QueryShiftSystem, RephraseSystem
 
     emb_dirs = parse_named(cfg.embeddings, "embeddings")
     base_emb_dir = cfg.base_embeddings or emb_dirs.get(cfg.base_name, "")
@@ -429,16 +429,16 @@ def run_evaluation(cfg: EvaluateConfig) -> EvalResult:
     """Everything but writing: systems, metrics, comparisons, verdict, grids."""
     import pyarrow as pa
 
-    from aligner.metrics import ci_dict
-    from aligner.report import summary_table, verdict_sentences
-    from aligner.systems import recall_hits, timed_search
-    from aligner.world.oracle_metrics import (
+    from aligner.evaluation.oracle_metrics import (
         aesthetic_at_k,
         draw_row_pairs,
         hpir_agreement,
         pair_agreement,
         paired_difference,
     )
+    from aligner.evaluation.report import summary_table, verdict_sentences
+    from aligner.evaluation.stats import ci_dict
+    from aligner.evaluation.systems import recall_hits, timed_search
 
     if cfg.threads > 0:
         import torch
@@ -465,7 +465,7 @@ def run_evaluation(cfg: EvaluateConfig) -> EvalResult:
     ev = None
     skipped = []
     if world is not None:
-        from aligner.world.evaluate import WorldEval
+        from aligner.evaluation.oracle import WorldEval
 
         ev = WorldEval(world, base.gallery, gallery.ids)
     else:
@@ -644,11 +644,16 @@ def run_evaluation(cfg: EvaluateConfig) -> EvalResult:
 def _frontiers(cfg: EvaluateConfig, systems: dict, texts: list[str], qids: list[str], ev, aes,
                per: dict, hits: dict, cap_texts, targets, rec_gallery):
     """Sweep every baseline's knob; compare the aligned model with each family's best setting
-    at equal or better relevance (:mod:`aligner.frontier`)."""
-    from aligner.frontier import Point, best_at_equal_relevance, frontier_rows
-    from aligner.metrics import ci_dict
-    from aligner.systems import CascadeSystem, QueryShiftSystem, RephraseSystem, recall_hits
-    from aligner.world.oracle_metrics import aesthetic_at_k, paired_difference
+    at equal or better relevance (:mod:`aligner.evaluation.sweeps`)."""
+    from aligner.evaluation.oracle_metrics import aesthetic_at_k, paired_difference
+    from aligner.evaluation.stats import ci_dict
+    from aligner.evaluation.sweeps import Point, best_at_equal_relevance, frontier_rows
+    from aligner.evaluation.systems import (
+        CascadeSystem,
+        QueryShiftSystem,
+        RephraseSystem,
+        recall_hits,
+    )
 
     base = systems[cfg.base_name]
     aligned = cfg.aligned_name
@@ -703,7 +708,7 @@ def _frontiers(cfg: EvaluateConfig, systems: dict, texts: list[str], qids: list[
 
 
 def _teacher(path: str, ev) -> dict:
-    from aligner.world.oracle_metrics import teacher_diagnostics
+    from aligner.evaluation.oracle_metrics import teacher_diagnostics
 
     try:
         t = read_table(path, preferred="preferences.parquet")
@@ -753,7 +758,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_config(EvaluateConfig, argv, DEFAULT_YAML, prog="python -m jobs.evaluate")
     import pyarrow.parquet as pq
 
-    from aligner.report import write_report
+    from aligner.evaluation.report import write_report
 
     started = time.time()
     log.info("config:\n%s", dump_yaml(cfg))

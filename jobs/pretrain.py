@@ -22,10 +22,10 @@ from pathlib import Path
 
 import numpy as np
 
-from aligner.config import dump_yaml, load_config, save_config, to_dict
-from aligner.logs import setup_logging
-from aligner.manifest import write_manifest
-from aligner.models import ModelSpec
+from aligner.retrieval.models import ModelSpec
+from aligner.runtime.config import dump_yaml, load_config, save_config, to_dict
+from aligner.runtime.logs import setup_logging
+from aligner.runtime.manifest import write_manifest
 
 log = logging.getLogger("jobs.pretrain")
 DEFAULT_YAML = Path(__file__).parent / "configs" / "pretrain.yaml"
@@ -90,9 +90,9 @@ def decode_images(blobs: list[bytes]) -> np.ndarray:
 
 def prepare_data(cfg: PretrainConfig):
     """Decode the world's train/val images and cache the locked text tower's features."""
-    from aligner.models import load_retriever
-    from aligner.pretrain import PretrainData
-    from aligner.textcache import cached_pooled_features
+    from aligner.retrieval.models import load_retriever
+    from aligner.retrieval.textcache import cached_pooled_features
+    from aligner.training.pretrain import PretrainData
     from aligner.world import World
 
     world = World(cfg.world)
@@ -120,8 +120,8 @@ def run_training(cfg: PretrainConfig, data) -> Path:
     """Fit with Ray Train; returns the final checkpoint directory (copied into ``output``)."""
     import ray
 
-    from aligner.pretrain import pretrain_loop
-    from aligner.training import absolute_model_paths, fit_torch_trainer, worker_threads
+    from aligner.training.loop import absolute_model_paths, fit_torch_trainer, worker_threads
+    from aligner.training.pretrain import pretrain_loop
 
     threads = worker_threads(cfg.threads_per_worker, cfg.num_workers)
     loop_cfg = {"data_ref": ray.put(data), "model": absolute_model_paths(to_dict(cfg.model)),
@@ -146,9 +146,9 @@ def evaluate_checkpoint(ckpt: Path, world_dir: str, gallery: str = "test") -> di
     ``gallery``: ``test`` (the held-out images; fast) or ``all`` (the whole corpus, as a
     deployed system would search it; about 5x slower on CPU).
     """
-    from aligner.models import load_checkpoint
+    from aligner.evaluation.oracle import WorldEval
+    from aligner.retrieval.models import load_checkpoint
     from aligner.world import World
-    from aligner.world.evaluate import WorldEval
 
     world = World(world_dir)
     r = load_checkpoint(ckpt, device="cpu")
@@ -157,7 +157,7 @@ def evaluate_checkpoint(ckpt: Path, world_dir: str, gallery: str = "test") -> di
     emb = []
     blobs = corpus["image"].to_pylist()
     for i in range(0, len(blobs), 1024):
-        from aligner.pretrain import to_pixels
+        from aligner.training.pretrain import to_pixels
 
         px = to_pixels(decode_images(blobs[i:i + 1024]), r.preprocess_cfg["mean"],
                        r.preprocess_cfg["std"])
@@ -196,7 +196,7 @@ def plot_history(history: list[dict], path: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     setup_logging()
     cfg = load_config(PretrainConfig, argv, DEFAULT_YAML, prog="python -m jobs.pretrain")
-    from aligner.raycluster import init_ray
+    from aligner.runtime.raycluster import init_ray
 
     started = time.time()
     log.info("config:\n%s", dump_yaml(cfg))
@@ -224,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
                             "log": "train_log.jsonl", "plot": "training.png"},
                    counts={"train_images": len(data.images), "val_images": len(data.val_images)})
     if cfg.export_to:
-        from aligner.shipped import export_base
+        from aligner.retrieval.shipped import export_base
 
         dest = export_base(out, final, cfg.world, to_dict(cfg), cfg.export_to)
         log.info("exported the base model to %s", dest)

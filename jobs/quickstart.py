@@ -33,9 +33,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from aligner.config import dump_yaml, load_config, save_config, to_dict
-from aligner.logs import setup_logging
-from aligner.manifest import write_manifest
+from aligner.runtime.config import dump_yaml, load_config, save_config, to_dict
+from aligner.runtime.logs import setup_logging
+from aligner.runtime.manifest import write_manifest
 
 log = logging.getLogger("jobs.quickstart")
 DEFAULT_YAML = Path(__file__).parent / "configs" / "quickstart.yaml"
@@ -177,7 +177,7 @@ def _defaults_sha(fn: Callable) -> str | None:
 def base_stage(cfg: QuickstartConfig, pipe: Pipeline, world: Path, base: Path,
                ray_arg: list[str]) -> dict[str, Any]:
     """The shipped base when it fits this world, else pre-training here; returns what was used."""
-    from aligner.shipped import (
+    from aligner.retrieval.shipped import (
         install_shipped_base,
         provenance,
         shipped_base_fits,

@@ -27,8 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from aligner.config import dump_yaml, load_config, save_config, to_dict
-from aligner.logs import setup_logging
+from aligner.runtime.config import dump_yaml, load_config, save_config, to_dict
+from aligner.runtime.logs import setup_logging
 
 log = logging.getLogger("jobs.rephrase")
 DEFAULT_YAML = Path(__file__).parent / "configs" / "rephrase.yaml"
@@ -187,9 +187,9 @@ def run(cfg: RephraseConfig) -> dict[str, Any]:
         FileNotFoundError: missing input.
         ValueError: wrong schema, duplicate ids, or an output of another configuration.
     """
-    from aligner.manifest import read_manifest, write_manifest
     from aligner.rephrase import pipeline as P
     from aligner.rephrase.prompt import load_prompt
+    from aligner.runtime.manifest import read_manifest, write_manifest
 
     started = time.time()
     out = Path(cfg.output)
@@ -225,10 +225,10 @@ def _rephrase(cfg: RephraseConfig, out: Path, pending: list[str]) -> dict[str, A
     """Run the Ray Data pipeline over the pending ids, writing part files as rows arrive."""
     import ray
 
-    from aligner.raycluster import init_ray
     from aligner.rephrase import pipeline as P
     from aligner.rephrase.prompt import load_prompt
     from aligner.rephrase.template import TemplateRephraser
+    from aligner.runtime.raycluster import init_ray
 
     init_ray(cfg.ray_address, progress_bars=cfg.progress)
     from ray.data.expressions import col

@@ -18,10 +18,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from aligner.config import dump_yaml, load_config, save_config, to_dict
-from aligner.logs import setup_logging
-from aligner.manifest import write_manifest
-from aligner.models import ModelSpec
+from aligner.retrieval.models import ModelSpec
+from aligner.runtime.config import dump_yaml, load_config, save_config, to_dict
+from aligner.runtime.logs import setup_logging
+from aligner.runtime.manifest import write_manifest
 
 log = logging.getLogger("jobs.search")
 DEFAULT_YAML = Path(__file__).parent / "configs" / "search.yaml"
@@ -52,8 +52,8 @@ class SearchConfig:
 def main(argv: list[str] | None = None) -> int:
     setup_logging()
     cfg = load_config(SearchConfig, argv, DEFAULT_YAML, prog="python -m jobs.search")
-    from aligner.search import Searcher, hits_to_items
-    from aligner.viz import image_grid_html, rows_grid_png
+    from aligner.retrieval.search import Searcher, hits_to_items
+    from aligner.runtime.grids import image_grid_html, rows_grid_png
 
     started = time.time()
     log.debug("config:\n%s", dump_yaml(cfg))

@@ -31,7 +31,7 @@ from typing import Any
 
 from aligner.rephrase.base import Failed, Rephraser, clean_output
 from aligner.rephrase.prompt import PromptTemplate
-from aligner.textcache import cache_dir
+from aligner.retrieval.textcache import cache_dir
 
 log = logging.getLogger(__name__)
 

@@ -17,9 +17,9 @@ def setup(tmp_path_factory):
     """A small world, an untrained built-in model as the start, and preference pairs that
     follow the low-level scorer (a consistent signal the model can learn), plus degraded
     copies."""
-    from aligner.degrade import degraded_id
-    from aligner.models import ModelSpec, load_retriever, save_checkpoint
-    from aligner.scorer import make_scorer
+    from aligner.aesthetics.scorer import make_scorer
+    from aligner.preferences.degrade import degraded_id
+    from aligner.retrieval.models import ModelSpec, load_retriever, save_checkpoint
     from jobs.pretrain import decode_images
 
     d = tmp_path_factory.mktemp("align")

@@ -21,15 +21,15 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image, ImageDraw
 
-from aligner.embed import (
+from aligner.data.corpus_shards import plan_shards
+from aligner.retrieval.embed_pipeline import (
     ShardWriter,
     embedding_matrix,
     iter_embeddings,
     plan_actor_pool,
     read_embeddings,
 )
-from aligner.manifest import read_manifest
-from aligner.readers import plan_shards
+from aligner.runtime.manifest import read_manifest
 
 N_IMAGES = 240
 CORRUPT = 7  # index of the image whose bytes are cut short
@@ -120,9 +120,9 @@ def test_failures_and_manifest(embedded):
 
 def test_pipeline_matches_a_plain_loop(embedded, parquet_corpus):
     """Same eval transform and model: the same embeddings and scores as in-process code."""
-    from aligner.images import decode_image, to_uint8
-    from aligner.models import ModelSpec, load_retriever
-    from aligner.scorer import LowLevelScorer
+    from aligner.aesthetics.scorer import LowLevelScorer
+    from aligner.data.images import decode_image, to_uint8
+    from aligner.retrieval.models import ModelSpec, load_retriever
 
     corpus = pq.read_table(parquet_corpus / "part-1.parquet").slice(0, 12)
     ims = [decode_image(b) for b in corpus.column("image").to_pylist()]
@@ -271,7 +271,7 @@ def test_webdataset_corpus(ray_session, tmp_path):
 
 def _embedding_scorer_class():
     """A stand-in learned scorer (needs embeddings), importable as ``module:FirstDimScorer``."""
-    from aligner.scorer import AestheticScorer
+    from aligner.aesthetics.scorer import AestheticScorer
 
     class FirstDimScorer(AestheticScorer):
         name = "first-dim"
@@ -288,9 +288,9 @@ FirstDimScorer = _embedding_scorer_class()
 
 def test_udfs_in_process(tmp_path):
     """DecodeImages -> EncodeImages without Ray: failures pass through, scorers by need."""
-    from aligner.embed import DecodeImages, EncodeImages
-    from aligner.models import ModelSpec, load_retriever
-    from aligner.readers import iter_shard
+    from aligner.data.corpus_shards import iter_shard
+    from aligner.retrieval.embed_pipeline import DecodeImages, EncodeImages
+    from aligner.retrieval.models import ModelSpec, load_retriever
 
     rng = np.random.default_rng(3)
     pq.write_table(pa.table({"id": ["a", "b", "c"], "image": [png(rng), b"junk", png(rng)]}),

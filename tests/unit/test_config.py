@@ -4,8 +4,8 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from aligner.config import ConfigError, build_config, help_text, parse_overrides
-from aligner.models import ModelSpec
+from aligner.retrieval.models import ModelSpec
+from aligner.runtime.config import ConfigError, build_config, help_text, parse_overrides
 
 
 @dataclass

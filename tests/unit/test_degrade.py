@@ -1,4 +1,4 @@
-"""Degraded copies (aligner.degrade): worse to the low-level scorer, deterministic, id round trips.
+"""Degraded copies (aligner.preferences.degrade): worse to the low-level scorer, deterministic, id round trips.
 
 The images are 200 built-in world images rendered in-process (``aligner.world.render``, the
 same generator and factor distribution as the world's corpus: about half are already blurry,
@@ -25,7 +25,8 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from aligner.degrade import (
+from aligner.aesthetics.scorer import LowLevelScorer
+from aligner.preferences.degrade import (
     DEFAULT_STRENGTH,
     DEGRADE_KINDS,
     cycle_kinds,
@@ -38,7 +39,6 @@ from aligner.degrade import (
     parse_strengths,
     resolve_images,
 )
-from aligner.scorer import LowLevelScorer
 from aligner.world.render import render, sample_factors
 
 SCORER_SEES = ("blur", "noise", "dark", "bright", "washed")

@@ -4,9 +4,7 @@ teacher diagnostics, and the small WorldEval additions they rely on."""
 import numpy as np
 import pytest
 
-from aligner.metrics import ci_dict, weighted_bootstrap_ci
-from aligner.world import WorldSpec, generate_world
-from aligner.world.oracle_metrics import (
+from aligner.evaluation.oracle_metrics import (
     BY_CONSTRUCTION,
     RowPairs,
     aesthetic_at_k,
@@ -18,6 +16,8 @@ from aligner.world.oracle_metrics import (
     row_utility,
     teacher_diagnostics,
 )
+from aligner.evaluation.stats import ci_dict, weighted_bootstrap_ci
+from aligner.world import WorldSpec, generate_world
 
 # ----------------------------------------------------------------------------- HPIR
 
@@ -146,7 +146,7 @@ def world(tmp_path_factory):
 
 
 def test_world_eval_additions(world):
-    from aligner.world.evaluate import WorldEval
+    from aligner.evaluation.oracle import WorldEval
 
     ids = world.corpus(["id"])["id"].to_pylist()
     emb = np.random.default_rng(0).normal(size=(len(ids), 4)).astype(np.float32)

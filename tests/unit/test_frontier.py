@@ -5,8 +5,8 @@ import math
 import numpy as np
 import pytest
 
-from aligner.frontier import Point, best_at_equal_relevance, frontier_rows, qualifies
-from aligner.systems import EncoderSystem, RephraseSystem, normalise
+from aligner.evaluation.sweeps import Point, best_at_equal_relevance, frontier_rows, qualifies
+from aligner.evaluation.systems import EncoderSystem, RephraseSystem, normalise
 
 
 def _pt(fam, w, aes, prec, rec=None):

@@ -1,6 +1,6 @@
-"""faiss index library (aligner.index) and the build job, without Ray.
+"""faiss index library (aligner.retrieval.index) and the build job, without Ray.
 
-Expected results come from numpy (``q @ x.T`` and a full sort), never from aligner.index's own
+Expected results come from numpy (``q @ x.T`` and a full sort), never from aligner.retrieval.index's own
 ``exact_topk``, except in the test of ``exact_topk`` itself against hand-written values.
 
 faiss runs single-threaded in this module: on a shared 2-core machine OpenMP's spin-waiting
@@ -21,8 +21,8 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from aligner.embed import embeddings_schema
-from aligner.index import (
+from aligner.retrieval.embed_pipeline import embeddings_schema
+from aligner.retrieval.index import (
     SearchIndex,
     build_index,
     exact_topk,
@@ -31,7 +31,7 @@ from aligner.index import (
     recall_at_k,
     sample_vectors,
 )
-from aligner.manifest import read_manifest, write_manifest
+from aligner.runtime.manifest import read_manifest, write_manifest
 
 D = 64
 
@@ -70,7 +70,7 @@ def make_ids(n: int, seed: int = 0) -> list[str]:
 
 
 def embedding_table(x: np.ndarray, ids: list[str], dim: int | None = None) -> pa.Table:
-    """Rows in the embed job's schema (``aligner.embed.embeddings_schema``)."""
+    """Rows in the embed job's schema (``aligner.retrieval.embed_pipeline.embeddings_schema``)."""
     n = len(ids)
     emb = pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1), pa.float32()),
                                             dim or x.shape[1])
@@ -440,7 +440,7 @@ def test_ivf_with_too_few_training_points(tmp_path, caplog):
     with pytest.raises(ValueError, match="clamp_nlist"):
         build_index(emb, tmp_path / "idx", "IVF100,Flat", train_sample=50)
     assert not (tmp_path / "idx" / "manifest.json").exists()
-    with caplog.at_level(logging.WARNING, logger="aligner.index"):
+    with caplog.at_level(logging.WARNING, logger="aligner.retrieval.index"):
         idx = build_index(emb, tmp_path / "idx", "IVF100,Flat", train_sample=50,
                           clamp_nlist=True)
     assert "clamping" in caplog.text
@@ -457,12 +457,12 @@ def test_non_normalised_vectors_are_counted_and_warned(tmp_path, caplog):
     x = random_unit(100, seed=15)
     x[[1, 5, 9, 20, 33, 60, 99]] *= 3.0
     emb = write_embed_output(tmp_path / "emb", x)
-    with caplog.at_level(logging.WARNING, logger="aligner.index"):
+    with caplog.at_level(logging.WARNING, logger="aligner.retrieval.index"):
         idx = build_index(emb, tmp_path / "idx", "Flat")
     assert read_manifest(tmp_path / "idx")["counts"]["not_normalised"] == 7
     assert "7 of 100 embeddings are not L2-normalised" in caplog.text
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="aligner.index"):
+    with caplog.at_level(logging.WARNING, logger="aligner.retrieval.index"):
         res = idx.search(x[:1] * 2, 1)  # still searched; scores are inner products
     assert "not L2-normalised" in caplog.text
     assert res.scores[0, 0] == pytest.approx(float(np.max(x.astype(np.float64) @ (2 * x[0]))),

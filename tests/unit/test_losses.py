@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from aligner.losses import align_loss, contrastive_loss, ranked_dpo_loss, weighted_mean
+from aligner.training.losses import align_loss, contrastive_loss, ranked_dpo_loss, weighted_mean
 
 LOG1P_E_M1 = math.log1p(math.exp(-1.0))  # -log sigmoid(1) = 0.313262
 LOG1P_E_P1 = math.log1p(math.exp(1.0))   # -log sigmoid(-1) = 1.313262

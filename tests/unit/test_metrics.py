@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from aligner.metrics import bootstrap_ci, recall_at_k, spearman, topk
+from aligner.evaluation.stats import bootstrap_ci, recall_at_k, spearman, topk
 
 
 def test_topk_orders_best_first():

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from aligner.models import ModelSpec, load_checkpoint, load_retriever, save_checkpoint
+from aligner.retrieval.models import ModelSpec, load_checkpoint, load_retriever, save_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +45,7 @@ def test_checkpoint_round_trip_is_small_and_exact(builtin, tmp_path):
 def test_preprocess_matches_training_normalisation(builtin):
     from PIL import Image
 
-    from aligner.pretrain import to_pixels
+    from aligner.training.pretrain import to_pixels
 
     arr = np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)
     a = builtin.preprocess(Image.fromarray(arr))
@@ -95,7 +95,7 @@ def test_named_open_clip_model_with_local_weights_file(tmp_path):
 
 
 def test_lock_text_tower_unlocks_only_last_layers(builtin):
-    from aligner.pretrain import lock_text_tower
+    from aligner.training.pretrain import lock_text_tower
 
     model = builtin.model
     lock_text_tower(model, 0)

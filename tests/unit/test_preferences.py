@@ -15,9 +15,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from aligner import preference_tables as T
-from aligner import preferences as P
-from aligner.degrade import parse_degraded_id
+from aligner.data import preferences as T
+from aligner.preferences.degrade import parse_degraded_id
+from aligner.preferences import pairs as P
 
 # ----------------------------------------------------------------------------- partial order
 
@@ -317,10 +317,10 @@ def job_inputs(tmp_path_factory):
     """40 rendered world images -> corpus, embeddings (built-in model) + manifest, queries."""
     from PIL import Image
 
-    from aligner.embed import embeddings_schema
-    from aligner.manifest import write_manifest
-    from aligner.models import ModelSpec, load_retriever
-    from aligner.scorer import LowLevelScorer
+    from aligner.aesthetics.scorer import LowLevelScorer
+    from aligner.retrieval.embed_pipeline import embeddings_schema
+    from aligner.retrieval.models import ModelSpec, load_retriever
+    from aligner.runtime.manifest import write_manifest
     from aligner.world.render import encode_png, render, sample_factors
 
     root = tmp_path_factory.mktemp("prefs")
@@ -421,7 +421,7 @@ def test_job_with_a_faiss_index_matches_exact_search(job_inputs, tmp_path):
     """A Flat index returns the exact top-k, so the pairs equal those of the in-memory path;
     the antonym comes from aligner.rephrase's TemplateRephraser (reorg style = the default
     template's wording, so the contrast scores and pairs are the same too)."""
-    from aligner.index import build_index
+    from aligner.retrieval.index import build_index
     from jobs.build_preferences import main
 
     root = job_inputs

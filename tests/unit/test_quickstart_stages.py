@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from aligner.shipped import (
+from aligner.retrieval.shipped import (
     PROVENANCE,
     install_shipped_base,
     provenance,
@@ -131,7 +131,7 @@ def test_world_fingerprint_is_pure_in_seed_and_spec():
 
 def test_the_repository_ships_a_base_for_the_default_world():
     """The shipped base exists, fits the quickstart's default world, is small and loads."""
-    from aligner.models import load_checkpoint
+    from aligner.retrieval.models import load_checkpoint
 
     d = shipped_base_dir()
     assert d is not None, "aligner/assets/builtin_base is missing"

@@ -15,8 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from aligner.images import ImageError, decode_image, image_info, to_uint8
-from aligner.readers import (
+from aligner.data.corpus_shards import (
     Shard,
     detect_format,
     iter_shard,
@@ -24,6 +23,7 @@ from aligner.readers import (
     read_shard_columns,
     split_key,
 )
+from aligner.data.images import ImageError, decode_image, image_info, to_uint8
 
 
 def encode(color=(200, 30, 30), size=(64, 64), fmt="PNG", mode="RGB") -> bytes:

@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from aligner.report import summary_table, verdict_sentences, write_report
+from aligner.evaluation.report import summary_table, verdict_sentences, write_report
 
 
 def ci(mean, lo=None, hi=None, n=10):
@@ -128,9 +128,9 @@ def tiny(tmp_path_factory):
     a rephrase table missing one test query, a preference table, the base's embeddings."""
     import torch
 
-    from aligner.models import ModelSpec, load_retriever, save_checkpoint
+    from aligner.evaluation.oracle import with_good_looks
+    from aligner.retrieval.models import ModelSpec, load_retriever, save_checkpoint
     from aligner.world import World, WorldSpec, generate_world
-    from aligner.world.evaluate import with_good_looks
 
     d = tmp_path_factory.mktemp("eval")
     generate_world(WorldSpec(n_images=300, n_queries=60, n_paraphrases=6, rows_per_file=100),
@@ -160,7 +160,7 @@ def tiny(tmp_path_factory):
 
 def _write_embeddings(d, world):
     """A jobs.embed-like output of the base (right hash) and one with a stale hash."""
-    from aligner.models import load_checkpoint
+    from aligner.retrieval.models import load_checkpoint
     from jobs.evaluate import Gallery, embed_gallery
 
     t = world.corpus(["id", "image", "caption", "split"])
@@ -185,7 +185,7 @@ def _strict_json(path):
 
 
 def test_evaluate_job_end_to_end(tiny, capsys):
-    from aligner.world.evaluate import WorldEval
+    from aligner.evaluation.oracle import WorldEval
     from jobs.evaluate import main
 
     d, world = tiny
@@ -213,8 +213,8 @@ def test_evaluate_job_end_to_end(tiny, capsys):
     # the base's recall is WorldEval.caption_recall's (same gallery, same captions)
     t = world.corpus(["id", "caption"])
     emb_t = pq.read_table(d / "emb_base" / "embeddings")
-    from aligner.embed import embedding_matrix
-    from aligner.models import load_checkpoint
+    from aligner.retrieval.embed_pipeline import embedding_matrix
+    from aligner.retrieval.models import load_checkpoint
 
     r = load_checkpoint(d / "base", device="cpu")
     want = WorldEval(world, embedding_matrix(emb_t), t["id"].to_pylist()).caption_recall(
@@ -284,7 +284,7 @@ def test_evaluate_job_on_a_corpus_without_oracle(tiny, monkeypatch):
 
 
 def test_config_errors():
-    from aligner.config import ConfigError, build_config
+    from aligner.runtime.config import ConfigError, build_config
     from jobs.evaluate import EvaluateConfig
 
     for bad in (["models=aligned"], ["models=base=x"], ["gallery=train"],

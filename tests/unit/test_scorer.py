@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw, ImageEnhance, ImageFilter
 
-from aligner.scorer import (
+from aligner.aesthetics.scorer import (
     AestheticScorer,
     LowLevelScorer,
     available_scorers,
@@ -19,7 +19,7 @@ from aligner.scorer import (
     noise_sigma,
     sharpness,
 )
-from aligner.scorer import make_scorer as make
+from aligner.aesthetics.scorer import make_scorer as make
 
 COLOURS = [(220, 40, 40), (40, 170, 60), (50, 80, 220), (240, 200, 40), (160, 60, 200)]
 BACKGROUNDS = [(200, 200, 200), (90, 120, 160), (230, 220, 190), (60, 90, 60)]

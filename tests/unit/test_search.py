@@ -1,4 +1,4 @@
-"""Text-to-image search (aligner.search, jobs.search) over a tiny real corpus, without Ray.
+"""Text-to-image search (aligner.retrieval.search, jobs.search) over a tiny real corpus, without Ray.
 
 30 generated 64x64 PNGs are written as a Parquet corpus, embedded in-process with the built-in
 model (loaded once per module, ~9 s), written in the embed job's layout with a manifest naming
@@ -21,11 +21,11 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image, ImageDraw
 
-from aligner.embed import embeddings_schema
-from aligner.index import SearchIndex, build_index
-from aligner.manifest import read_manifest, write_manifest
-from aligner.models import ModelSpec, load_retriever
-from aligner.search import Searcher, corpus_from_index, fetch_images, spec_from_index
+from aligner.retrieval.embed_pipeline import embeddings_schema
+from aligner.retrieval.index import SearchIndex, build_index
+from aligner.retrieval.models import ModelSpec, load_retriever
+from aligner.retrieval.search import Searcher, corpus_from_index, fetch_images, spec_from_index
+from aligner.runtime.manifest import read_manifest, write_manifest
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 180, 60), "blue": (40, 60, 220),
            "yellow": (240, 220, 40), "white": (245, 245, 245)}

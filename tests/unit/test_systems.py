@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from aligner.metrics import recall_at_k
-from aligner.systems import (
+from aligner.evaluation.stats import recall_at_k
+from aligner.evaluation.systems import (
     CachedEncoder,
     CascadeSystem,
     EncoderSystem,

@@ -1,4 +1,4 @@
-"""Image grids (aligner.viz): PNGs that PIL opens, with placeholders for missing images, and a
+"""Image grids (aligner.runtime.grids): PNGs that PIL opens, with placeholders for missing images, and a
 self-contained HTML page whose images are base64 data URIs and whose text is escaped."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from aligner.viz import GridItem, data_uri, image_grid_html, image_grid_png, rows_grid_png
+from aligner.runtime.grids import GridItem, data_uri, image_grid_html, image_grid_png, rows_grid_png
 
 RED, BLUE = (255, 0, 0), (0, 0, 255)
 PLACEHOLDER = (217, 217, 217)  # matplotlib grey "0.85" behind "no image"

@@ -18,8 +18,8 @@ from typing import Any
 
 import numpy as np
 
-from aligner.index import SearchIndex
-from aligner.models import ModelSpec, Retriever, load_retriever
+from aligner.retrieval.index import SearchIndex
+from aligner.retrieval.models import ModelSpec, Retriever, load_retriever
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +62,7 @@ def fetch_images(corpus: str, ids: Sequence[str]) -> dict[str, bytes]:
     relative to the folder. WebDataset: tar members whose key is an id (a scan of the tars).
     Ids that cannot be found are left out of the result.
     """
-    from aligner.readers import detect_format, resolve
+    from aligner.data.corpus_shards import detect_format, resolve
 
     wanted = list(dict.fromkeys(i for i in ids if i))
     if not wanted:
@@ -95,7 +95,7 @@ def fetch_images(corpus: str, ids: Sequence[str]) -> dict[str, bytes]:
             except OSError as e:
                 log.warning("cannot read %s/%s: %s", corpus, i, e)
     else:
-        from aligner.readers import plan_webdataset, split_key
+        from aligner.data.corpus_shards import plan_webdataset, split_key
 
         want = set(wanted)
         fs, _ = resolve(corpus)
@@ -173,7 +173,7 @@ class Searcher:
 
 
 def hits_to_items(hits: Sequence[Hit], images: dict[str, bytes]) -> list[dict[str, Any]]:
-    """Hits as grid items for :mod:`aligner.viz`."""
+    """Hits as grid items for :mod:`aligner.runtime.grids`."""
     return [{"image": images.get(h.id), "id": h.id, "score": h.score, "aesthetic": h.aesthetic,
              "caption": h.caption, "label": f"#{h.rank} {h.id}"} for h in hits]
 

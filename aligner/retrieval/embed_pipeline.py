@@ -3,7 +3,7 @@ the reader of finished outputs.
 
 The pipeline (built by :func:`build_pipeline`, run by ``jobs/embed.py``)::
 
-    read_shards (tasks, one per shard; aligner.readers)
+    read_shards (tasks, one per shard; aligner.data.corpus_shards)
       -> DecodeImages (tasks, fused with the read: decode + validate, the model's eval
          transform, the pixel-based aesthetic score)
       -> EncodeImages (actor pool: the model, loaded once per actor; embedding-based scorers)
@@ -41,13 +41,19 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from aligner.images import DEFAULT_MAX_PIXELS, FAILURE_COLUMNS, ImageError, decode_image, to_uint8
+from aligner.data.images import (
+    DEFAULT_MAX_PIXELS,
+    FAILURE_COLUMNS,
+    ImageError,
+    decode_image,
+    to_uint8,
+)
 
 if TYPE_CHECKING:
     import pyarrow as pa
     import ray.data
 
-    from aligner.readers import Shard
+    from aligner.data.corpus_shards import Shard
 
 log = logging.getLogger(__name__)
 
@@ -69,12 +75,12 @@ class DecodeImages:
         preprocess: the model's eval transform, PIL image -> ``[3, H, W]`` float tensor
             (``retriever.preprocess``).
         max_pixels: images over this many pixels become ``too_large`` failures.
-        scorer: a scorer name for :func:`aligner.scorer.make_scorer`; scored here only if it
+        scorer: a scorer name for :func:`aligner.aesthetics.scorer.make_scorer`; scored here only if it
             needs pixels.
         score_max_side: images are downscaled (never upscaled) to this longest side before
             scoring, so the score's cost does not grow with the input resolution.
 
-    Input batch (pyarrow): :func:`aligner.readers.raw_schema`. Output (numpy dict):
+    Input batch (pyarrow): :func:`aligner.data.corpus_shards.raw_schema`. Output (numpy dict):
     ``PASS_COLUMNS`` + ``pixels [B, 3, H, W] float32`` (zeros for failed rows) +
     ``aesthetic [B] float32`` (NaN for failed rows or when the scorer needs embeddings).
     """
@@ -92,7 +98,7 @@ class DecodeImages:
 
     def _get_scorer(self) -> Any:
         if self._scorer is None and self.scorer_name:
-            from aligner.scorer import make_scorer
+            from aligner.aesthetics.scorer import make_scorer
 
             self._scorer = make_scorer(self.scorer_name)
         return self._scorer
@@ -140,7 +146,7 @@ class DecodeImages:
 class EncodeImages:
     """``map_batches`` UDF for an actor pool: pixels -> L2-normalised embeddings.
 
-    Loads the model once in ``__init__`` (``aligner.models.load_retriever``). Rows that already
+    Loads the model once in ``__init__`` (``aligner.retrieval.models.load_retriever``). Rows that already
     failed pass through with a zero embedding; a batch the model cannot encode turns its rows
     into ``encode`` failures instead of stopping the job.
 
@@ -152,13 +158,13 @@ class EncodeImages:
                  batch_size: int = 256, scorer: str = "") -> None:
         t0 = time.time()
         if not logging.getLogger().handlers:  # a fresh actor process: log like the driver
-            from aligner.logs import setup_logging
+            from aligner.runtime.logs import setup_logging
 
             setup_logging()
         import torch
 
-        from aligner.models import ModelSpec, load_retriever
-        from aligner.scorer import make_scorer
+        from aligner.aesthetics.scorer import make_scorer
+        from aligner.retrieval.models import ModelSpec, load_retriever
 
         if torch_threads > 0:
             torch.set_num_threads(torch_threads)
@@ -254,7 +260,7 @@ def build_pipeline(shards: list[Shard], preprocess: Any, spec: dict[str, Any], p
     """
     import ray.data
 
-    from aligner.readers import read_shards
+    from aligner.data.corpus_shards import read_shards
 
     ds = read_shards(shards, batch_rows)
     decode = DecodeImages(preprocess, max_pixels, scorer)
@@ -421,7 +427,7 @@ class ShardWriter:
             "source": pa.array(cols["source"][ok].tolist(), pa.string()),
         })
         if self.keep_columns and shard is not None:
-            from aligner.readers import read_shard_columns
+            from aligner.data.corpus_shards import read_shard_columns
 
             extra = read_shard_columns(shard, list(self.keep_columns))
             if extra is not None:
@@ -438,7 +444,7 @@ class ShardWriter:
 def write_plan(out_dir: str | Path, shards: list[Shard], model: dict[str, Any],
                input_uri: str, checkpoint_hash: str | None = None) -> None:
     """Record the shard plan and the model an output was started with (``shards.json``)."""
-    from aligner.manifest import atomic_write_text
+    from aligner.runtime.manifest import atomic_write_text
 
     atomic_write_text(Path(out_dir) / PLAN_FILE, json.dumps({
         "input": input_uri, "model": model, "checkpoint_hash": checkpoint_hash,

@@ -2,7 +2,7 @@
 
 The loop runs inside Ray Train workers (``TorchTrainer``; one process per worker, DDP over
 gloo on CPU or NCCL on GPU). The locked text transformer's pooled outputs for the finite
-caption set are computed once on the driver (:mod:`aligner.textcache`) and shipped with the
+caption set are computed once on the driver (:mod:`aligner.retrieval.textcache`) and shipped with the
 decoded images through the object store, so a CPU step is the image tower plus a linear
 projection. With ``text_unlocked_layers > 0`` the last text layers train too and captions go
 through the text tower on every step (slower; no cache).
@@ -25,7 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from aligner.training import (
+from aligner.training.loop import (
     count_trainable,
     latest_checkpoint_dir,
     load_train_state,
@@ -127,7 +127,7 @@ def pretrain_loop(cfg: dict[str, Any]) -> None:
     import ray.train.torch
     from open_clip.loss import ClipLoss
 
-    from aligner.models import ModelSpec, load_retriever, save_checkpoint
+    from aligner.retrieval.models import ModelSpec, load_retriever, save_checkpoint
 
     rank, world = worker_context()
     set_threads(cfg.get("threads"))
@@ -173,7 +173,7 @@ def pretrain_loop(cfg: dict[str, Any]) -> None:
     start = 0
     resume = latest_checkpoint_dir()
     if resume:
-        from aligner.models import _load_weights_into
+        from aligner.retrieval.models import _load_weights_into
 
         _load_weights_into(model, Path(resume) / "open_clip_model.safetensors",
                            allow_missing_text=True)

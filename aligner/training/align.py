@@ -12,7 +12,7 @@ once on the driver and shipped through the object store as :class:`AlignData`:
 A step draws ``pairs_per_step`` preference pairs and ``captions_per_step`` image-caption
 pairs (global, split over workers), runs the image tower once over the unique images, and
 minimises ``pref_weight * ranked_dpo + contrastive_weight * InfoNCE``
-(:mod:`aligner.losses`), with optional gradient accumulation. Rank 0 validates every
+(:mod:`aligner.training.losses`), with optional gradient accumulation. Rank 0 validates every
 ``eval_every`` steps on held-out queries' teacher pairs and held-out captions and keeps the
 best state by a rule that never reads the oracle (:func:`better`): the largest held-out
 reward margin whose validation recall@10 stays within ``recall_tolerance`` of the start.
@@ -33,9 +33,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from aligner.losses import align_loss, contrastive_loss, ranked_dpo_loss
-from aligner.pretrain import lock_text_tower, recall_at_k_from_features, to_pixels
-from aligner.training import (
+from aligner.training.loop import (
     count_trainable,
     latest_checkpoint_dir,
     load_train_state,
@@ -47,6 +45,8 @@ from aligner.training import (
     warmup_cosine,
     worker_context,
 )
+from aligner.training.losses import align_loss, contrastive_loss, ranked_dpo_loss
+from aligner.training.pretrain import lock_text_tower, recall_at_k_from_features, to_pixels
 
 log = logging.getLogger(__name__)
 TRAIN_LOG = "train_log.jsonl"
@@ -303,7 +303,12 @@ def align_loop(cfg: dict[str, Any]) -> None:
     import ray
     import ray.train.torch
 
-    from aligner.models import ModelSpec, _load_weights_into, load_retriever, save_checkpoint
+    from aligner.retrieval.models import (
+        ModelSpec,
+        _load_weights_into,
+        load_retriever,
+        save_checkpoint,
+    )
 
     rank, world = worker_context()
     set_threads(cfg.get("threads"))

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from aligner.manifest import atomic_write_text, file_sha256
+from aligner.runtime.manifest import atomic_write_text, file_sha256
 
 if TYPE_CHECKING:  # torch / open_clip cost seconds to import; keep them out of import paths
     import torch

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from aligner.viz import GridItem, Row, data_uri, rows_grid_png
+from aligner.runtime.grids import GridItem, Row, data_uri, rows_grid_png
 
 _CSS = """body{font-family:sans-serif;margin:1.2em;max-width:1400px}
 h1{font-size:1.35em}h2{font-size:1.12em;margin-top:1.6em}h3{font-size:1em}
@@ -122,7 +122,7 @@ def verdict_sentences(metrics: Mapping[str, Any], recall_tolerance: float = 0.02
 
 def equal_relevance_sentences(metrics: Mapping[str, Any]) -> list[str]:
     """One sentence per swept baseline family: the aligned model against the family's best
-    setting whose relevance is at least the aligned model's (:mod:`aligner.frontier`)."""
+    setting whose relevance is at least the aligned model's (:mod:`aligner.evaluation.sweeps`)."""
     eq = metrics.get("equal_relevance") or {}
     fams = eq.get("families") or {}
     if not fams:
@@ -373,7 +373,7 @@ def write_report(out_dir: str | Path, metrics: Mapping[str, Any],
     summary = summary_figure(metrics, gains, out / "summary.png")
     frontier_png = None
     if metrics.get("frontier"):
-        from aligner.frontier import frontier_figure
+        from aligner.evaluation.sweeps import frontier_figure
 
         frontier_png = frontier_figure(metrics["frontier"], metrics.get("systems", {}),
                                        metrics.get("primary", ""), f"precision@{metrics['k']}",

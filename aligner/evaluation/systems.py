@@ -29,7 +29,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from aligner.metrics import topk
+from aligner.evaluation.stats import topk
 
 log = logging.getLogger(__name__)
 

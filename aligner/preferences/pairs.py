@@ -26,7 +26,7 @@ Per training query q (METHOD.md section 1; :func:`build_pairs` runs it all):
 
 **Degraded-copy pairs** (SeVa, METHOD.md section 3; :func:`degraded_rows`): the query's top
 ``degraded_per_query`` candidates by semantic score, each preferred over a degraded copy of
-itself (kinds cycled across queries, :mod:`aligner.degrade`).
+itself (kinds cycled across queries, :mod:`aligner.preferences.degrade`).
 
 Nothing here reads an oracle; nothing imports torch or Ray (text encoding is a callable).
 """
@@ -41,7 +41,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from aligner.degrade import DEFAULT_STRENGTH, cycle_kinds, degraded_id
+from aligner.preferences.degrade import DEFAULT_STRENGTH, cycle_kinds, degraded_id
 
 log = logging.getLogger(__name__)
 
@@ -224,7 +224,7 @@ class Candidates(NamedTuple):
 
 
 class MatrixCandidates:
-    """Exact cosine top-k over an in-memory ``[N, D]`` matrix (``aligner.metrics.topk``).
+    """Exact cosine top-k over an in-memory ``[N, D]`` matrix (``aligner.evaluation.stats.topk``).
 
     Args:
         ids: ``N`` image ids.
@@ -248,7 +248,7 @@ class MatrixCandidates:
         return int(self.matrix.shape[1])
 
     def search(self, vectors: np.ndarray, k: int) -> Candidates:
-        from aligner.metrics import topk
+        from aligner.evaluation.stats import topk
 
         ids, emb, aes = [], [], []
         for lo in range(0, len(vectors), self.chunk):
@@ -262,7 +262,7 @@ class MatrixCandidates:
     @classmethod
     def from_embeddings(cls, embeddings_dir: str | Path) -> MatrixCandidates:
         """Load an embed job's output (``id``, ``embedding``, ``aesthetic``) into memory."""
-        from aligner.embed import embedding_matrix, read_embeddings
+        from aligner.retrieval.embed_pipeline import embedding_matrix, read_embeddings
 
         t = read_embeddings(embeddings_dir, ["id", "embedding", "aesthetic"])
         aes = t.column("aesthetic").to_numpy(zero_copy_only=False).astype(np.float32)
@@ -270,7 +270,7 @@ class MatrixCandidates:
 
 
 class IndexCandidates:
-    """Top-k from a faiss index (:class:`aligner.index.SearchIndex`), for corpora too large to
+    """Top-k from a faiss index (:class:`aligner.retrieval.index.SearchIndex`), for corpora too large to
     hold in memory. The candidates' exact embeddings and scorer values are then read from the
     embeddings directory with a pushed-down ``id`` filter (an IVF-PQ index only stores
     approximate vectors), so semantic and teacher scores are exact.
@@ -287,7 +287,7 @@ class IndexCandidates:
     def _lookup(self, ids: set[str]) -> dict[str, tuple[np.ndarray, float]]:
         import pyarrow.dataset as ds
 
-        from aligner.embed import EMBEDDINGS_DIR, embedding_matrix
+        from aligner.retrieval.embed_pipeline import EMBEDDINGS_DIR, embedding_matrix
 
         d = ds.dataset(str(self.embeddings_dir / EMBEDDINGS_DIR), format="parquet")
         t = d.to_table(columns=["id", "embedding", "aesthetic"],
@@ -331,7 +331,7 @@ class PairSettings:
     degrade_strengths: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        from aligner.degrade import DEGRADE_KINDS, parse_strengths
+        from aligner.preferences.degrade import DEGRADE_KINDS, parse_strengths
 
         if self.retrieve_with not in ("rephrased", "original"):
             raise ValueError(f"retrieve_with {self.retrieve_with!r}: rephrased | original")

@@ -1,7 +1,7 @@
 """Metrics that judge results with the world's oracle: aesthetic@K, HPIR-style row agreement,
 and how often a teacher's preference pairs agree with the oracle.
 
-Pure numpy over arrays the caller gets from :class:`aligner.world.evaluate.WorldEval` (the only
+Pure numpy over arrays the caller gets from :class:`aligner.evaluation.oracle.WorldEval` (the only
 module that reads the oracle); nothing here reads files.
 
 HPIR-style agreement (the paper's human test, with the oracle as the human): for each query,
@@ -20,7 +20,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from aligner.metrics import ci_dict, weighted_bootstrap_ci
+from aligner.evaluation.stats import ci_dict, weighted_bootstrap_ci
 
 BY_CONSTRUCTION = "by construction"
 

@@ -10,7 +10,7 @@ Schema (DESIGN.md data contract, then diagnostics that the builder fills where i
     chosen_cell int16, rejected_cell int16        grid cell as row * v + column (-1: none)
 
 ``chosen_id`` / ``rejected_id`` are corpus ids, or degraded ids (``"<id>~<kind>"``,
-:mod:`aligner.degrade`) whose pixels a trainer makes from the original.
+:mod:`aligner.preferences.degrade`) whose pixels a trainer makes from the original.
 
 The passes, in the order :func:`clean_pairs` runs them: per-source weight multipliers,
 dedupe on ``(query_id, chosen_id, rejected_id)`` keeping the largest weight, removal of

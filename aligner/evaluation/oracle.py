@@ -15,7 +15,7 @@ from collections.abc import Callable
 import numpy as np
 import pyarrow as pa
 
-from aligner.metrics import ci_dict, recall_at_k, topk
+from aligner.evaluation.stats import ci_dict, recall_at_k, topk
 from aligner.world.generate import World
 from aligner.world.vocab import GOOD_LOOK_ADJECTIVES, GOOD_LOOK_TAIL
 

@@ -1,4 +1,4 @@
-"""Driver-side preparation of :class:`aligner.align.AlignData` (everything frozen, computed once).
+"""Driver-side preparation of :class:`aligner.training.align.AlignData` (everything frozen, computed once).
 
 Reads the preference pairs, the queries table (for each query's split), and the corpus
 (images and captions); decodes every image a step can touch into one uint8 array (degraded
@@ -20,8 +20,8 @@ import pyarrow as pa
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
-from aligner.align import AlignData, PairSet
-from aligner.models import ModelSpec
+from aligner.retrieval.models import ModelSpec
+from aligner.training.align import AlignData, PairSet
 
 log = logging.getLogger(__name__)
 
@@ -90,10 +90,10 @@ def prepare_align_data(preferences: str, corpus: str, queries: str, model: Model
     import torch
     import torch.nn.functional as F
 
-    from aligner.degrade import materialise, parse_degraded_id
-    from aligner.models import load_checkpoint, load_retriever
-    from aligner.pretrain import to_pixels
-    from aligner.textcache import cached_pooled_features
+    from aligner.preferences.degrade import materialise, parse_degraded_id
+    from aligner.retrieval.models import load_checkpoint, load_retriever
+    from aligner.retrieval.textcache import cached_pooled_features
+    from aligner.training.pretrain import to_pixels
 
     t0 = time.time()
     prefs = read_preferences(preferences)

@@ -31,7 +31,7 @@ def versions() -> dict[str, str]:
 def git_commit(repo: str | Path | None = None) -> str | None:
     """The source tree's git commit, or None outside a checkout."""
     try:
-        root = Path(repo) if repo else Path(__file__).resolve().parent.parent
+        root = Path(repo) if repo else Path(__file__).resolve().parents[2]
         out = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True,
                              text=True, timeout=5, check=False)
         return out.stdout.strip() or None

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from aligner.manifest import file_sha256
+from aligner.runtime.manifest import file_sha256
 
 log = logging.getLogger(__name__)
 

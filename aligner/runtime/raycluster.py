@@ -8,7 +8,7 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 _LOCAL_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "HF_HUB_OFFLINE": "1"}
 
 
@@ -36,7 +36,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None,
         pythonpath = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
         ray.init(num_cpus=num_cpus, include_dashboard=False, logging_level="WARNING",
                  runtime_env={"env_vars": {"PYTHONPATH": pythonpath, **env_vars},
-                              "worker_process_setup_hook": "aligner.raycluster.quiet_worker_logs"})
+                              "worker_process_setup_hook": "aligner.runtime.raycluster.quiet_worker_logs"})
         log.info("started a local Ray: %s", ray.cluster_resources())
     from ray.data import DataContext
 

@@ -24,7 +24,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-SHIPPED_BASE = Path(__file__).resolve().parent / "assets" / "builtin_base"
+SHIPPED_BASE = Path(__file__).resolve().parents[1] / "assets" / "builtin_base"
 CHECKPOINT_DIR = "checkpoint"
 PROVENANCE = "provenance.json"
 EXPORTED = ("metrics.json", "training.png", "train_log.jsonl")
@@ -72,7 +72,7 @@ def shipped_base_fits(fingerprint: dict[str, Any], root: str | Path | None = Non
 def world_dir_fingerprint(world_dir: str | Path) -> dict[str, Any]:
     """A generated world's fingerprint: from its manifest, else computed from the config its
     manifest records (worlds made before manifests carried one)."""
-    from aligner.manifest import read_manifest
+    from aligner.runtime.manifest import read_manifest
     from aligner.world import WorldSpec, world_fingerprint
 
     m = read_manifest(world_dir)
@@ -117,7 +117,7 @@ def export_base(pretrain_out: str | Path, checkpoint: str | Path, world_dir: str
     """
     import yaml
 
-    from aligner.manifest import file_sha256, git_commit, versions
+    from aligner.runtime.manifest import file_sha256, git_commit, versions
 
     dest = Path(dest)
     if (dest / CHECKPOINT_DIR).exists():

@@ -146,7 +146,7 @@ def _to_uint8(x: np.ndarray) -> np.ndarray:
 
 def noise_sigma(img: np.ndarray) -> float:
     """Immerkaer's noise estimate of one ``[H, W, 3]`` image (luma units, 0-255)."""
-    from aligner.scorer import noise_sigma as _sigma
+    from aligner.aesthetics.scorer import noise_sigma as _sigma
 
     return float(_sigma(_luma(img.astype(np.float32))[None])[0])
 
@@ -313,12 +313,12 @@ def resolve_images(corpus: str, ids: Sequence[str], seed: int = 0,
                    max_pixels: int | None = None) -> dict[str, np.ndarray]:
     """Pixels for preference ids (plain or degraded) from a corpus: ``id -> [H, W, 3] uint8``.
 
-    Each original is fetched once (:func:`aligner.search.fetch_images`) and decoded
-    (:func:`aligner.images.decode_image`); degraded ids are materialised from it. Ids whose
+    Each original is fetched once (:func:`aligner.retrieval.search.fetch_images`) and decoded
+    (:func:`aligner.data.images.decode_image`); degraded ids are materialised from it. Ids whose
     original cannot be found or decoded are left out.
     """
-    from aligner.images import DEFAULT_MAX_PIXELS, ImageError, decode_image, to_uint8
-    from aligner.search import fetch_images
+    from aligner.data.images import DEFAULT_MAX_PIXELS, ImageError, decode_image, to_uint8
+    from aligner.retrieval.search import fetch_images
 
     wanted = list(dict.fromkeys(ids))
     blobs = fetch_images(corpus, list(dict.fromkeys(original_id(i) for i in wanted)))

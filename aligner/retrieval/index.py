@@ -38,7 +38,7 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
-from aligner.manifest import read_manifest, write_manifest
+from aligner.runtime.manifest import read_manifest, write_manifest
 
 log = logging.getLogger(__name__)
 
