@@ -33,9 +33,9 @@ def make_inputs(work: Path, n_images: int, pairs_per_query: int) -> tuple[Path, 
     import pyarrow.parquet as pq
 
     from aligner.aesthetics.scorer import make_scorer
+    from aligner.data.images import decode_batch as decode_images
     from aligner.retrieval.models import ModelSpec, load_retriever, save_checkpoint
     from aligner.world import World, WorldSpec, generate_world
-    from jobs.pretrain import decode_images
 
     world_dir = work / "world"
     generate_world(WorldSpec(n_images=n_images, n_queries=200, n_paraphrases=10), world_dir,

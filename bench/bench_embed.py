@@ -153,10 +153,11 @@ def ray_job(corpus: Path, out: Path, model: str, batch_size: int, rows_per_shard
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     import ray
 
+    from aligner.retrieval.embed import EmbedConfig
+    from aligner.retrieval.embed import run_embed as run
     from aligner.retrieval.models import ModelSpec
     from aligner.runtime.logs import setup_logging
     from aligner.runtime.raycluster import init_ray
-    from jobs.embed import EmbedConfig, run
 
     setup_logging("WARNING")
     t = time.perf_counter()

@@ -96,7 +96,7 @@ def write_embeddings(root: Path, n: int, mix: Mixture) -> Path:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from aligner.retrieval.embed_pipeline import embeddings_schema
+    from aligner.data.embeddings import embeddings_schema
     from aligner.runtime.manifest import write_manifest
 
     done = root / "manifest.json"
@@ -125,7 +125,8 @@ def write_embeddings(root: Path, n: int, mix: Mixture) -> Path:
 
 def exact_from_files(root: Path, queries: np.ndarray, k: int) -> np.ndarray:
     """Exact top-k positions, reading the Parquet files in stream order (no index)."""
-    from aligner.retrieval.index import inspect_embeddings, iter_embedding_batches, merge_topk
+    from aligner.data.embeddings import inspect_embeddings, iter_embedding_batches
+    from aligner.retrieval.index import merge_topk
 
     best_s = np.full((len(queries), k), -np.inf, np.float32)
     best_p = np.full((len(queries), k), -1, np.int64)
@@ -170,7 +171,8 @@ def run_one(emb: Path, out: Path, factory: str, queries: np.ndarray, k: int, all
             build_threads: int) -> tuple[list[dict[str, Any]], np.ndarray]:
     import faiss
 
-    from aligner.retrieval.index import build_index, recall_at_k
+    from aligner.retrieval.index_build import build_index
+    from aligner.retrieval.metrics import neighbour_recall
 
     faiss.omp_set_num_threads(build_threads)
     ivf = factory.startswith("IVF")
@@ -194,7 +196,7 @@ def run_one(emb: Path, out: Path, factory: str, queries: np.ndarray, k: int, all
         row = dict(base, params=" ".join(f"{a}={b}" for a, b in params.items()) or "-",
                    qps_all=time_search(index, queries, k, all_threads),
                    qps_1=time_search(index, queries, k, 1),
-                   recall=recall_at_k(res.positions, truth) if truth is not None else 1.0)
+                   recall=neighbour_recall(res.positions, truth) if truth is not None else 1.0)
         rows.append(row)
         positions = res.positions
         print(f"  {factory:<14} {row['params']:<12} build {build_s:7.1f} s  "
@@ -221,9 +223,9 @@ def bench_n(n: int, args, work: Path, hnsw_rate: dict[int, float]) -> list[dict[
     rows, truth = run_one(emb, work / f"idx-{n}-flat", "Flat", queries, k, all_threads,
                           train, [], args.ef_search, None, build_threads)
     check = exact_from_files(emb, queries[:100], k)
-    from aligner.retrieval.index import recall_at_k
+    from aligner.retrieval.metrics import neighbour_recall
 
-    flat_ok = recall_at_k(truth[:100], check)
+    flat_ok = neighbour_recall(truth[:100], check)
     print(f"  Flat vs exact_topk over the files (100 queries): recall {flat_ok:.4f}", flush=True)
     if flat_ok < 1.0:
         raise SystemExit("Flat disagrees with exact search: the benchmark's ground truth is wrong")

@@ -61,7 +61,7 @@ class IndexConfig:
 def main(argv: list[str] | None = None) -> int:
     setup_logging()
     cfg = load_config(IndexConfig, argv, DEFAULT_YAML, prog="python -m jobs.build_index")
-    from aligner.retrieval.index import build_index
+    from aligner.retrieval.index_build import build_index
 
     started = time.time()
     log.info("config:\n%s", dump_yaml(cfg))

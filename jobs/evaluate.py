@@ -187,13 +187,10 @@ class Gallery:
     def decoded(self) -> list[np.ndarray]:
         """``[H, W, 3]`` uint8 per image (decoded once, on first use)."""
         if self._decoded is None:
-            import io
-
-            from PIL import Image
+            from aligner.data.images import decode_rgb
 
             t0 = time.time()
-            self._decoded = [np.asarray(Image.open(io.BytesIO(b)).convert("RGB"))
-                             for b in self.images]
+            self._decoded = [decode_rgb(b) for b in self.images]
             log.info("decoded %d gallery images in %.1f s", len(self.images), time.time() - t0)
         return self._decoded
 
@@ -204,29 +201,11 @@ class Gallery:
         return np.arange(len(self.ids)), "whole gallery (no test split)"
 
 
-def _parquet_files(path: str | Path) -> list[Path]:
-    p = Path(path)
-    if p.is_file():
-        return [p]
-    if not p.is_dir():
-        raise FileNotFoundError(f"{path} does not exist")
-    files = sorted(f for f in p.rglob("*.parquet") if not f.name.startswith(".")
-                   and "failures" not in f.relative_to(p).parts)
-    if not files:
-        raise FileNotFoundError(f"{path} holds no Parquet files")
-    return files
-
-
 def read_table(path: str | Path, preferred: str | None = None):
-    """A Parquet file, ``dir/preferred`` if it exists, or every Parquet file under a dir."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+    """A Parquet file or directory (:func:`aligner.data.io.read_parquet`)."""
+    from aligner.data.io import read_parquet
 
-    p = Path(path)
-    if preferred and p.is_dir() and (p / preferred).is_file():
-        return pq.read_table(p / preferred)
-    return pa.concat_tables([pq.read_table(f) for f in _parquet_files(p)],
-                            promote_options="permissive")
+    return read_parquet(path, "table", preferred=preferred)
 
 
 def load_gallery(cfg: EvaluateConfig, world) -> Gallery:
@@ -263,32 +242,9 @@ def load_queries(cfg: EvaluateConfig, world) -> tuple[list[str], list[str]]:
 
 def load_rephrasings(path: str, qids: list[str], texts: list[str]) -> tuple[dict[str, str], dict]:
     """``query_id -> rephrased`` for the evaluation queries, and counts (missing, mismatched)."""
-    t = read_table(path, preferred="queries.parquet")
-    need = {"query_id", "rephrased"} - set(t.column_names)
-    if need:
-        raise ValueError(f"rephrased table {path} lacks columns {sorted(need)}")
-    rows = t.to_pylist()
-    table: dict[str, str] = {}
-    dup = mismatch = 0
-    wanted = dict(zip(qids, texts, strict=True))
-    for r in rows:
-        qid = r["query_id"]
-        if qid not in wanted:
-            continue
-        if qid in table:
-            dup += 1
-            continue
-        if r.get("query") is not None and r["query"] != wanted[qid]:
-            mismatch += 1  # a rephrasing of another query text: not used
-            continue
-        if r["rephrased"]:
-            table[qid] = r["rephrased"]
-    counts = {"rows": len(rows), "used": len(table), "missing": len(set(qids) - set(table)),
-              "duplicates": dup, "query_text_mismatch": mismatch}
-    if counts["missing"]:
-        log.warning("rephrase: %d of %d evaluation queries have no rephrasing (%d whose text "
-                    "differs)", counts["missing"], len(qids), mismatch)
-    return table, counts
+    from aligner.data.queries import read_rephrasings
+
+    return read_rephrasings(path, qids, texts)
 
 
 # --------------------------------------------------------------------------- models and systems
@@ -319,7 +275,7 @@ def embed_gallery(retriever, gallery: Gallery, batch_size: int = 256) -> np.ndar
 def read_gallery_embeddings(emb_dir: str, ids: list[str], checkpoint_hash: str | None,
                             scorer: str) -> tuple[np.ndarray | None, np.ndarray | None, str]:
     """Precomputed embeddings in gallery order, the scorer's scores, and why not (if None)."""
-    from aligner.retrieval.embed_pipeline import embedding_matrix, read_embeddings
+    from aligner.data.embeddings import embedding_matrix, read_embeddings
 
     man = Path(emb_dir) / "manifest.json"
     meta = json.loads(man.read_text()) if man.is_file() else {}
@@ -438,7 +394,7 @@ def run_evaluation(cfg: EvaluateConfig) -> EvalResult:
     )
     from aligner.evaluation.report import summary_table, verdict_sentences
     from aligner.evaluation.stats import ci_dict
-    from aligner.evaluation.systems import recall_hits, timed_search
+    from aligner.evaluation.systems import system_recall_hits, timed_search
 
     if cfg.threads > 0:
         import torch
@@ -516,7 +472,7 @@ def run_evaluation(cfg: EvaluateConfig) -> EvalResult:
         for name, s in systems.items():
             if s.caption_transform == "n/a":
                 continue
-            hits[name] = recall_hits(s, cap_texts, targets, subset=rec_gallery)
+            hits[name] = system_recall_hits(s, cap_texts, targets, subset=rec_gallery)
         for name, s in systems.items():
             if s.caption_transform == "n/a":
                 hits[name] = hits[s.inner.name]
@@ -652,7 +608,7 @@ def _frontiers(cfg: EvaluateConfig, systems: dict, texts: list[str], qids: list[
         CascadeSystem,
         QueryShiftSystem,
         RephraseSystem,
-        recall_hits,
+        system_recall_hits,
     )
 
     base = systems[cfg.base_name]
@@ -685,7 +641,7 @@ def _frontiers(cfg: EvaluateConfig, systems: dict, texts: list[str], qids: list[
                   prec: ev.relevance(qids, top[:, :cfg.k])}
             rec = None
             if cap_texts is not None and s.caption_transform != "n/a":
-                rec = recall_hits(s, cap_texts, targets, subset=rec_gallery)["r@10"]
+                rec = system_recall_hits(s, cap_texts, targets, subset=rec_gallery)["r@10"]
             points.append(Point(fam, float(w), pq, None if rec is None else rec.astype(float)))
         frontier[fam] = frontier_rows(points, primary, prec, ci_dict)
         slack = cfg.equal_relevance_slack
@@ -708,19 +664,15 @@ def _frontiers(cfg: EvaluateConfig, systems: dict, texts: list[str], qids: list[
 
 
 def _teacher(path: str, ev) -> dict:
+    from aligner.data.preferences import read_preferences
     from aligner.evaluation.oracle_metrics import teacher_diagnostics
 
     try:
-        t = read_table(path, preferred="preferences.parquet")
-    except FileNotFoundError as e:
+        t = read_preferences(path)
+    except (FileNotFoundError, ValueError) as e:
         return {"error": str(e)}
-    need = {"chosen_id", "rejected_id"} - set(t.column_names)
-    if need:
-        return {"error": f"{path} lacks columns {sorted(need)}"}
-    n = t.num_rows
-    w = np.asarray(t["weight"].to_pylist(), np.float64) if "weight" in t.column_names \
-        else np.ones(n)
-    src = t["source"].to_pylist() if "source" in t.column_names else ["all"] * n
+    w = np.asarray(t["weight"].to_pylist(), np.float64)
+    src = t["source"].to_pylist()
     return teacher_diagnostics(t["chosen_id"].to_pylist(), t["rejected_id"].to_pylist(),
                                np.nan_to_num(w, nan=1.0), [s or "" for s in src], ev.beauty_of)
 

@@ -13,7 +13,6 @@ query raise the oracle score of its top 10?), written to ``metrics.json``.
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import time
@@ -22,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from aligner.data.images import decode_batch
 from aligner.retrieval.models import ModelSpec
 from aligner.runtime.config import dump_yaml, load_config, save_config, to_dict
 from aligner.runtime.logs import setup_logging
@@ -81,13 +81,6 @@ class PretrainConfig:
             raise ValueError("batch_size must be divisible by num_workers")
 
 
-def decode_images(blobs: list[bytes]) -> np.ndarray:
-    """PNG/JPEG bytes -> ``[N, H, W, 3]`` uint8 (world images share one size)."""
-    from PIL import Image
-
-    return np.stack([np.asarray(Image.open(io.BytesIO(b)).convert("RGB")) for b in blobs])
-
-
 def prepare_data(cfg: PretrainConfig):
     """Decode the world's train/val images and cache the locked text tower's features."""
     from aligner.retrieval.models import load_retriever
@@ -101,8 +94,8 @@ def prepare_data(cfg: PretrainConfig):
         train = train.slice(0, cfg.max_train_images)
     val = world.corpus(["id", "image", "caption"], split="val")
     t0 = time.time()
-    images = decode_images(train["image"].to_pylist())
-    val_images = decode_images(val["image"].to_pylist())
+    images = decode_batch(train["image"].to_pylist())
+    val_images = decode_batch(val["image"].to_pylist())
     captions, val_captions = train["caption"].to_pylist(), val["caption"].to_pylist()
     log.info("decoded %d train + %d val images in %.1f s", len(images), len(val_images),
              time.time() - t0)
@@ -159,7 +152,7 @@ def evaluate_checkpoint(ckpt: Path, world_dir: str, gallery: str = "test") -> di
     for i in range(0, len(blobs), 1024):
         from aligner.training.pretrain import to_pixels
 
-        px = to_pixels(decode_images(blobs[i:i + 1024]), r.preprocess_cfg["mean"],
+        px = to_pixels(decode_batch(blobs[i:i + 1024]), r.preprocess_cfg["mean"],
                        r.preprocess_cfg["std"])
         emb.append(r.encode_images(px))
     ev = WorldEval(world, np.concatenate(emb), corpus["id"].to_pylist())

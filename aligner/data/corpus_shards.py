@@ -52,11 +52,11 @@ if TYPE_CHECKING:
     import pyarrow.fs as pafs
     import ray.data
 
+from aligner.data.corpus import CAPTION_EXTS, IMAGE_EXTS, check_corpus_schema
+
 log = logging.getLogger(__name__)
 
 Format = Literal["auto", "parquet", "folder", "webdataset"]
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
-CAPTION_EXTS = ("txt", "json")
 DEFAULT_ROWS_PER_SHARD = 10_000
 DEFAULT_BATCH_ROWS = 64
 
@@ -198,26 +198,6 @@ def _inputs(input_uri: str, ext: str) -> tuple[pafs.FileSystem, str, list[tuple[
 
 # --------------------------------------------------------------------------- planning
 
-def _check_parquet_schema(schema: pa.Schema, where: str) -> None:
-    import pyarrow as pa
-
-    names = schema.names
-    if "id" not in names or not ({"image", "uri"} & set(names)):
-        raise ValueError(
-            f"{where}: a corpus needs an 'id' column and an 'image' (bytes) or 'uri' column; "
-            f"found columns {names}")
-    if "image" in names:
-        t = schema.field("image").type
-        ok = (pa.types.is_binary(t) or pa.types.is_large_binary(t)
-              or (pa.types.is_struct(t) and t.get_field_index("bytes") >= 0))
-        if not ok:
-            raise ValueError(f"{where}: column 'image' must hold encoded bytes (binary, or a "
-                             f"struct with 'bytes' as Hugging Face writes it), not {t}")
-    elif not (pa.types.is_string(schema.field("uri").type)
-              or pa.types.is_large_string(schema.field("uri").type)):
-        raise ValueError(f"{where}: column 'uri' must be a string, not {schema.field('uri').type}")
-
-
 def plan_parquet(input_uri: str, rows_per_shard: int) -> list[Shard]:
     """Row-range shards over every Parquet file (footers only, no data read).
 
@@ -234,7 +214,7 @@ def plan_parquet(input_uri: str, rows_per_shard: int) -> list[Shard]:
             meta = pq.ParquetFile(f).metadata
         schema = meta.schema.to_arrow_schema()
         names = schema.names
-        _check_parquet_schema(schema, path)
+        check_corpus_schema(schema, path)
         image_col = "image" if "image" in names else "uri"
         columns = ("id", image_col) + (("caption",) if "caption" in names else ())
         rel = posixpath.relpath(path, root) if path != root else posixpath.basename(path)

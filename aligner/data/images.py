@@ -15,6 +15,9 @@ reason              when
 ``corrupt``         any other decoder error (bad chunk, bad CRC, bad header)
 ==================  ============================================================
 
+:func:`decode_rgb` (pixels as a uint8 array, optionally resized to a square) and
+:func:`decode_batch` (a stack of them) are built on it; nothing else here decodes images.
+
 Failure rows (``FAILURE_SCHEMA``: ``id, source, reason, stage``) are what a job writes to
 ``failures/`` for every input row it could not process; ``stage`` says where it failed
 (``read``, ``fetch``, ``decode``, ``encode``).
@@ -24,6 +27,7 @@ from __future__ import annotations
 
 import io
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -157,3 +161,46 @@ def to_uint8(im: Image.Image, max_side: int | None = None) -> np.ndarray:
         im = im.resize(size, Image.Resampling.BICUBIC, reducing_gap=2.0)
     arr = np.asarray(im.convert("RGB"), dtype=np.uint8)
     return arr
+
+
+def decode_rgb(data: bytes, size: int | None = None,
+               max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Encoded bytes -> ``[H, W, 3]`` uint8 RGB (:func:`decode_image`), or ``[size, size, 3]``
+    when ``size`` is given: shortest side resized to ``size`` (bicubic), then a centre crop
+    (an image already ``size x size`` is left untouched).
+
+    Raises:
+        ImageError: as :func:`decode_image`.
+    """
+    from PIL import Image
+
+    im = decode_image(data, max_pixels)
+    if size is not None and im.size != (size, size):
+        w, h = im.size
+        s = size / min(w, h)
+        im = im.resize((max(size, round(w * s)), max(size, round(h * s))), Image.BICUBIC)
+        w, h = im.size
+        left, top = (w - size) // 2, (h - size) // 2
+        im = im.crop((left, top, left + size, top + size))
+    return np.asarray(im, dtype=np.uint8)
+
+
+def decode_batch(blobs: Sequence[bytes], size: int | None = None) -> np.ndarray:
+    """Many encoded images -> ``[N, H, W, 3]`` uint8 (they must share a size, or give ``size``).
+
+    Raises:
+        ImageError: the first image that cannot be decoded (its index in the message).
+        ValueError: images of different sizes without ``size``.
+    """
+    out = []
+    for i, b in enumerate(blobs):
+        try:
+            out.append(decode_rgb(b, size))
+        except ImageError as e:
+            raise ImageError(e.reason, f"image {i}: {e.detail}") from e
+    if not out:
+        return np.zeros((0, size or 0, size or 0, 3), np.uint8)
+    shapes = {a.shape for a in out}
+    if len(shapes) > 1:
+        raise ValueError(f"images of different sizes {sorted(shapes)[:3]}: pass size=")
+    return np.stack(out)

@@ -15,7 +15,8 @@ from collections.abc import Callable
 import numpy as np
 import pyarrow as pa
 
-from aligner.evaluation.stats import ci_dict, recall_at_k, topk
+from aligner.evaluation.stats import ci_dict
+from aligner.retrieval.metrics import caption_recall_hits, topk
 from aligner.world.generate import World
 from aligner.world.vocab import GOOD_LOOK_ADJECTIVES, GOOD_LOOK_TAIL
 
@@ -101,7 +102,7 @@ class WorldEval:
         """Each ``split`` image's caption retrieves it among the ``split`` gallery."""
         g = self.subset(split)
         q = encode([captions[i] for i in g])
-        hits = recall_at_k(q, self.emb[g], np.arange(len(g)), ks)
+        hits = caption_recall_hits(q, self.emb[g], np.arange(len(g)), ks)
         out = {k: ci_dict(v.astype(float)) for k, v in hits.items()}
         out["chance@10"] = {"mean": min(1.0, 10 / max(1, len(g)))}
         return out

@@ -1,37 +1,9 @@
-"""Retrieval and aesthetic metrics with bootstrap confidence intervals (numpy only)."""
+"""Statistics of the evaluation: bootstrap confidence intervals, paired differences and rank
+correlation (numpy only)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import numpy as np
-
-
-def topk(queries: np.ndarray, gallery: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Exact cosine top-k: ``queries [Q, D]``, ``gallery [N, D]`` (normalised).
-
-    Returns:
-        (scores ``[Q, k]``, indices ``[Q, k]``), best first.
-    """
-    k = min(k, gallery.shape[0])
-    sim = queries @ gallery.T
-    idx = np.argpartition(-sim, k - 1, axis=1)[:, :k]
-    part = np.take_along_axis(sim, idx, axis=1)
-    order = np.argsort(-part, axis=1, kind="stable")
-    return np.take_along_axis(part, order, axis=1), np.take_along_axis(idx, order, axis=1)
-
-
-def recall_at_k(queries: np.ndarray, gallery: np.ndarray, target: np.ndarray,
-                ks: Sequence[int] = (1, 5, 10)) -> dict[str, np.ndarray]:
-    """Per-query hits: is ``target[i]`` (an index into ``gallery``) in query i's top k?
-
-    Returns:
-        ``{"r@k": bool array [Q]}``; the mean is recall@k. Ties count against the target.
-    """
-    sim = queries @ gallery.T
-    tgt = sim[np.arange(len(target)), target][:, None]
-    rank = (sim > tgt).sum(1)
-    return {f"r@{k}": rank < k for k in ks}
 
 
 def bootstrap_ci(values: np.ndarray, n_boot: int = 2000, alpha: float = 0.05,

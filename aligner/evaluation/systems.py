@@ -29,7 +29,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from aligner.evaluation.stats import topk
+from aligner.retrieval.metrics import topk
 
 log = logging.getLogger(__name__)
 
@@ -325,7 +325,7 @@ class RephraseSystem(System):
                 "missing": len(self.missing), "mix": self.mix}
 
 
-def recall_hits(system: System, texts: Sequence[str], targets: np.ndarray,
+def system_recall_hits(system: System, texts: Sequence[str], targets: np.ndarray,
                 subset: np.ndarray | None = None, ks: Sequence[int] = (1, 5, 10),
                 ids: Sequence[str] | None = None) -> dict[str, np.ndarray]:
     """Per query: is gallery index ``targets[i]`` in the system's top k (within ``subset``)?

@@ -313,12 +313,12 @@ def resolve_images(corpus: str, ids: Sequence[str], seed: int = 0,
                    max_pixels: int | None = None) -> dict[str, np.ndarray]:
     """Pixels for preference ids (plain or degraded) from a corpus: ``id -> [H, W, 3] uint8``.
 
-    Each original is fetched once (:func:`aligner.retrieval.search.fetch_images`) and decoded
+    Each original is fetched once (:func:`aligner.data.corpus.fetch_images`) and decoded
     (:func:`aligner.data.images.decode_image`); degraded ids are materialised from it. Ids whose
     original cannot be found or decoded are left out.
     """
+    from aligner.data.corpus import fetch_images
     from aligner.data.images import DEFAULT_MAX_PIXELS, ImageError, decode_image, to_uint8
-    from aligner.retrieval.search import fetch_images
 
     wanted = list(dict.fromkeys(ids))
     blobs = fetch_images(corpus, list(dict.fromkeys(original_id(i) for i in wanted)))

@@ -21,14 +21,13 @@ from __future__ import annotations
 import copy
 import importlib.util
 import logging
-import os
-import shutil
 import time
 from collections.abc import Sequence
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from aligner.data.io import atomic_write
 from aligner.rephrase.base import Failed, Rephraser, clean_output
 from aligner.rephrase.prompt import PromptTemplate
 from aligner.retrieval.textcache import cache_dir
@@ -103,14 +102,13 @@ def _convert(src: Path, out: Path) -> None:
     model.hf_quantizer = None  # the weights are de-quantised: save them as a plain model
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
     try:
-        os.replace(tmp, out)
+        with atomic_write(out) as tmp:
+            model.save_pretrained(tmp)
+            tok.save_pretrained(tmp)
     except OSError:  # another process finished first (no shared lock): keep theirs
-        shutil.rmtree(tmp, ignore_errors=True)
+        if not out.is_dir():
+            raise
 
 
 class LocalLLMRephraser(Rephraser):

@@ -10,65 +10,20 @@ from __future__ import annotations
 
 import logging
 import os
-import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
+from aligner.data.io import atomic_write_table
+from aligner.data.queries import QUERIES_FILE, write_queries
 from aligner.rephrase.base import Failed, Rephrase, count_reasons, finalise, make_rephraser
 
 log = logging.getLogger(__name__)
-REQUIRED_COLUMNS = ("query_id", "query")
 OUTPUT_COLUMNS = ("rephrased", "rephraser", "fallback", "fallback_reason")
 PARTS_DIR = "parts"
-
-
-def read_query_index(path: str, splits: list[str], kinds: list[str], limit: int) -> pa.Table:
-    """The input's ``query_id`` (+ filter columns) after filters and limit, in input order.
-
-    Raises:
-        FileNotFoundError: missing input.
-        ValueError: not Parquet, missing columns, a filter on an absent column, duplicate ids.
-    """
-    if "://" not in path and not Path(path).exists():
-        raise FileNotFoundError(f"queries input {path} does not exist")
-    try:
-        dset = pads.dataset(path, format="parquet")
-        schema = dset.schema
-    except (pa.ArrowInvalid, OSError) as e:
-        raise ValueError(f"{path}: not a readable Parquet file/directory: {e}") from e
-    missing = [c for c in REQUIRED_COLUMNS if c not in schema.names]
-    if missing:
-        raise ValueError(f"{path}: a queries table needs columns {list(REQUIRED_COLUMNS)}; "
-                         f"missing {missing} (it has {schema.names})")
-    for col in REQUIRED_COLUMNS:
-        if not (pa.types.is_string(schema.field(col).type)
-                or pa.types.is_large_string(schema.field(col).type)):
-            raise ValueError(f"{path}: column {col!r} must be a string, not "
-                             f"{schema.field(col).type}")
-    cols = ["query_id"]
-    for name, values in (("split", splits), ("kind", kinds)):
-        if values:
-            if name not in schema.names:
-                raise ValueError(f"{path}: filter {name}s={values} but the table has no "
-                                 f"{name!r} column")
-            cols.append(name)
-    table = dset.to_table(columns=cols)
-    for name, values in (("split", splits), ("kind", kinds)):
-        if values:
-            table = table.filter(pc.is_in(table[name], pa.array(values)))
-    if limit > 0:
-        table = table.slice(0, limit)
-    ids = table["query_id"]
-    if pc.count_distinct(ids).as_py() != len(ids):
-        raise ValueError(f"{path}: query_id values are not unique")
-    return table
 
 
 def to_columns(batch: dict[str, np.ndarray], rows: list[Rephrase]) -> dict[str, np.ndarray]:
@@ -117,33 +72,6 @@ def finalise_batch(batch: dict[str, np.ndarray], version: str, style: str,
     return to_columns(keep, rows)
 
 
-@dataclass
-class ActorPlan:
-    """How many model actors, the CPUs Ray reserves for each, and torch threads in each."""
-
-    num_actors: int
-    num_cpus: float
-    threads: int
-
-
-def plan_actors(cluster_cpus: float, num_actors: int = 0, threads: int = 0,
-                num_cpus: float = 0.0) -> ActorPlan:
-    """Size a CPU model-actor pool: many single-threaded actors, and a CPU left for reads.
-
-    Measured on 2 shared cores (SmolLM2-135M, 600 queries): 1 actor x 2 torch threads decoded
-    4-10x slower than 1 x 1 when other work took a core (OpenMP threads wait on each other);
-    2 actors x 1 thread were 1.8x faster than 1 x 1 (6.4 vs 3.7 queries/s). So threads default
-    to 1 per actor (2 above 4 CPUs), actors to ``cpus / threads``. An actor holding a full CPU
-    beside the read task can hang a 2-CPU pipeline, so each reserves at most
-    ``(cpus - 1) / actors`` CPUs (at least 0.25) for Ray's accounting.
-    """
-    cpus = max(1.0, float(cluster_cpus))
-    n = num_actors or max(1, int(cpus // (threads or (1 if cpus <= 4 else 2))))
-    t = threads or int(min(4, max(1, cpus // n)))
-    c = num_cpus or round(max(0.25, min(float(t), (cpus - 1) / n)), 2)
-    return ActorPlan(num_actors=n, num_cpus=c, threads=t)
-
-
 class PartWriter:
     """Write finished rows to ``parts/part-NNNNN.parquet`` every ``rows_per_part`` rows."""
 
@@ -166,10 +94,7 @@ class PartWriter:
         if not self.buf:
             return
         table = pa.concat_tables(self.buf, promote_options="permissive")
-        path = self.dir / f"part-{self.next:05d}.parquet"
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        pq.write_table(table, tmp)
-        os.replace(tmp, path)
+        atomic_write_table(table, self.dir / f"part-{self.next:05d}.parquet")
         self.next += 1
         self.buf, self.buffered = [], 0
 
@@ -192,9 +117,7 @@ def assemble_output(out: Path, target: list[str]) -> pa.Table:
     got = table["query_id"].to_pylist()
     order = sorted((i for i, q in enumerate(got) if q in pos), key=lambda i: pos[got[i]])
     table = table.take(pa.array(order, type=pa.int64()))
-    tmp = out / f".queries.parquet.{os.getpid()}.tmp"
-    pq.write_table(table, tmp)
-    os.replace(tmp, out / "queries.parquet")
+    write_queries(table, out / QUERIES_FILE)
     return table
 
 
@@ -207,22 +130,3 @@ def summarise(table: pa.Table) -> dict[str, Any]:
     return {"fallbacks": n_fb, "fallback_rate": round(n_fb / max(1, table.num_rows), 4),
             "fallbacks_by_reason": count_reasons(table["fallback_reason"].to_pylist()),
             "rephraser_versions": versions}
-
-
-class Progress:
-    """Log rows done, rate and ETA at most every ``every_s`` seconds."""
-
-    def __init__(self, total: int, every_s: float = 15.0) -> None:
-        self.total, self.every_s = total, every_s
-        self.start = self.last = time.time()
-        self.done = 0
-
-    def update(self, n: int) -> None:
-        self.done += n
-        now = time.time()
-        if now - self.last >= self.every_s or self.done >= self.total:
-            rate = self.done / max(now - self.start, 1e-9)
-            eta = (self.total - self.done) / rate if rate > 0 else float("inf")
-            log.info("rephrased %d/%d queries (%.2f q/s, ETA %.0f s)", self.done, self.total,
-                     rate, eta)
-            self.last = now

@@ -29,21 +29,15 @@ it was started with), ``config.yaml``, ``manifest.json``.
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import logging
-import math
 import os
 import time
-from collections.abc import Iterator
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from aligner.data.images import (
     DEFAULT_MAX_PIXELS,
-    FAILURE_COLUMNS,
     ImageError,
     decode_image,
     to_uint8,
@@ -54,12 +48,10 @@ if TYPE_CHECKING:
     import ray.data
 
     from aligner.data.corpus_shards import Shard
+    from aligner.runtime.raycluster import ActorPlan
 
 log = logging.getLogger(__name__)
 
-EMBEDDINGS_DIR = "embeddings"
-FAILURES_DIR = "failures"
-PLAN_FILE = "shards.json"
 PASS_COLUMNS = ("id", "source", "row", "caption", "reason", "stage", "shard_id", "shard_total")
 
 
@@ -200,49 +192,6 @@ class EncodeImages:
         return batch
 
 
-# --------------------------------------------------------------------------- actor pool sizing
-
-@dataclasses.dataclass(frozen=True)
-class ActorPlan:
-    """How many model actors and what each asks Ray for."""
-
-    size: int
-    num_cpus: float
-    num_gpus: float
-    torch_threads: int
-    device: str
-
-
-def plan_actor_pool(resources: dict[str, float], num_actors: int = 0) -> ActorPlan:
-    """Size the model's actor pool from the cluster's resources.
-
-    - GPUs: one actor per GPU (``num_gpus=1``, 1 CPU each), at most the number of GPUs.
-    - CPU only: the model shares the CPUs with the decode tasks, which must never be starved
-      (an actor pool that takes every CPU hangs: RAY_ON_A_SMALL_MACHINE.md). One actor per 4
-      CPUs; each asks Ray for ``0.5 * torch_threads`` logical CPUs (capped so at least one
-      whole CPU always stays free for a decode task) but runs ``torch_threads = CPUs // size``
-      threads: the model may use every core while the decode tasks wait on I/O, and the OS
-      shares the cores when both are busy. On 2 CPUs: one actor, 2 threads, 0.5 CPU (measured
-      on 10k images: 1,479 rows/s after start-up vs 668 with 1 thread; bench/bench_embed.py).
-
-    Args:
-        resources: ``ray.cluster_resources()``.
-        num_actors: a fixed pool size; 0 = from the resources.
-    """
-    gpus = int(resources.get("GPU", 0) or 0)
-    cpus = max(1.0, float(resources.get("CPU", 1) or 1))
-    if gpus >= 1:
-        size = min(num_actors or gpus, gpus)
-        if num_actors > gpus:
-            log.warning("num_actors=%d > %d GPUs: using %d GPU actors", num_actors, gpus, gpus)
-        per_cpu = 1.0 if cpus - size >= 1 else max(0.1, (cpus - 1) / size)
-        return ActorPlan(size, per_cpu, 1.0, max(1, int(per_cpu)), "cuda")
-    size = num_actors or max(1, int(cpus // 4))
-    threads = max(1, int(cpus // size))
-    per_cpu = min(0.5 * threads, max(0.1, (cpus - 1) / size))
-    return ActorPlan(size, round(per_cpu, 3), 0.0, threads, "cpu")
-
-
 def build_pipeline(shards: list[Shard], preprocess: Any, spec: dict[str, Any], plan: ActorPlan,
                    batch_size: int = 256, max_pixels: int = DEFAULT_MAX_PIXELS,
                    scorer: str = "lowlevel", batch_rows: int = 64) -> ray.data.Dataset:
@@ -252,7 +201,7 @@ def build_pipeline(shards: list[Shard], preprocess: Any, spec: dict[str, Any], p
         shards: the pending shards.
         preprocess: the model's eval transform (``retriever.preprocess``).
         spec: ``dataclasses.asdict(ModelSpec)`` for the actors.
-        plan: from :func:`plan_actor_pool`.
+        plan: from :func:`aligner.runtime.raycluster.plan_model_actors`.
         batch_size: images per model call.
         max_pixels: decode limit.
         scorer: aesthetic scorer name.
@@ -274,281 +223,6 @@ def build_pipeline(shards: list[Shard], preprocess: Any, spec: dict[str, Any], p
         EncodeImages, batch_size=batch_size, batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=plan.size),
         fn_constructor_kwargs={"spec": spec, "device": plan.device,
-                               "torch_threads": plan.torch_threads, "batch_size": batch_size,
+                               "torch_threads": plan.threads, "batch_size": batch_size,
                                "scorer": scorer},
         num_cpus=plan.num_cpus, num_gpus=plan.num_gpus)
-
-
-# --------------------------------------------------------------------------- output / resume
-
-def _atomic_write_table(table: pa.Table, path: Path) -> None:
-    import pyarrow.parquet as pq
-
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
-
-
-def embeddings_schema(dim: int, extra: pa.Schema | None = None) -> pa.Schema:
-    """``id, embedding fixed_size_list<float32>[dim], aesthetic, caption, source`` + extras."""
-    import pyarrow as pa
-
-    fields = [("id", pa.string()), ("embedding", pa.list_(pa.float32(), dim)),
-              ("aesthetic", pa.float32()), ("caption", pa.string()), ("source", pa.string())]
-    schema = pa.schema(fields)
-    for f in extra or []:
-        if f.name not in schema.names:
-            schema = schema.append(f)
-    return schema
-
-
-def done_shards(out_dir: str | Path) -> set[str]:
-    """Ids of the shards whose embeddings file exists (finished, possibly with 0 rows)."""
-    d = Path(out_dir) / EMBEDDINGS_DIR
-    return {p.stem for p in d.glob("*.parquet") if not p.name.startswith(".")} \
-        if d.is_dir() else set()
-
-
-def clean_partial(out_dir: str | Path, pending: list[str]) -> int:
-    """Remove temp files and the failure files of unfinished shards; returns how many."""
-    n = 0
-    for sub in (EMBEDDINGS_DIR, FAILURES_DIR):
-        d = Path(out_dir) / sub
-        if not d.is_dir():
-            continue
-        for p in d.glob(".*.tmp"):
-            p.unlink(missing_ok=True)
-            n += 1
-    fail_dir = Path(out_dir) / FAILURES_DIR
-    for sid in pending:
-        p = fail_dir / f"{sid}.parquet"
-        if p.exists():
-            p.unlink()
-            n += 1
-    return n
-
-
-@dataclasses.dataclass
-class _ShardBuffer:
-    chunks: list[dict[str, np.ndarray]] = dataclasses.field(default_factory=list)
-    rows: set[int] = dataclasses.field(default_factory=set)
-    total: int = -1
-
-    def complete(self) -> bool:
-        return self.total >= 0 and len(self.rows) >= self.total
-
-
-class ShardWriter:
-    """Driver-side sink: groups streamed rows by shard, writes each shard once complete.
-
-    Args:
-        out_dir: the job's output directory.
-        shards: the shards this run processes (by id).
-        dim: embedding size D.
-        keep_columns: corpus columns to carry into the output (Parquet corpora; read back from
-            the corpus by row position at write time, so they never travel through Ray).
-    """
-
-    def __init__(self, out_dir: str | Path, shards: list[Shard], dim: int,
-                 keep_columns: tuple[str, ...] = ()) -> None:
-        self.out = Path(out_dir)
-        (self.out / EMBEDDINGS_DIR).mkdir(parents=True, exist_ok=True)
-        (self.out / FAILURES_DIR).mkdir(parents=True, exist_ok=True)
-        self.shards = {s.shard_id: s for s in shards}
-        self.dim = dim
-        self.keep_columns = tuple(c for c in keep_columns if c != "caption")
-        self.buffers: dict[str, _ShardBuffer] = {}
-        self.written: set[str] = set()
-        self.rows_in = self.rows_out = self.rows_failed = 0
-        self.failure_reasons: dict[str, int] = {}
-
-    def add(self, batch: dict[str, np.ndarray]) -> list[str]:
-        """Take one streamed batch; returns the ids of shards written because of it."""
-        sids = batch["shard_id"]
-        finished = []
-        for sid in dict.fromkeys(sids.tolist()):
-            if sid in self.written:
-                continue  # a late duplicate from a retried task
-            m = sids == sid
-            part = {k: v[m] for k, v in batch.items()}
-            buf = self.buffers.setdefault(sid, _ShardBuffer())
-            buf.chunks.append(part)
-            buf.rows.update(part["row"].tolist())
-            totals = part["shard_total"]
-            if (totals >= 0).any():
-                buf.total = int(totals[totals >= 0][0])
-            if buf.complete():
-                self._write(sid)
-                finished.append(sid)
-        return finished
-
-    def pending(self) -> list[str]:
-        """Shards that started streaming but are not complete."""
-        return sorted(self.buffers)
-
-    def _write(self, sid: str) -> None:
-        import pyarrow as pa
-
-        buf = self.buffers.pop(sid)
-        cols = {k: np.concatenate([c[k] for c in buf.chunks]) for k in buf.chunks[0]}
-        order = np.argsort(cols["row"], kind="stable")
-        cols = {k: v[order] for k, v in cols.items()}
-        keep = np.ones(len(order), bool)
-        keep[1:] = cols["row"][1:] != cols["row"][:-1]  # retried rows: same position
-        cols = {k: v[keep] for k, v in cols.items()}
-        reason = cols["reason"].astype(object)
-        stage = cols["stage"].astype(object)
-        seen: set[str] = set()
-        for i, id_ in enumerate(cols["id"]):  # ids must be unique: later copies fail
-            if not reason[i] and id_ in seen:
-                reason[i], stage[i] = f"duplicate_id: {id_!r} already in this shard", "read"
-            seen.add(id_)
-        bad = np.asarray([bool(r) for r in reason], bool)
-        ok = ~bad
-        shard = self.shards.get(sid)
-        if bad.any():
-            fail = pa.table({"id": pa.array(cols["id"][bad].tolist(), pa.string()),
-                             "source": pa.array(cols["source"][bad].tolist(), pa.string()),
-                             "reason": pa.array(reason[bad].tolist(), pa.string()),
-                             "stage": pa.array(stage[bad].tolist(), pa.string())})
-            assert tuple(fail.column_names) == FAILURE_COLUMNS
-            _atomic_write_table(fail, self.out / FAILURES_DIR / f"{sid}.parquet")
-            for r in reason[bad]:
-                code = str(r).split(":", 1)[0]
-                self.failure_reasons[code] = self.failure_reasons.get(code, 0) + 1
-        emb = np.ascontiguousarray(cols["embedding"][ok], np.float32).reshape(-1, self.dim)
-        captions = [c if c else None for c in cols["caption"][ok].tolist()]
-        table = pa.table({
-            "id": pa.array(cols["id"][ok].tolist(), pa.string()),
-            "embedding": pa.FixedSizeListArray.from_arrays(pa.array(emb.ravel(), pa.float32()),
-                                                           self.dim),
-            "aesthetic": pa.array(cols["aesthetic"][ok], pa.float32()),
-            "caption": pa.array(captions, pa.string()),
-            "source": pa.array(cols["source"][ok].tolist(), pa.string()),
-        })
-        if self.keep_columns and shard is not None:
-            from aligner.data.corpus_shards import read_shard_columns
-
-            extra = read_shard_columns(shard, list(self.keep_columns))
-            if extra is not None:
-                rows = pa.array(cols["row"][ok], pa.int64())
-                for name in extra.column_names:
-                    table = table.append_column(name, extra.column(name).take(rows))
-        _atomic_write_table(table, self.out / EMBEDDINGS_DIR / f"{sid}.parquet")
-        self.written.add(sid)
-        self.rows_in += int(len(reason))
-        self.rows_out += int(ok.sum())
-        self.rows_failed += int(bad.sum())
-
-
-def write_plan(out_dir: str | Path, shards: list[Shard], model: dict[str, Any],
-               input_uri: str, checkpoint_hash: str | None = None) -> None:
-    """Record the shard plan and the model an output was started with (``shards.json``)."""
-    from aligner.runtime.manifest import atomic_write_text
-
-    atomic_write_text(Path(out_dir) / PLAN_FILE, json.dumps({
-        "input": input_uri, "model": model, "checkpoint_hash": checkpoint_hash,
-        "shards": [{"shard_id": s.shard_id, "what": s.describe(), "num_rows": s.num_rows}
-                   for s in shards]}, indent=1))
-
-
-def read_plan(out_dir: str | Path) -> dict[str, Any] | None:
-    """``shards.json`` of an output, or None."""
-    p = Path(out_dir) / PLAN_FILE
-    return json.loads(p.read_text()) if p.is_file() else None
-
-
-# --------------------------------------------------------------------------- reading outputs
-
-def _embedding_files(out_dir: str | Path) -> list[Path]:
-    d = Path(out_dir) / EMBEDDINGS_DIR
-    if not d.is_dir():
-        raise FileNotFoundError(f"no {EMBEDDINGS_DIR}/ in {out_dir}: not an embed job output")
-    return sorted(p for p in d.glob("*.parquet") if not p.name.startswith("."))
-
-
-def read_embeddings(out_dir: str | Path, columns: list[str] | None = None) -> pa.Table:
-    """All embeddings of an embed job output as one Arrow table (no images are read).
-
-    Args:
-        out_dir: the job's output directory (holding ``embeddings/``).
-        columns: a subset (e.g. ``["id", "embedding"]``); default all.
-
-    Returns:
-        A table with ``embedding: fixed_size_list<float32>[D]``; see :func:`embedding_matrix`.
-    """
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    files = _embedding_files(out_dir)
-    tables = [pq.read_table(p, columns=columns) for p in files]
-    tables = [t for t in tables if t.num_rows] or tables[:1]
-    if not tables:
-        raise FileNotFoundError(f"{out_dir}/{EMBEDDINGS_DIR} holds no shards")
-    return pa.concat_tables(tables, promote_options="permissive")
-
-
-def iter_embeddings(out_dir: str | Path, batch_size: int = 65_536,
-                    columns: list[str] | None = None) -> Iterator[pa.RecordBatch]:
-    """Stream an output's embeddings as record batches (bounded memory, for huge corpora)."""
-    import pyarrow.parquet as pq
-
-    for p in _embedding_files(out_dir):
-        yield from pq.ParquetFile(p).iter_batches(batch_size=batch_size, columns=columns)
-
-
-def embedding_matrix(table: pa.Table | pa.RecordBatch) -> np.ndarray:
-    """The ``embedding`` column as a ``[N, D]`` float32 array (zero-copy where possible)."""
-    import pyarrow as pa
-
-    col = table.column("embedding")
-    if isinstance(col, pa.ChunkedArray):
-        col = col.combine_chunks()
-    dim = col.type.list_size
-    return col.flatten().to_numpy(zero_copy_only=False).reshape(-1, dim).astype(
-        np.float32, copy=False)
-
-
-def output_counts(out_dir: str | Path) -> dict[str, int]:
-    """Rows in the output's embeddings and failures (Parquet footers only)."""
-    import pyarrow.parquet as pq
-
-    out = {"rows_out": 0, "rows_failed": 0, "shards_done": 0}
-    for sub, key in ((EMBEDDINGS_DIR, "rows_out"), (FAILURES_DIR, "rows_failed")):
-        d = Path(out_dir) / sub
-        for p in sorted(d.glob("*.parquet")) if d.is_dir() else []:
-            if p.name.startswith("."):
-                continue
-            out[key] += pq.ParquetFile(p).metadata.num_rows
-            if sub == EMBEDDINGS_DIR:
-                out["shards_done"] += 1
-    out["rows_in"] = out["rows_out"] + out["rows_failed"]
-    return out
-
-
-def throughput(rows: int, seconds: float) -> float:
-    """rows / seconds, 0 when no time passed."""
-    return rows / seconds if seconds > 0 and math.isfinite(seconds) else 0.0
-
-
-class Progress:
-    """Rate-limited INFO lines while the driver consumes the stream."""
-
-    def __init__(self, total_shards: int, every_s: float = 10.0) -> None:
-        self.total = total_shards
-        self.every = every_s
-        self.t0 = time.time()
-        self.first_row_at: float | None = None
-        self.last = 0.0
-
-    def update(self, writer: ShardWriter, rows_seen: int) -> None:
-        now = time.time()
-        if self.first_row_at is None and rows_seen:
-            self.first_row_at = now
-            log.info("first rows after %.1f s (start-up: actors loading the model, workers "
-                     "importing torch)", now - self.t0)
-        if now - self.last >= self.every:
-            self.last = now
-            log.info("shards %d/%d written, rows out %d, failed %d, %.0f rows/s",
-                     len(writer.written), self.total, writer.rows_out, writer.rows_failed,
-                     throughput(rows_seen, now - self.t0))

@@ -25,7 +25,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from aligner.runtime.manifest import atomic_write_text, file_sha256
+from aligner.data.io import atomic_write, atomic_write_text
+from aligner.runtime.manifest import file_sha256
 
 if TYPE_CHECKING:  # torch / open_clip cost seconds to import; keep them out of import paths
     import torch
@@ -61,6 +62,24 @@ class ModelSpec:
         default=64, metadata={"help": "built-in model only: input resolution"})
     embed_dim: int = dataclasses.field(
         default=256, metadata={"help": "built-in model only: joint embedding size"})
+
+    @classmethod
+    def from_record(cls, record: dict[str, Any], where: str = "the manifest") -> ModelSpec:
+        """The spec of the model a manifest records (:meth:`Retriever.describe`): what
+        embedded a corpus, so queries are encoded by the same model.
+
+        Raises:
+            ValueError: an empty record.
+        """
+        if not record:
+            raise ValueError(f"{where} does not record the embedding model: pass model.name / "
+                             "model.checkpoint explicitly")
+        spec = cls(name=record.get("name") or BUILTIN, pretrained=record.get("pretrained"),
+                   checkpoint=record.get("checkpoint"))
+        if spec.name == BUILTIN and not spec.checkpoint:  # sizes live in the spec, not a file
+            spec.image_size = int(record.get("image_size") or spec.image_size)
+            spec.embed_dim = int(record.get("embed_dim") or spec.embed_dim)
+        return spec
 
 
 def builtin_text_dir() -> Path:
@@ -328,9 +347,8 @@ def save_checkpoint(retriever_or_model: Retriever | Any, out_dir: str | Path,
     builtin = model_cfg.get("text_cfg", {}).get("hf_model_name") == BUILTIN_TEXT_TOWER
     state = {k: v.detach().cpu().contiguous() for k, v in
              trainable_state_dict(model, include_frozen_text=not builtin).items()}
-    tmp = out / f".{WEIGHTS_FILE}.tmp"
-    save_file(state, str(tmp))
-    os.replace(tmp, out / WEIGHTS_FILE)
+    with atomic_write(out / WEIGHTS_FILE) as tmp:
+        save_file(state, str(tmp))
     atomic_write_text(out / CONFIG_FILE, json.dumps(
         {"model_cfg": model_cfg, "preprocess_cfg": preprocess_cfg or {}}, indent=2))
     atomic_write_text(out / META_FILE, json.dumps(

@@ -8,9 +8,7 @@ image vectors always come from the same model.
 
 from __future__ import annotations
 
-import io
 import logging
-import tarfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,79 +35,13 @@ class Hit:
 
 def spec_from_index(index: SearchIndex) -> ModelSpec:
     """The model that embedded the index's corpus, from the index manifest."""
-    model = (index.manifest.get("embeddings") or {}).get("model") or {}
-    if not model:
-        raise ValueError("the index manifest does not record the embedding model: "
-                         "pass model.name / model.checkpoint explicitly")
-    spec = ModelSpec(name=model.get("name") or "builtin", pretrained=model.get("pretrained"),
-                     checkpoint=model.get("checkpoint"))
-    if spec.name == "builtin" and not spec.checkpoint:  # sizes live in the spec, not a file
-        spec.image_size = int(model.get("image_size") or spec.image_size)
-        spec.embed_dim = int(model.get("embed_dim") or spec.embed_dim)
-    return spec
+    return ModelSpec.from_record((index.manifest.get("embeddings") or {}).get("model") or {},
+                                 "the index manifest")
 
 
 def corpus_from_index(index: SearchIndex) -> str | None:
     """The corpus the index's embeddings were computed from (``None`` if unrecorded)."""
     return (index.manifest.get("embeddings") or {}).get("input")
-
-
-def fetch_images(corpus: str, ids: Sequence[str]) -> dict[str, bytes]:
-    """Encoded image bytes for ``ids`` from a corpus (Parquet, folder tree or WebDataset tars).
-
-    Parquet: rows are selected with a pushed-down ``id`` filter (never the whole corpus);
-    a ``uri`` column is fetched through pyarrow filesystems. Folder: the id is the path
-    relative to the folder. WebDataset: tar members whose key is an id (a scan of the tars).
-    Ids that cannot be found are left out of the result.
-    """
-    from aligner.data.corpus_shards import detect_format, resolve
-
-    wanted = list(dict.fromkeys(i for i in ids if i))
-    if not wanted:
-        return {}
-    fmt = detect_format(corpus)
-    out: dict[str, bytes] = {}
-    if fmt == "parquet":
-        import pyarrow.dataset as ds
-
-        fs, path = resolve(corpus)
-        d = ds.dataset(path, filesystem=fs, format="parquet")
-        cols = [c for c in ("id", "image", "uri") if c in d.schema.names]
-        table = d.to_table(columns=cols, filter=ds.field("id").isin(wanted))
-        for row in table.to_pylist():
-            if row.get("image"):
-                out[row["id"]] = row["image"]
-            elif row.get("uri"):
-                try:
-                    ufs, upath = resolve(row["uri"])
-                    with ufs.open_input_file(upath) as f:
-                        out[row["id"]] = f.read()
-                except OSError as e:
-                    log.warning("cannot fetch %s: %s", row["uri"], e)
-    elif fmt == "folder":
-        fs, root = resolve(corpus)
-        for i in wanted:
-            try:
-                with fs.open_input_file(f"{root.rstrip('/')}/{i}") as f:
-                    out[i] = f.read()
-            except OSError as e:
-                log.warning("cannot read %s/%s: %s", corpus, i, e)
-    else:
-        from aligner.data.corpus_shards import plan_webdataset, split_key
-
-        want = set(wanted)
-        fs, _ = resolve(corpus)
-        for shard in plan_webdataset(corpus):
-            with fs.open_input_file(shard.paths[0]) as fh, tarfile.open(fileobj=fh, mode="r|*") as tar:
-                for member in tar:
-                    key, ext = split_key(member.name)
-                    if key in want and ext in ("jpg", "jpeg", "png", "webp") and key not in out:
-                        f = tar.extractfile(member)
-                        if f is not None:
-                            out[key] = f.read()
-            if len(out) == len(want):
-                break
-    return out
 
 
 class Searcher:
@@ -169,6 +101,8 @@ class Searcher:
         """The encoded images of some hits ({} when the corpus is unknown)."""
         if not self.corpus:
             return {}
+        from aligner.data.corpus import fetch_images
+
         return fetch_images(self.corpus, [h.id for h in hits])
 
 
@@ -178,8 +112,4 @@ def hits_to_items(hits: Sequence[Hit], images: dict[str, bytes]) -> list[dict[st
              "caption": h.caption, "label": f"#{h.rank} {h.id}"} for h in hits]
 
 
-def decode(data: bytes):
-    """Bytes -> PIL image (for grids)."""
-    from PIL import Image
 
-    return Image.open(io.BytesIO(data)).convert("RGB")

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from aligner.data.io import atomic_write
 from aligner.runtime.manifest import file_sha256
 
 log = logging.getLogger(__name__)
@@ -74,8 +75,6 @@ def cached_pooled_features(model, tokenizer, texts: Sequence[str], progress: boo
             return arr
     log.info("text features: encoding %d texts with the locked text tower", len(texts))
     arr = pooled_text_features(model, tokenizer, texts, progress=progress)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.npy")
-    np.save(tmp, arr)
-    os.replace(tmp, path)
+    with atomic_write(path) as tmp:
+        np.save(tmp, arr)
     return arr

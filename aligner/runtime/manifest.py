@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import platform
 import socket
 import subprocess
@@ -12,6 +11,8 @@ import time
 from importlib import metadata
 from pathlib import Path
 from typing import Any
+
+from aligner.data.io import atomic_write_text
 
 _PACKAGES = ("aesthetic-aligner", "torch", "torchvision", "ray", "open_clip_torch", "faiss-cpu",
              "pyarrow", "numpy", "pillow", "transformers")
@@ -51,15 +52,6 @@ def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
             while block := fh.read(chunk):
                 h.update(block)
     return h.hexdigest()
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write a text file so that readers never see a half-written one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def write_manifest(out_dir: str | Path, job: str, config: dict[str, Any] | None = None,

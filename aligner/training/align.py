@@ -33,6 +33,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from aligner.retrieval.metrics import caption_recall
 from aligner.training.loop import (
     count_trainable,
     latest_checkpoint_dir,
@@ -46,7 +47,7 @@ from aligner.training.loop import (
     worker_context,
 )
 from aligner.training.losses import align_loss, contrastive_loss, ranked_dpo_loss
-from aligner.training.pretrain import lock_text_tower, recall_at_k_from_features, to_pixels
+from aligner.training.pretrain import lock_text_tower, to_pixels
 
 log = logging.getLogger(__name__)
 TRAIN_LOG = "train_log.jsonl"
@@ -262,7 +263,7 @@ def validate(task: AlignTask, texts: TextInputs, data: AlignData, cfg: dict, mea
             txt = torch.cat([task.text_features(**texts(
                 [None if data.val_text is None else data.val_text[i:i + 512]],
                 data.val_captions[i:i + 512])) for i in range(0, len(data.val_image), 512)])
-        out.update({f"val_{k}": v for k, v in recall_at_k_from_features(img, txt).items()})
+        out.update({f"val_{k}": v for k, v in caption_recall(img, txt).items()})
     return out
 
 

@@ -9,78 +9,23 @@ model, so the reference never runs inside the training loop.
 
 from __future__ import annotations
 
-import io
 import logging
 import time
 import zlib
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.dataset as ds
-import pyarrow.parquet as pq
 
+from aligner.data.corpus import corpus_columns, read_corpus
+from aligner.data.images import decode_rgb
+from aligner.data.preferences import read_preferences
+from aligner.data.queries import query_splits
 from aligner.retrieval.models import ModelSpec
 from aligner.training.align import AlignData, PairSet
 
 log = logging.getLogger(__name__)
 
 PREF_COLUMNS = ("query_id", "query", "chosen_id", "rejected_id", "source", "weight")
-
-
-def read_table(path: str | Path, name: str) -> pa.Table:
-    """A Parquet file, or a directory of Parquet files (e.g. ``queries/queries.parquet``)."""
-    p = Path(path)
-    if not p.exists():
-        raise FileNotFoundError(f"{name}: {p} does not exist")
-    if p.is_dir():
-        files = sorted(f for f in p.rglob("*.parquet") if "failures" not in f.parts)
-        if not files:
-            raise FileNotFoundError(f"{name}: no Parquet files under {p}")
-        return pa.concat_tables([pq.read_table(f) for f in files], promote_options="default")
-    return pq.read_table(p)
-
-
-def read_preferences(path: str | Path) -> pa.Table:
-    """The preferences table, with its schema checked (DESIGN.md data contract)."""
-    t = read_table(path, "preferences")
-    missing = [c for c in PREF_COLUMNS if c not in t.column_names]
-    if missing:
-        raise ValueError(f"preferences {path} lacks columns {missing} (has {t.column_names})")
-    if t.num_rows == 0:
-        raise ValueError(f"preferences {path} has no pairs")
-    return t
-
-
-def query_splits(queries: str | Path, query_ids: list[str], val_fraction: float,
-                 seed: int) -> dict[str, str]:
-    """Each query id's split: the queries table's ``split`` column, else a seeded hash."""
-    split: dict[str, str] = {}
-    p = Path(queries)
-    if p.exists():
-        t = read_table(p, "queries")
-        if "split" in t.column_names and "query_id" in t.column_names:
-            split = dict(zip(t["query_id"].to_pylist(), t["split"].to_pylist(), strict=True))
-    for q in query_ids:
-        if q not in split:
-            h = zlib.crc32(f"{seed}:{q}".encode()) / 2**32
-            split[q] = "val" if h < val_fraction else "train"
-    return split
-
-
-def decode_rgb(blob: bytes, size: int) -> np.ndarray:
-    """Encoded image -> ``[size, size, 3]`` uint8: shortest side to ``size``, centre crop."""
-    from PIL import Image
-
-    im = Image.open(io.BytesIO(blob)).convert("RGB")
-    if im.size != (size, size):
-        w, h = im.size
-        s = size / min(w, h)
-        im = im.resize((max(size, round(w * s)), max(size, round(h * s))), Image.BICUBIC)
-        w, h = im.size
-        left, top = (w - size) // 2, (h - size) // 2
-        im = im.crop((left, top, left + size, top + size))
-    return np.asarray(im, dtype=np.uint8)
 
 
 def prepare_align_data(preferences: str, corpus: str, queries: str, model: ModelSpec,
@@ -97,6 +42,8 @@ def prepare_align_data(preferences: str, corpus: str, queries: str, model: Model
 
     t0 = time.time()
     prefs = read_preferences(preferences)
+    if prefs.num_rows == 0:
+        raise ValueError(f"preferences {preferences} has no pairs")
     rows = prefs.select(list(PREF_COLUMNS)).to_pylist()
     split = query_splits(queries, sorted({r["query_id"] for r in rows}), val_fraction, seed)
     kept = {"train": [], "val": []}
@@ -110,20 +57,17 @@ def prepare_align_data(preferences: str, corpus: str, queries: str, model: Model
     if not kept["train"]:
         raise ValueError("no preference pairs belong to training queries")
 
-    if not Path(corpus).is_dir():
-        raise FileNotFoundError(f"corpus {corpus} is not a directory of Parquet files")
-    cd = ds.dataset(corpus, format="parquet")
+    names = corpus_columns(corpus)
     for c in ("id", "image", "caption"):
-        if c not in cd.schema.names:
+        if c not in names:
             raise ValueError(f"corpus {corpus} lacks column {c!r} (the contrastive term needs "
                              "images with captions)")
-    has_split = "split" in cd.schema.names
     meta_cols = ["id", "caption"]
-    if has_split:
-        cap = cd.to_table(columns=meta_cols, filter=ds.field("split") == "train")
-        val = cd.to_table(columns=meta_cols, filter=ds.field("split") == "val")
+    if "split" in names:
+        cap = read_corpus(corpus, meta_cols, split="train")
+        val = read_corpus(corpus, meta_cols, split="val")
     else:
-        allc = cd.to_table(columns=meta_cols)
+        allc = read_corpus(corpus, meta_cols)
         h = np.array([zlib.crc32(f"{seed}:{i}".encode()) / 2**32 for i in allc["id"].to_pylist()])
         cap, val = allc.filter(pa.array(h >= 0.05)), allc.filter(pa.array(h < 0.05))
     captions, val_captions = cap["caption"].to_pylist(), val["caption"].to_pylist()
@@ -133,7 +77,7 @@ def prepare_align_data(preferences: str, corpus: str, queries: str, model: Model
     base_of = {i: (parse_degraded_id(i) or (i, None))[0] for i in pref_ids}
     n_cap = len(cap_ids) if not max_caption_images else min(max_caption_images, len(cap_ids))
     need = set(base_of.values()) | set(cap_ids[:n_cap]) | set(val_ids)
-    blobs_t = cd.to_table(columns=["id", "image"], filter=ds.field("id").isin(list(need)))
+    blobs_t = read_corpus(corpus, ["id", "image"], ids=sorted(need))
     blobs = dict(zip(blobs_t["id"].to_pylist(), blobs_t["image"].to_pylist(), strict=True))
     missing = sorted(i for i in set(base_of.values()) if i not in blobs)
     if missing:

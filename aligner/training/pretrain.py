@@ -25,6 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from aligner.retrieval.metrics import caption_recall
 from aligner.training.loop import (
     count_trainable,
     latest_checkpoint_dir,
@@ -105,14 +106,6 @@ def to_pixels(batch_u8: np.ndarray | torch.Tensor, mean, std, flip: torch.Tensor
     m = torch.tensor(mean, dtype=x.dtype).view(1, 3, 1, 1)
     s = torch.tensor(std, dtype=x.dtype).view(1, 3, 1, 1)
     return (x - m) / s
-
-
-def recall_at_k_from_features(img: torch.Tensor, txt: torch.Tensor, ks=(1, 5, 10)) -> dict:
-    """Text->image recall@k where text i's match is image i. ``img``, ``txt``: ``[M, D]``."""
-    sim = txt @ img.T
-    target = sim.diagonal().unsqueeze(1)
-    rank = (sim > target).sum(1)
-    return {f"r@{k}": float((rank < k).float().mean()) for k in ks}
 
 
 def pretrain_loop(cfg: dict[str, Any]) -> None:
@@ -254,7 +247,7 @@ def _validate(model, retriever, val_pixels, val_text, val_captions) -> dict[str,
             txt = F.normalize(model.text.proj(val_text), dim=-1)
         else:
             txt = torch.from_numpy(retriever.encode_texts(val_captions)).to(img.device)
-    return {f"val_{k}": v for k, v in recall_at_k_from_features(img, txt).items()}
+    return {f"val_{k}": v for k, v in caption_recall(img, txt).items()}
 
 
 def _jsonable(cfg: dict[str, Any]) -> dict[str, Any]:

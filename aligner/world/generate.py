@@ -25,6 +25,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from aligner.data.corpus import CORPUS_SCHEMA, read_corpus, write_corpus
+from aligner.data.queries import QUERIES_FILE, read_queries, write_queries
 from aligner.world.captions import compose, content_phrase, heldout_look_phrases
 from aligner.world.render import Factors, encode_png, oracle_beauty, render, sample_factors
 from aligner.world.vocab import BACKGROUNDS, COLOURS, COUNTS, FACTORS, SHAPES
@@ -168,9 +170,8 @@ def generate_world(spec: WorldSpec, out_dir: str | Path, workers: int | None = N
         nonlocal corpus_rows, file_idx
         while len(corpus_rows) >= spec.rows_per_file or (final and corpus_rows):
             part, corpus_rows = corpus_rows[:spec.rows_per_file], corpus_rows[spec.rows_per_file:]
-            table = pa.Table.from_pylist(part, schema=CORPUS_SCHEMA)
-            pq.write_table(table, out / "corpus" / f"part-{file_idx:05d}.parquet",
-                           row_group_size=500)
+            write_corpus(pa.Table.from_pylist(part, schema=CORPUS_SCHEMA),
+                         out / "corpus" / f"part-{file_idx:05d}.parquet", row_group_size=500)
             file_idx += 1
 
     bar = tqdm(total=spec.n_images, desc="render world", unit="img", disable=not progress)
@@ -197,7 +198,7 @@ def generate_world(spec: WorldSpec, out_dir: str | Path, workers: int | None = N
                                oracle["beauty"].cast(pa.float32()))
     pq.write_table(oracle, out / "eval" / "oracle.parquet")
     queries, truth = make_queries(spec)
-    pq.write_table(queries, out / "queries" / "queries.parquet")
+    write_queries(queries, out / "queries" / QUERIES_FILE)
     pq.write_table(truth, out / "eval" / "query_truth.parquet")
     counts = {s: int((splits == s).sum()) for s in SPLITS}
     qcounts = {f"{k}/{s}": n for (k, s), n in _count(queries).items()}
@@ -238,9 +239,6 @@ def _count(queries: pa.Table) -> dict[tuple[str, str], int]:
     return out
 
 
-CORPUS_SCHEMA = pa.schema([("id", pa.string()), ("image", pa.binary()), ("caption", pa.string()),
-                           ("split", pa.string())])
-
 
 class World:
     """Read access to a generated world (corpus for everyone; ``eval/`` for evaluation only)."""
@@ -256,20 +254,12 @@ class World:
 
     def corpus(self, columns: list[str] | None = None, split: str | None = None) -> pa.Table:
         """The corpus table (optionally one split only)."""
-        import pyarrow.dataset as ds
-
-        d = ds.dataset(str(self.corpus_dir), format="parquet")
-        filt = (ds.field("split") == split) if split else None
-        return d.to_table(columns=columns, filter=filt)
+        return read_corpus(self.corpus_dir, columns, split)
 
     def queries(self, split: str | None = None, kind: str | None = None) -> pa.Table:
-        t = pq.read_table(self.root / "queries" / "queries.parquet")
-        mask = np.ones(t.num_rows, bool)
-        if split:
-            mask &= np.array(t["split"].to_pylist()) == split
-        if kind:
-            mask &= np.array(t["kind"].to_pylist()) == kind
-        return t.filter(pa.array(mask))
+        """The queries table (optionally one split and / or kind only)."""
+        return read_queries(self.root / "queries" / QUERIES_FILE, [split] if split else [],
+                            [kind] if kind else [])
 
     def oracle(self) -> pa.Table:
         """The hidden oracle (evaluation only)."""

@@ -18,9 +18,9 @@ def setup(tmp_path_factory):
     follow the low-level scorer (a consistent signal the model can learn), plus degraded
     copies."""
     from aligner.aesthetics.scorer import make_scorer
+    from aligner.data.images import decode_batch as decode_images
     from aligner.preferences.degrade import degraded_id
     from aligner.retrieval.models import ModelSpec, load_retriever, save_checkpoint
-    from jobs.pretrain import decode_images
 
     d = tmp_path_factory.mktemp("align")
     generate_world(WorldSpec(n_images=300, n_queries=40, n_paraphrases=10, val_fraction=0.15,

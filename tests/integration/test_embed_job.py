@@ -22,14 +22,14 @@ import pytest
 from PIL import Image, ImageDraw
 
 from aligner.data.corpus_shards import plan_shards
-from aligner.retrieval.embed_pipeline import (
+from aligner.data.embeddings import (
     ShardWriter,
     embedding_matrix,
     iter_embeddings,
-    plan_actor_pool,
     read_embeddings,
 )
 from aligner.runtime.manifest import read_manifest
+from aligner.runtime.raycluster import plan_model_actors
 
 N_IMAGES = 240
 CORRUPT = 7  # index of the image whose bytes are cut short
@@ -314,15 +314,15 @@ def test_udfs_in_process(tmp_path):
 
 
 def test_actor_pool_plans():
-    two = plan_actor_pool({"CPU": 2.0})
-    assert (two.size, two.num_gpus, two.device, two.torch_threads) == (1, 0.0, "cpu", 2)
+    two = plan_model_actors({"CPU": 2.0})
+    assert (two.size, two.num_gpus, two.device, two.threads) == (1, 0.0, "cpu", 2)
     assert two.num_cpus <= 1.0  # a whole CPU always stays free for the read/decode tasks
-    big = plan_actor_pool({"CPU": 32.0})
-    assert big.size == 8 and big.torch_threads == 4 and big.size * big.num_cpus <= 31
-    gpu = plan_actor_pool({"CPU": 16.0, "GPU": 4.0})
+    big = plan_model_actors({"CPU": 32.0})
+    assert big.size == 8 and big.threads == 4 and big.size * big.num_cpus <= 31
+    gpu = plan_model_actors({"CPU": 16.0, "GPU": 4.0})
     assert (gpu.size, gpu.num_gpus, gpu.device) == (4, 1.0, "cuda")
-    assert plan_actor_pool({"CPU": 16.0, "GPU": 2.0}, num_actors=5).size == 2
-    fixed = plan_actor_pool({"CPU": 2.0}, num_actors=3)
+    assert plan_model_actors({"CPU": 16.0, "GPU": 2.0}, num_actors=5).size == 2
+    fixed = plan_model_actors({"CPU": 2.0}, num_actors=3)
     assert fixed.size == 3 and fixed.size * fixed.num_cpus <= 1.0
 
 

@@ -19,8 +19,10 @@ import pytest
 
 from aligner.rephrase.base import check_rephrase
 from aligner.rephrase.openai_compat import OpenAICompatRephraser
+from aligner.rephrase.run import RephraseConfig
+from aligner.rephrase.run import run_rephrase as run
 from aligner.rephrase.template import TemplateRephraser
-from jobs.rephrase import RephraseConfig, main, run
+from jobs.rephrase import main
 
 QUERIES = ["two red circles on grass", "a cat on a sofa", "three blue stars on sand",
            "a pair of scarlet donuts on sandy ground", "a single mauve diamond shape",

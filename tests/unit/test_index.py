@@ -21,16 +21,10 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from aligner.retrieval.embed_pipeline import embeddings_schema
-from aligner.retrieval.index import (
-    SearchIndex,
-    build_index,
-    exact_topk,
-    inspect_embeddings,
-    merge_topk,
-    recall_at_k,
-    sample_vectors,
-)
+from aligner.data.embeddings import embeddings_schema, inspect_embeddings, sample_vectors
+from aligner.retrieval.index import SearchIndex, exact_topk, merge_topk
+from aligner.retrieval.index_build import build_index
+from aligner.retrieval.metrics import neighbour_recall
 from aligner.runtime.manifest import read_manifest, write_manifest
 
 D = 64
@@ -119,7 +113,7 @@ def assert_exact(res, q: np.ndarray, x: np.ndarray, ids: list[str], k: int) -> N
     np.testing.assert_allclose(res.scores, true_s, atol=1e-5)
     assert (np.diff(res.scores, axis=1) <= 0).all()
     assert res.ids == [[ids[p] for p in row] for row in res.positions]
-    assert recall_at_k(res.positions, true_p) == 1.0
+    assert neighbour_recall(res.positions, true_p) == 1.0
 
 
 # ----------------------------------------------------------------------------- pure helpers
@@ -142,7 +136,7 @@ def test_exact_topk_merge_and_recall_by_hand():
     np.testing.assert_allclose(s, [[0.9, 0.9, 0.5, 0.1]])
 
     # recall: query 0 finds 2 of 3, query 1 finds 2 of 3 (-1 never counts) -> 4/6
-    assert recall_at_k(np.array([[1, 2, 3], [4, 5, -1]]),
+    assert neighbour_recall(np.array([[1, 2, 3], [4, 5, -1]]),
                        np.array([[1, 2, 9], [4, 5, 6]])) == pytest.approx(4 / 6)
 
 
@@ -180,7 +174,7 @@ def test_round_trip_save_load_search(tmp_path, factory):
         assert faiss.downcast_index(loaded.shards[0]).hnsw.efSearch == 64
         narrow = SearchIndex.load(tmp_path / "idx", ef_search=16)
         assert faiss.downcast_index(narrow.shards[0]).hnsw.efSearch == 16
-        assert recall_at_k(mem.positions, numpy_topk(q, x, 10)[1]) >= 0.9
+        assert neighbour_recall(mem.positions, numpy_topk(q, x, 10)[1]) >= 0.9
     # one [D] query is accepted and equals the first row of the batch
     one = built.search(q[0], 10)
     np.testing.assert_array_equal(one.positions[0], mem.positions[0])
@@ -238,7 +232,7 @@ def test_ivf_flat_recall_and_nprobe(clustered_set, tmp_path):
     idx = SearchIndex.load(tmp_path / "ivf")  # nprobe 16 saved by the build
     assert idx.manifest["search_params"] == {"nprobe": 16}
     assert idx.manifest["train_sample"]["used"] == 20_000
-    r16 = recall_at_k(idx.search(q, 10).positions, truth)
+    r16 = neighbour_recall(idx.search(q, 10).positions, truth)
     assert r16 >= 0.9
 
     import faiss
@@ -246,10 +240,10 @@ def test_ivf_flat_recall_and_nprobe(clustered_set, tmp_path):
     low = SearchIndex.load(tmp_path / "ivf", nprobe=1)
     assert faiss.extract_index_ivf(low.shards[0]).nprobe == 1
     assert faiss.extract_index_ivf(idx.shards[0]).nprobe == 16
-    r1 = recall_at_k(low.search(q, 10).positions, truth)
+    r1 = neighbour_recall(low.search(q, 10).positions, truth)
     assert r1 < r16 - 0.1, (r1, r16)
     every = SearchIndex.load(tmp_path / "ivf", nprobe=256)  # every list: exhaustive
-    assert recall_at_k(every.search(q, 10).positions, truth) == 1.0
+    assert neighbour_recall(every.search(q, 10).positions, truth) == 1.0
 
 
 def test_ivf_pq_recall_and_size(clustered_set, tmp_path):
@@ -261,7 +255,7 @@ def test_ivf_pq_recall_and_size(clustered_set, tmp_path):
     emb, x, q, truth = clustered_set
     idx = build_index(emb, tmp_path / "pq", "IVF256,PQ16", train_sample=5000, nprobe=16)
     assert idx.manifest["train_sample"]["used"] == 5000
-    r = recall_at_k(SearchIndex.load(tmp_path / "pq").search(q, 10).positions, truth)
+    r = neighbour_recall(SearchIndex.load(tmp_path / "pq").search(q, 10).positions, truth)
     assert r >= 0.42, r
     flat = build_index(emb, tmp_path / "flat", "Flat")
     assert flat.ntotal == idx.ntotal == 20_000
@@ -343,13 +337,15 @@ def test_hive_style_nested_dirs_and_skipped_files(tmp_path):
     pq.write_table(junk, root / "_temporary" / "data.parquet")
     pq.write_table(junk, root / ".part-9.parquet")
     (root / "_SUCCESS").write_text("")
-    pq.write_table(pa.table({"id": ["x"], "reason": ["r"]}), tmp_path / "emb" / "failures.parquet")
+    pq.write_table(pa.table({"id": ["x"], "reason": ["r"]}), root / "stray.parquet")
+    # beside embeddings/, an embed output's other tables are not embeddings
+    pq.write_table(pa.table({"id": ["x"], "reason": ["r"]}), tmp_path / "emb" / "skipped.parquet")
     (tmp_path / "emb" / "failures").mkdir()
     pq.write_table(junk, tmp_path / "emb" / "failures" / "f.parquet")
 
     with pytest.raises(ValueError, match="missing column"):  # a stray file is not skipped
         build_index(tmp_path / "emb", tmp_path / "bad", "Flat")
-    (tmp_path / "emb" / "failures.parquet").unlink()
+    (root / "stray.parquet").unlink()
     idx = build_index(tmp_path / "emb", tmp_path / "idx", "Flat")
     assert idx.ntotal == 90
     assert pq.read_table(tmp_path / "idx" / "ids.parquet").column("id").to_pylist() == ids
@@ -491,7 +487,7 @@ def test_build_index_job_in_process(tmp_path, capsys):
     assert yaml.safe_load((out / "config.yaml").read_text())["factory"] == "HNSW32"
     assert "500 vectors in 2 shard(s)" in capsys.readouterr().out
     idx = SearchIndex.load(out)
-    assert recall_at_k(idx.search(x[:20], 5).positions, numpy_topk(x[:20], x, 5)[1]) >= 0.9
+    assert neighbour_recall(idx.search(x[:20], 5).positions, numpy_topk(x[:20], x, 5)[1]) >= 0.9
 
     assert main([f"embeddings={tmp_path / 'missing'}", f"output={tmp_path / 'o2'}"]) == 2
     assert main([f"embeddings={emb}", f"output={tmp_path / 'o3'}", "factory=Bogus12"]) == 2

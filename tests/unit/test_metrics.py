@@ -3,7 +3,8 @@
 import numpy as np
 import pytest
 
-from aligner.evaluation.stats import bootstrap_ci, recall_at_k, spearman, topk
+from aligner.evaluation.stats import bootstrap_ci, spearman
+from aligner.retrieval.metrics import caption_recall_hits, topk
 
 
 def test_topk_orders_best_first():
@@ -17,7 +18,7 @@ def test_recall_hand_case():
     g = np.eye(3, dtype=np.float32)
     # query 0 ranks its target first; query 1 second; query 2 third
     q = np.array([[1, 0, 0], [0.9, 0.5, 0], [0.5, 0.4, 0.1]], np.float32)
-    hits = recall_at_k(q, g, np.array([0, 1, 2]), ks=(1, 2, 3))
+    hits = caption_recall_hits(q, g, np.array([0, 1, 2]), ks=(1, 2, 3))
     assert hits["r@1"].tolist() == [True, False, False]
     assert hits["r@2"].tolist() == [True, True, False]
     assert hits["r@3"].all()

@@ -16,15 +16,19 @@ import pyarrow.parquet as pq
 import pytest
 
 from aligner.data import preferences as T
-from aligner.preferences.degrade import parse_degraded_id
+from aligner.preferences import candidates as Cand
+from aligner.preferences import clean as C
+from aligner.preferences import grid as G
 from aligner.preferences import pairs as P
+from aligner.preferences import teacher as Te
+from aligner.preferences.degrade import parse_degraded_id
 
 # ----------------------------------------------------------------------------- partial order
 
 
 def test_dominance_pairs_2x2_by_hand():
     """(0,0) beats the three others; (0,1) and (1,0) beat (1,1); (0,1) vs (1,0) incomparable."""
-    got = P.dominance_pairs(2, 2)
+    got = G.dominance_pairs(2, 2)
     want = [((0, 0), (0, 1)), ((0, 0), (1, 0)), ((0, 0), (1, 1)), ((0, 1), (1, 1)),
             ((1, 0), (1, 1))]
     assert sorted(got) == sorted(want) and len(got) == 5
@@ -33,7 +37,7 @@ def test_dominance_pairs_2x2_by_hand():
 @pytest.mark.parametrize("u,v", [(1, 3), (3, 1), (2, 3), (4, 4)])
 def test_dominance_pair_count(u, v):
     """sum_{i,j} (u - i)(v - j) - uv = u(u+1)/2 * v(v+1)/2 - uv (84 for 4x4)."""
-    pairs = P.dominance_pairs(u, v)
+    pairs = G.dominance_pairs(u, v)
     assert len(pairs) == u * (u + 1) // 2 * v * (v + 1) // 2 - u * v
     assert all(a[0] <= b[0] and a[1] <= b[1] and a != b for a, b in pairs)
     assert len(set(pairs)) == len(pairs)
@@ -41,14 +45,14 @@ def test_dominance_pair_count(u, v):
 
 def test_pair_weights():
     """2x2 distances: 1, 1, 2, 1, 1 (mean 6/5) -> margin weights 5/6, 5/6, 10/6, 5/6, 5/6."""
-    pairs = P.dominance_pairs(2, 2)
-    np.testing.assert_allclose(P.pair_weights(pairs, "uniform"), np.ones(5))
-    w = P.pair_weights(pairs, "margin")
+    pairs = G.dominance_pairs(2, 2)
+    np.testing.assert_allclose(G.pair_weights(pairs, "uniform"), np.ones(5))
+    w = G.pair_weights(pairs, "margin")
     d = np.array([(b[0] - a[0]) + (b[1] - a[1]) for a, b in pairs])
     np.testing.assert_allclose(w, d / 1.2, rtol=1e-6)
     assert w.mean() == pytest.approx(1.0)
     with pytest.raises(ValueError):
-        P.pair_weights(pairs, "rank")
+        G.pair_weights(pairs, "rank")
 
 
 # ----------------------------------------------------------------------------- grid
@@ -57,15 +61,15 @@ def test_pair_weights():
 def test_fit_grid_shrinks_gracefully():
     """4x4 stride 2 needs 32; 20 -> stride 1 (16 fit); 12 -> v=3 (4x3); 6 -> 4x3, 3x3, 3x2;
     2 -> ... 2x2, 2x1; 1 -> None (fewer than 2 cells)."""
-    assert P.fit_grid(64, 4, 4, 2) == (4, 4, 2)
-    assert P.fit_grid(32, 4, 4, 2) == (4, 4, 2)
-    assert P.fit_grid(20, 4, 4, 2) == (4, 4, 1)
-    assert P.fit_grid(12, 4, 4, 2) == (4, 3, 1)
-    assert P.fit_grid(6, 4, 4, 2) == (3, 2, 1)
-    assert P.fit_grid(2, 4, 4, 2) == (2, 1, 1)
-    assert P.fit_grid(1, 4, 4, 2) is None
+    assert G.fit_grid(64, 4, 4, 2) == (4, 4, 2)
+    assert G.fit_grid(32, 4, 4, 2) == (4, 4, 2)
+    assert G.fit_grid(20, 4, 4, 2) == (4, 4, 1)
+    assert G.fit_grid(12, 4, 4, 2) == (4, 3, 1)
+    assert G.fit_grid(6, 4, 4, 2) == (3, 2, 1)
+    assert G.fit_grid(2, 4, 4, 2) == (2, 1, 1)
+    assert G.fit_grid(1, 4, 4, 2) is None
     with pytest.raises(ValueError):
-        P.fit_grid(10, 0, 4, 2)
+        G.fit_grid(10, 0, 4, 2)
 
 
 def test_sample_grid_by_hand():
@@ -75,20 +79,20 @@ def test_sample_grid_by_hand():
     sem = np.array([.9, .8, .7, .6, .5, .4, .3, .2])
     aes = np.array([.5, -.3, .9, .1, .0, .7, -.5, .8])
     perm = np.array([5, 2, 7, 0, 3, 6, 1, 4])  # pool order must not matter
-    cells = P.sample_grid(sem[perm], aes[perm], P.GridShape(2, 2, 2))
+    cells = G.sample_grid(sem[perm], aes[perm], G.GridShape(2, 2, 2))
     np.testing.assert_array_equal(perm[cells], [[2, 3], [7, 4]])
     with pytest.raises(ValueError, match="too small"):
-        P.sample_grid(sem[:7], aes[:7], P.GridShape(2, 2, 2))
+        G.sample_grid(sem[:7], aes[:7], G.GridShape(2, 2, 2))
 
 
 # ----------------------------------------------------------------------------- teacher
 
 
 def test_zscore():
-    np.testing.assert_allclose(P.zscore(np.array([1.0, 2.0, 3.0])), [-1.2247449, 0, 1.2247449],
+    np.testing.assert_allclose(Te.zscore(np.array([1.0, 2.0, 3.0])), [-1.2247449, 0, 1.2247449],
                                rtol=1e-6)
-    np.testing.assert_array_equal(P.zscore(np.array([4.0, 4.0])), [0, 0])
-    z = P.zscore(np.array([1.0, np.nan, 3.0]))
+    np.testing.assert_array_equal(Te.zscore(np.array([4.0, 4.0])), [0, 0])
+    z = Te.zscore(np.array([1.0, np.nan, 3.0]))
     np.testing.assert_allclose(z, [-1, 0, 1])
 
 
@@ -99,12 +103,12 @@ def test_teacher_components_by_hand():
     e = np.eye(3, dtype=np.float32)
     cand = e[:2]
     bad = (e[0] + e[1]) / np.sqrt(2)
-    c = P.teacher_components(cand, e[0], e[1], bad, np.array([0.5, np.nan]))
+    c = Te.teacher_components(cand, e[0], e[1], bad, np.array([0.5, np.nan]))
     np.testing.assert_allclose(c["sem"], [1, 0])
     np.testing.assert_allclose(c["rephrase"], [-1, 1])
     np.testing.assert_allclose(c["contrast"], [-0.70710677, 0.29289323], rtol=1e-6)
     assert np.isnan(c["scorer"][1])
-    no_reph = P.teacher_components(cand, e[0], None, bad)
+    no_reph = Te.teacher_components(cand, e[0], None, bad)
     assert set(no_reph) == {"sem", "contrast"}
     np.testing.assert_allclose(no_reph["contrast"], [1 - 0.70710677, -0.70710677], rtol=1e-6)
 
@@ -112,22 +116,22 @@ def test_teacher_components_by_hand():
 def test_aesthetic_score_combines_z_scores():
     """z([0, 1, 2]) = [-1.22, 0, 1.22], z([3, 2, 1]) = -that; 2*z1 + 1*z2 = z1."""
     comps = {"scorer": np.array([0.0, 1, 2]), "contrast": np.array([3.0, 2, 1])}
-    got = P.aesthetic_score(comps, ["scorer", "contrast"], [2.0, 1.0])
-    np.testing.assert_allclose(got, P.zscore(comps["scorer"]), rtol=1e-6)
+    got = Te.aesthetic_score(comps, ["scorer", "contrast"], [2.0, 1.0])
+    np.testing.assert_allclose(got, Te.zscore(comps["scorer"]), rtol=1e-6)
     with pytest.raises(ValueError, match="not available"):
-        P.aesthetic_score(comps, ["rephrase"], [1.0])
+        Te.aesthetic_score(comps, ["rephrase"], [1.0])
     with pytest.raises(ValueError, match="weights"):
-        P.aesthetic_score(comps, ["scorer"], [1.0, 2.0])
-    assert P.teacher_name(["scorer", "contrast"], [1, 0.5]) == "scorer*1+contrast*0.5"
+        Te.aesthetic_score(comps, ["scorer"], [1.0, 2.0])
+    assert Te.teacher_name(["scorer", "contrast"], [1, 0.5]) == "scorer*1+contrast*0.5"
 
 
 def test_template_rephraser():
-    bad = P.template_rephraser()
+    bad = Te.template_rephraser()
     assert bad(["two red circles. "]) == [
         "a blurry, grainy, dark, dull, off-centre photo of two red circles with a sickly "
         "green tint"]
     with pytest.raises(ValueError):
-        P.template_rephraser("no placeholder")
+        Te.template_rephraser("no placeholder")
 
 
 def test_settings_checks():
@@ -165,7 +169,7 @@ def _toy_world(n: int = 40, dim: int = 8, seed: int = 0):
         return out / np.linalg.norm(out, axis=1, keepdims=True)
 
     ids = [f"img-{i:02d}" for i in range(n)]
-    return P.MatrixCandidates(ids, m, np.linspace(-1, 1, n).astype(np.float32)), encode
+    return Cand.MatrixCandidates(ids, m, np.linspace(-1, 1, n).astype(np.float32)), encode
 
 
 def test_matrix_candidates_exact_topk():
@@ -183,7 +187,7 @@ def test_pools_and_pairs():
     cycling across queries (offset 3 per query): q0 blur,noise,dark; q1 blur,noise,dark ..."""
     cands, encode = _toy_world()
     queries = [P.QueryText(f"q{i}", f"query {i}", f"query {i}, crisp and vivid") for i in range(3)]
-    s = P.PairSettings(k=16, u=2, v=2, stride=2, degraded_per_query=3,
+    s = P.PairSettings(k=16, u=2, v=2, stride=2, degraded_per_query=3, retrieve_with="rephrased",
                        degrade_kinds=["blur", "noise", "dark", "crop"])
     pools = P.build_pools(queries, encode, cands, s)
     assert [len(p.ids) for p in pools] == [16, 16, 16]
@@ -213,12 +217,12 @@ def test_pools_and_pairs():
 
 def test_small_pool_shrinks_grid_and_original_retrieval():
     cands, encode = _toy_world(n=6)
-    s = P.PairSettings(k=64, retrieve_with="original", aesthetic=["scorer"],
+    s = P.PairSettings(k=64, u=4, v=4, retrieve_with="original", aesthetic=["scorer"],
                        aesthetic_weights=[1.0], degraded=False)
     pools = P.build_pools([P.QueryText("q", "query", None)], encode, cands, s)
     assert pools[0].ids == cands.search(encode(["query"]), 6).ids[0]
     rows, stats = P.build_pairs(pools, s)
-    assert stats["reduced_grids"] == 1 and len(rows) == len(P.dominance_pairs(3, 2))
+    assert stats["reduced_grids"] == 1 and len(rows) == len(G.dominance_pairs(3, 2))
 
 
 # ----------------------------------------------------------------------------- tables
@@ -239,7 +243,7 @@ def test_rows_to_table_schema_and_fill():
 def test_dedupe_keeps_the_largest_weight():
     t = T.rows_to_table([_row("q", "a", "b", "grid", 1.0), _row("q", "a", "b", "human", 3.0),
                          _row("q", "a", "c"), _row("p", "a", "b")])
-    out, n = T.dedupe(t)
+    out, n = C.dedupe(t)
     assert n == 1 and out.num_rows == 3
     kept = [r for r in out.to_pylist() if r["query_id"] == "q" and r["rejected_id"] == "b"]
     assert kept[0]["source"] == "human" and kept[0]["weight"] == 3.0
@@ -248,7 +252,7 @@ def test_dedupe_keeps_the_largest_weight():
 def test_contradictions_are_dropped_and_counted():
     t = T.rows_to_table([_row("q", "a", "b"), _row("q", "b", "a", "human"), _row("q", "a", "c"),
                          _row("p", "b", "a")])
-    out, n = T.drop_contradictions(t)
+    out, n = C.drop_contradictions(t)
     assert n == 1
     assert [(r["query_id"], r["chosen_id"], r["rejected_id"]) for r in out.to_pylist()] == [
         ("q", "a", "c"), ("p", "b", "a")]
@@ -258,30 +262,30 @@ def test_source_weights_and_caps():
     rows = [_row(f"q{i % 3}", f"a{i}", f"b{i}", "grid" if i % 2 else "degraded")
             for i in range(30)]
     t = T.rows_to_table(rows)
-    w = T.parse_source_weights("grid=2, degraded=0")
+    w = C.parse_source_weights("grid=2, degraded=0")
     assert w == {"grid": 2.0, "degraded": 0.0}
-    out, dropped = T.apply_source_weights(t, w)
+    out, dropped = C.apply_source_weights(t, w)
     assert dropped == 15 and set(out.column("weight").to_pylist()) == {2.0}
-    capped, n = T.cap_pairs(t, "query_id", 4, seed=1)
-    assert n == 18 and set(T.count_by(capped, "query_id").values()) == {4}
-    again, _ = T.cap_pairs(t, "query_id", 4, seed=1)
+    capped, n = C.cap_pairs(t, "query_id", 4, seed=1)
+    assert n == 18 and set(C.count_by(capped, "query_id").values()) == {4}
+    again, _ = C.cap_pairs(t, "query_id", 4, seed=1)
     assert capped.column("chosen_id").to_pylist() == again.column("chosen_id").to_pylist()
-    per_src, n = T.cap_pairs(t, "source", 5, seed=0)
-    assert n == 20 and T.count_by(per_src, "source") == {"degraded": 5, "grid": 5}
-    assert T.cap_pairs(t, "source", 0)[1] == 0
-    cleaned, counts = T.clean_pairs(t, {"degraded": 0.5}, 0, 4, seed=0)
+    per_src, n = C.cap_pairs(t, "source", 5, seed=0)
+    assert n == 20 and C.count_by(per_src, "source") == {"degraded": 5, "grid": 5}
+    assert C.cap_pairs(t, "source", 0)[1] == 0
+    cleaned, counts = C.clean_pairs(t, {"degraded": 0.5}, 0, 4, seed=0)
     assert counts["rows_out"] == 12 and counts["capped_per_query"] == 18
     with pytest.raises(ValueError):
-        T.parse_source_weights("grid")
+        C.parse_source_weights("grid")
     with pytest.raises(ValueError):
-        T.parse_source_weights("grid=-1")
+        C.parse_source_weights("grid=-1")
 
 
-def test_read_preference_table_checks_the_schema(tmp_path):
+def test_read_preferences_checks_the_schema(tmp_path):
     good = pa.table({"query_id": ["q"], "query": ["x"], "chosen_id": ["a"], "rejected_id": ["b"],
                      "source": ["human"], "weight": [2], "rationale": ["nicer light"]})
     pq.write_table(good, tmp_path / "good.parquet")
-    t = T.read_preference_table(tmp_path / "good.parquet")
+    t = T.read_preferences(tmp_path / "good.parquet")
     assert t.schema == T.preference_schema()
     assert t.to_pylist()[0]["source"] == "human" and t.to_pylist()[0]["weight"] == 2.0
 
@@ -296,17 +300,17 @@ def test_read_preference_table_checks_the_schema(tmp_path):
         return tmp_path / f"{name}.parquet"
 
     with pytest.raises(ValueError, match="lacks columns"):
-        T.read_preference_table(bad("nosource", source=None))
+        T.read_preferences(bad("nosource", source=None))
     with pytest.raises(ValueError, match="expected a number"):
-        T.read_preference_table(bad("strweight", weight=pa.array(["1"])))
+        T.read_preferences(bad("strweight", weight=pa.array(["1"])))
     with pytest.raises(ValueError, match="empty or null"):
-        T.read_preference_table(bad("emptyid", chosen_id=pa.array([""])))
+        T.read_preferences(bad("emptyid", chosen_id=pa.array([""])))
     with pytest.raises(ValueError, match=">= 0"):
-        T.read_preference_table(bad("neg", weight=pa.array([-1.0])))
+        T.read_preferences(bad("neg", weight=pa.array([-1.0])))
     with pytest.raises(ValueError, match="over itself"):
-        T.read_preference_table(bad("self", rejected_id=pa.array(["a"])))
+        T.read_preferences(bad("self", rejected_id=pa.array(["a"])))
     with pytest.raises(FileNotFoundError):
-        T.read_preference_table(tmp_path / "missing.parquet")
+        T.read_preferences(tmp_path / "missing.parquet")
 
 
 # ----------------------------------------------------------------------------- the job
@@ -318,7 +322,7 @@ def job_inputs(tmp_path_factory):
     from PIL import Image
 
     from aligner.aesthetics.scorer import LowLevelScorer
-    from aligner.retrieval.embed_pipeline import embeddings_schema
+    from aligner.data.embeddings import embeddings_schema
     from aligner.retrieval.models import ModelSpec, load_retriever
     from aligner.runtime.manifest import write_manifest
     from aligner.world.render import encode_png, render, sample_factors
@@ -373,7 +377,7 @@ def test_job_end_to_end(job_inputs, tmp_path):
     assert rc == 0
     t = pq.read_table(out / "preferences.parquet")
     assert t.schema == T.preference_schema()
-    by = T.count_by(t, "source")
+    by = C.count_by(t, "source")
     assert by == {"degraded": 6, "grid": 15, "human": 1}
     assert set(t.column("query_id").to_pylist()) == {"q0", "q1", "q2"}
     human = [r for r in t.to_pylist() if r["source"] == "human"][0]
@@ -412,7 +416,7 @@ def test_job_falls_back_to_original_queries(job_inputs, tmp_path):
                  f"output={out}", "splits=[]", "fallback_to_original=true", "k=8", "u=2",
                  "v=2", "stride=2", "degraded=false", "examples=0"]) == 0
     t = pq.read_table(out / "preferences.parquet")
-    assert T.count_by(t, "source") == {"grid": 5}
+    assert C.count_by(t, "source") == {"grid": 5}
     m = json.loads((out / "manifest.json").read_text())
     assert m["counts"]["queries_without_rephrase"] == 1 and m["outputs"]["png"] == []
 
@@ -421,7 +425,7 @@ def test_job_with_a_faiss_index_matches_exact_search(job_inputs, tmp_path):
     """A Flat index returns the exact top-k, so the pairs equal those of the in-memory path;
     the antonym comes from aligner.rephrase's TemplateRephraser (reorg style = the default
     template's wording, so the contrast scores and pairs are the same too)."""
-    from aligner.retrieval.index import build_index
+    from aligner.retrieval.index_build import build_index
     from jobs.build_preferences import main
 
     root = job_inputs

@@ -303,10 +303,11 @@ def test_vllm_rephraser_on_gpu():
 
 
 def test_plan_actors_leaves_the_read_task_a_cpu():
-    from aligner.rephrase.pipeline import ActorPlan, plan_actors
+    from aligner.runtime.raycluster import ActorPlan
+    from aligner.runtime.raycluster import plan_cpu_actors as plan_actors
 
-    assert plan_actors(2) == ActorPlan(num_actors=2, num_cpus=0.5, threads=1)
-    assert plan_actors(1) == ActorPlan(num_actors=1, num_cpus=0.25, threads=1)
-    assert plan_actors(16) == ActorPlan(num_actors=8, num_cpus=1.88, threads=2)
-    assert plan_actors(2, num_actors=1) == ActorPlan(1, 1.0, 2)
-    assert plan_actors(8, threads=2, num_cpus=1.5) == ActorPlan(4, 1.5, 2)
+    assert plan_actors(2) == ActorPlan(size=2, num_cpus=0.5, threads=1)
+    assert plan_actors(1) == ActorPlan(size=1, num_cpus=0.25, threads=1)
+    assert plan_actors(16) == ActorPlan(size=8, num_cpus=1.88, threads=2)
+    assert plan_actors(2, num_actors=1) == ActorPlan(size=1, num_cpus=1.0, threads=2)
+    assert plan_actors(8, threads=2, num_cpus=1.5) == ActorPlan(size=4, num_cpus=1.5, threads=2)

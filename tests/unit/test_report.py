@@ -213,7 +213,7 @@ def test_evaluate_job_end_to_end(tiny, capsys):
     # the base's recall is WorldEval.caption_recall's (same gallery, same captions)
     t = world.corpus(["id", "caption"])
     emb_t = pq.read_table(d / "emb_base" / "embeddings")
-    from aligner.retrieval.embed_pipeline import embedding_matrix
+    from aligner.data.embeddings import embedding_matrix
     from aligner.retrieval.models import load_checkpoint
 
     r = load_checkpoint(d / "base", device="cpu")

@@ -21,10 +21,12 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image, ImageDraw
 
-from aligner.retrieval.embed_pipeline import embeddings_schema
-from aligner.retrieval.index import SearchIndex, build_index
+from aligner.data.corpus import fetch_images
+from aligner.data.embeddings import embeddings_schema
+from aligner.retrieval.index import SearchIndex
+from aligner.retrieval.index_build import build_index
 from aligner.retrieval.models import ModelSpec, load_retriever
-from aligner.retrieval.search import Searcher, corpus_from_index, fetch_images, spec_from_index
+from aligner.retrieval.search import Searcher, corpus_from_index, spec_from_index
 from aligner.runtime.manifest import read_manifest, write_manifest
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 180, 60), "blue": (40, 60, 220),

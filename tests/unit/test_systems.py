@@ -3,7 +3,6 @@
 import numpy as np
 import pytest
 
-from aligner.evaluation.stats import recall_at_k
 from aligner.evaluation.systems import (
     CachedEncoder,
     CascadeSystem,
@@ -13,9 +12,10 @@ from aligner.evaluation.systems import (
     aesthetic_direction,
     cascade_scores,
     normalise,
-    recall_hits,
     rephrase_texts,
+    system_recall_hits,
 )
+from aligner.retrieval.metrics import caption_recall_hits
 
 
 def lookup_encoder(table: dict[str, np.ndarray], calls: list | None = None):
@@ -147,13 +147,13 @@ def test_recall_hits_matches_recall_at_k():
     caps = {f"c{i}": normalise(g[i] + 0.6 * rng.normal(size=6)) for i in range(30)}
     s = EncoderSystem("base", lookup_encoder(caps), g)
     texts = [f"c{i}" for i in range(30)]
-    got = recall_hits(s, texts, np.arange(30), ks=(1, 5, 10))
-    want = recall_at_k(np.stack([caps[t] for t in texts]), g, np.arange(30), (1, 5, 10))
+    got = system_recall_hits(s, texts, np.arange(30), ks=(1, 5, 10))
+    want = caption_recall_hits(np.stack([caps[t] for t in texts]), g, np.arange(30), (1, 5, 10))
     for k in want:
         assert got[k].tolist() == want[k].tolist()
     sub = np.arange(10, 20)  # recall within a subset: targets are gallery indices
-    got = recall_hits(s, texts[10:20], sub, subset=sub, ks=(1,))
-    want = recall_at_k(np.stack([caps[t] for t in texts[10:20]]), g[sub], np.arange(10), (1,))
+    got = system_recall_hits(s, texts[10:20], sub, subset=sub, ks=(1,))
+    want = caption_recall_hits(np.stack([caps[t] for t in texts[10:20]]), g[sub], np.arange(10), (1,))
     assert got["r@1"].tolist() == want["r@1"].tolist()
 
 

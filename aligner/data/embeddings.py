@@ -1,0 +1,457 @@
+"""The embeddings table: its schema, its one writer and its readers.
+
+An embeddings dataset is what ``jobs.embed`` writes (and what the index, the preference builder
+and the evaluation read)::
+
+    <out>/embeddings/<shard_id>.parquet   id string, embedding fixed_size_list<float32>[D]
+                                          (L2-normalised), aesthetic float32 (the scorer's;
+                                          NaN when unscored), caption string, source string,
+                                          + corpus columns kept (split ...)
+    <out>/failures/<shard_id>.parquet     id, source, reason, stage (aligner.data.images)
+    <out>/skipped.parquet                 input files that are not images (path, reason)
+    <out>/shards.json                     the shard plan and the model it was started with
+    <out>/manifest.json                   model (name, pretrained, checkpoint, hash, D), counts
+
+Writer: :class:`ShardWriter` groups streamed rows by shard and writes each shard once it is
+complete (failures first, then the embeddings file, each atomically); the embeddings file is
+the shard's "done" marker (:func:`done_shards`), so a re-run skips finished shards.
+
+Readers: :func:`embedding_files` accepts an embed output (its ``embeddings/``) or any directory
+of Parquet files with ``id`` and ``embedding``; :func:`read_embeddings` reads them whole,
+:func:`iter_embeddings` and :func:`iter_embedding_batches` stream them (the index builder never
+holds a corpus in memory), :func:`sample_vectors` draws a training sample reading only the row
+groups it needs, :func:`embedding_matrix` turns the column into ``[N, D]`` float32.
+:func:`model_record` is what the manifest says about the model that embedded the corpus
+(``aligner.retrieval.models.ModelSpec.from_record`` turns it into a spec).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+
+from aligner.data.images import FAILURE_COLUMNS
+from aligner.data.io import (
+    FAILURES_DIR,
+    atomic_write_table,
+    atomic_write_text,
+    parquet_files,
+    remove_temp_files,
+)
+
+if TYPE_CHECKING:
+    from aligner.data.corpus_shards import Shard
+
+log = logging.getLogger(__name__)
+
+EMBEDDINGS_DIR = "embeddings"
+PLAN_FILE = "shards.json"
+SKIPPED_FILE = "skipped.parquet"
+NORM_TOL = 1e-3
+
+
+def embeddings_schema(dim: int, extra: pa.Schema | None = None) -> pa.Schema:
+    """``id, embedding fixed_size_list<float32>[dim], aesthetic, caption, source`` + extras."""
+    fields = [("id", pa.string()), ("embedding", pa.list_(pa.float32(), dim)),
+              ("aesthetic", pa.float32()), ("caption", pa.string()), ("source", pa.string())]
+    schema = pa.schema(fields)
+    for f in extra or []:
+        if f.name not in schema.names:
+            schema = schema.append(f)
+    return schema
+
+
+# --------------------------------------------------------------------------- writing / resume
+
+def done_shards(out_dir: str | Path) -> set[str]:
+    """Ids of the shards whose embeddings file exists (finished, possibly with 0 rows)."""
+    d = Path(out_dir) / EMBEDDINGS_DIR
+    return {p.stem for p in d.glob("*.parquet") if not p.name.startswith(".")} \
+        if d.is_dir() else set()
+
+
+def clean_partial(out_dir: str | Path, pending: list[str]) -> int:
+    """Remove temp files and the failure files of unfinished shards; returns how many."""
+    n = sum(remove_temp_files(Path(out_dir) / sub) for sub in (EMBEDDINGS_DIR, FAILURES_DIR))
+    fail_dir = Path(out_dir) / FAILURES_DIR
+    for sid in pending:
+        p = fail_dir / f"{sid}.parquet"
+        if p.exists():
+            p.unlink()
+            n += 1
+    return n
+
+
+@dataclasses.dataclass
+class _ShardBuffer:
+    chunks: list[dict[str, np.ndarray]] = dataclasses.field(default_factory=list)
+    rows: set[int] = dataclasses.field(default_factory=set)
+    total: int = -1
+
+    def complete(self) -> bool:
+        return self.total >= 0 and len(self.rows) >= self.total
+
+
+class ShardWriter:
+    """Driver-side sink: groups streamed rows by shard, writes each shard once complete.
+
+    Args:
+        out_dir: the job's output directory.
+        shards: the shards this run processes (by id).
+        dim: embedding size D.
+        keep_columns: corpus columns to carry into the output (Parquet corpora; read back from
+            the corpus by row position at write time, so they never travel through Ray).
+    """
+
+    def __init__(self, out_dir: str | Path, shards: list[Shard], dim: int,
+                 keep_columns: tuple[str, ...] = ()) -> None:
+        self.out = Path(out_dir)
+        (self.out / EMBEDDINGS_DIR).mkdir(parents=True, exist_ok=True)
+        (self.out / FAILURES_DIR).mkdir(parents=True, exist_ok=True)
+        self.shards = {s.shard_id: s for s in shards}
+        self.dim = dim
+        self.keep_columns = tuple(c for c in keep_columns if c != "caption")
+        self.buffers: dict[str, _ShardBuffer] = {}
+        self.written: set[str] = set()
+        self.rows_in = self.rows_out = self.rows_failed = 0
+        self.failure_reasons: dict[str, int] = {}
+
+    def add(self, batch: dict[str, np.ndarray]) -> list[str]:
+        """Take one streamed batch; returns the ids of shards written because of it."""
+        sids = batch["shard_id"]
+        finished = []
+        for sid in dict.fromkeys(sids.tolist()):
+            if sid in self.written:
+                continue  # a late duplicate from a retried task
+            m = sids == sid
+            part = {k: v[m] for k, v in batch.items()}
+            buf = self.buffers.setdefault(sid, _ShardBuffer())
+            buf.chunks.append(part)
+            buf.rows.update(part["row"].tolist())
+            totals = part["shard_total"]
+            if (totals >= 0).any():
+                buf.total = int(totals[totals >= 0][0])
+            if buf.complete():
+                self._write(sid)
+                finished.append(sid)
+        return finished
+
+    def pending(self) -> list[str]:
+        """Shards that started streaming but are not complete."""
+        return sorted(self.buffers)
+
+    def _write(self, sid: str) -> None:
+        buf = self.buffers.pop(sid)
+        cols = {k: np.concatenate([c[k] for c in buf.chunks]) for k in buf.chunks[0]}
+        order = np.argsort(cols["row"], kind="stable")
+        cols = {k: v[order] for k, v in cols.items()}
+        keep = np.ones(len(order), bool)
+        keep[1:] = cols["row"][1:] != cols["row"][:-1]  # retried rows: same position
+        cols = {k: v[keep] for k, v in cols.items()}
+        reason = cols["reason"].astype(object)
+        stage = cols["stage"].astype(object)
+        seen: set[str] = set()
+        for i, id_ in enumerate(cols["id"]):  # ids must be unique: later copies fail
+            if not reason[i] and id_ in seen:
+                reason[i], stage[i] = f"duplicate_id: {id_!r} already in this shard", "read"
+            seen.add(id_)
+        bad = np.asarray([bool(r) for r in reason], bool)
+        ok = ~bad
+        shard = self.shards.get(sid)
+        if bad.any():
+            fail = pa.table({"id": pa.array(cols["id"][bad].tolist(), pa.string()),
+                             "source": pa.array(cols["source"][bad].tolist(), pa.string()),
+                             "reason": pa.array(reason[bad].tolist(), pa.string()),
+                             "stage": pa.array(stage[bad].tolist(), pa.string())})
+            assert tuple(fail.column_names) == FAILURE_COLUMNS
+            atomic_write_table(fail, self.out / FAILURES_DIR / f"{sid}.parquet")
+            for r in reason[bad]:
+                code = str(r).split(":", 1)[0]
+                self.failure_reasons[code] = self.failure_reasons.get(code, 0) + 1
+        emb = np.ascontiguousarray(cols["embedding"][ok], np.float32).reshape(-1, self.dim)
+        captions = [c if c else None for c in cols["caption"][ok].tolist()]
+        table = pa.table({
+            "id": pa.array(cols["id"][ok].tolist(), pa.string()),
+            "embedding": pa.FixedSizeListArray.from_arrays(pa.array(emb.ravel(), pa.float32()),
+                                                           self.dim),
+            "aesthetic": pa.array(cols["aesthetic"][ok], pa.float32()),
+            "caption": pa.array(captions, pa.string()),
+            "source": pa.array(cols["source"][ok].tolist(), pa.string()),
+        })
+        if self.keep_columns and shard is not None:
+            from aligner.data.corpus_shards import read_shard_columns
+
+            extra = read_shard_columns(shard, list(self.keep_columns))
+            if extra is not None:
+                rows = pa.array(cols["row"][ok], pa.int64())
+                for name in extra.column_names:
+                    table = table.append_column(name, extra.column(name).take(rows))
+        atomic_write_table(table, self.out / EMBEDDINGS_DIR / f"{sid}.parquet")
+        self.written.add(sid)
+        self.rows_in += int(len(reason))
+        self.rows_out += int(ok.sum())
+        self.rows_failed += int(bad.sum())
+
+
+def write_plan(out_dir: str | Path, shards: list[Shard], model: dict[str, Any],
+               input_uri: str, checkpoint_hash: str | None = None) -> None:
+    """Record the shard plan and the model an output was started with (``shards.json``)."""
+    atomic_write_text(Path(out_dir) / PLAN_FILE, json.dumps({
+        "input": input_uri, "model": model, "checkpoint_hash": checkpoint_hash,
+        "shards": [{"shard_id": s.shard_id, "what": s.describe(), "num_rows": s.num_rows}
+                   for s in shards]}, indent=1))
+
+
+def read_plan(out_dir: str | Path) -> dict[str, Any] | None:
+    """``shards.json`` of an output, or None."""
+    p = Path(out_dir) / PLAN_FILE
+    return json.loads(p.read_text()) if p.is_file() else None
+
+
+# --------------------------------------------------------------------------- reading
+
+def _files(p: Path) -> list[Path]:
+    return parquet_files(p / EMBEDDINGS_DIR if (p / EMBEDDINGS_DIR).is_dir() else p, "embeddings")
+
+
+def embedding_files(path: str | Path) -> list[Path]:
+    """The Parquet files of an embeddings dataset: ``path/embeddings/*.parquet`` for an embed
+    job output, else every Parquet file under ``path`` (:func:`aligner.data.io.parquet_files`).
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist or holds no Parquet files.
+    """
+    p = Path(path)
+    files = _files(p)
+    if not files:
+        raise FileNotFoundError(f"embeddings: {p} holds no Parquet files")
+    return files
+
+
+def read_embeddings(path: str | Path, columns: list[str] | None = None) -> pa.Table:
+    """All rows of an embeddings dataset as one Arrow table (no images are read).
+
+    Args:
+        path: an embed job output (holding ``embeddings/``) or a directory of Parquet files.
+        columns: a subset (e.g. ``["id", "embedding"]``); default all.
+
+    Returns:
+        A table with ``embedding: fixed_size_list<float32>[D]``; see :func:`embedding_matrix`.
+    """
+    tables = [pq.read_table(p, columns=columns) for p in embedding_files(path)]
+    tables = [t for t in tables if t.num_rows] or tables[:1]
+    return pa.concat_tables(tables, promote_options="permissive")
+
+
+def iter_embeddings(path: str | Path, batch_size: int = 65_536,
+                    columns: list[str] | None = None) -> Iterator[pa.RecordBatch]:
+    """Stream an embeddings dataset as record batches (bounded memory, for huge corpora)."""
+    for p in embedding_files(path):
+        yield from pq.ParquetFile(p).iter_batches(batch_size=batch_size, columns=columns)
+
+
+def lookup_embeddings(path: str | Path, ids: Sequence[str],
+                      columns: Sequence[str] = ("id", "embedding", "aesthetic")) -> pa.Table:
+    """The rows of some ids, read with a pushed-down ``id`` filter (never the whole set)."""
+    d = ds.dataset([str(f) for f in embedding_files(path)], format="parquet")
+    return d.to_table(columns=list(columns), filter=ds.field("id").isin(sorted(set(ids))))
+
+
+def model_record(path: str | Path) -> dict[str, Any]:
+    """What an embed output's manifest says about the model that embedded it (name,
+    pretrained, checkpoint, checkpoint_hash, embed_dim, image_size); ``{}`` when the manifest
+    does not record one.
+
+    Raises:
+        FileNotFoundError: no ``manifest.json``.
+    """
+    from aligner.runtime.manifest import read_manifest
+
+    return dict(read_manifest(path).get("model") or {})
+
+
+def embedding_matrix(table: pa.Table | pa.RecordBatch) -> np.ndarray:
+    """The ``embedding`` column as a ``[N, D]`` float32 array (zero-copy where possible).
+
+    Raises:
+        ValueError: null rows, or vectors of different sizes.
+    """
+    col = table.column("embedding")
+    if isinstance(col, pa.ChunkedArray):
+        col = col.combine_chunks()
+    if col.null_count:
+        raise ValueError(f"{col.null_count} null embeddings")
+    dim = col.type.list_size if pa.types.is_fixed_size_list(col.type) else None
+    return _matrix(col, dim, "embedding")
+
+
+def output_counts(out_dir: str | Path) -> dict[str, int]:
+    """Rows in the output's embeddings and failures (Parquet footers only)."""
+    out = {"rows_out": 0, "rows_failed": 0, "shards_done": 0}
+    for sub, key in ((EMBEDDINGS_DIR, "rows_out"), (FAILURES_DIR, "rows_failed")):
+        d = Path(out_dir) / sub
+        for p in sorted(d.glob("*.parquet")) if d.is_dir() else []:
+            if p.name.startswith("."):
+                continue
+            out[key] += pq.ParquetFile(p).metadata.num_rows
+            if sub == EMBEDDINGS_DIR:
+                out["shards_done"] += 1
+    out["rows_in"] = out["rows_out"] + out["rows_failed"]
+    return out
+
+
+
+class ShardInfo(NamedTuple):
+    """One embeddings Parquet file: path, row count, row-group sizes and vector size."""
+
+    path: Path
+    rows: int
+    row_groups: list[int]
+    dim: int | None
+    has_caption: bool
+    has_aesthetic: bool
+
+
+def _embedding_dim(field: pa.Field, path: Path) -> int | None:
+    tp = field.type
+    if pa.types.is_fixed_size_list(tp):
+        return int(tp.list_size)
+    if pa.types.is_list(tp) or pa.types.is_large_list(tp):
+        return None  # variable-size lists: the size is checked per batch
+    raise ValueError(f"{path}: column 'embedding' has type {tp}, expected fixed_size_list<float32>")
+
+
+def inspect_embeddings(root: str | Path) -> list[ShardInfo]:
+    """Schema and row counts of every embeddings file, from the Parquet footers only.
+
+    Raises:
+        FileNotFoundError: ``root`` does not exist.
+        ValueError: no Parquet files, missing ``id``/``embedding`` columns, or files whose
+            vector sizes differ.
+    """
+    files = _files(Path(root))
+    if not files:
+        raise ValueError(f"no embeddings: {root} holds no Parquet files")
+    infos = []
+    for f in files:
+        meta = pq.ParquetFile(f).metadata
+        schema = meta.schema.to_arrow_schema()
+        missing = {"id", "embedding"} - set(schema.names)
+        if missing:
+            raise ValueError(f"{f}: missing column(s) {sorted(missing)}; have {schema.names}")
+        infos.append(ShardInfo(
+            f, meta.num_rows, [meta.row_group(i).num_rows for i in range(meta.num_row_groups)],
+            _embedding_dim(schema.field("embedding"), f), "caption" in schema.names,
+            "aesthetic" in schema.names))
+    dims = {i.dim for i in infos if i.dim is not None}
+    if len(dims) > 1:
+        by_dim = {d: next(str(i.path) for i in infos if i.dim == d) for d in sorted(dims)}
+        raise ValueError(f"embedding sizes differ between files under {root}: {by_dim}")
+    return infos
+
+
+def _matrix(col: pa.Array, dim: int | None, where: str) -> np.ndarray:
+    """A list column without nulls -> ``[n, D]`` float32."""
+    n = len(col)
+    flat = col.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
+    if dim is None:
+        dim = flat.size // max(n, 1)
+    if flat.size != n * dim:
+        raise ValueError(f"{where}: embeddings are not all of size {dim}")
+    return flat.reshape(n, dim)
+
+
+class Batch(NamedTuple):
+    """Valid rows of one record batch, plus the rows that failed and why."""
+
+    table: pa.Table      # id, aesthetic[, caption] of the valid rows
+    vectors: np.ndarray  # [n, D] float32
+    failures: list[dict[str, Any]]
+
+
+def _clean_batch(batch: pa.RecordBatch, dim: int | None, caption: bool, where: str) -> Batch:
+    emb = batch.column("embedding")
+    ids = batch.column("id")
+    valid = np.ones(len(batch), bool)
+    reasons: dict[int, str] = {}
+    for name, col in (("id", ids), ("embedding", emb)):
+        if col.null_count:
+            nulls = np.asarray(col.is_null().to_numpy(zero_copy_only=False))
+            for i in np.flatnonzero(nulls & valid):
+                reasons[int(i)] = f"null {name}"
+            valid &= ~nulls
+    good = batch.filter(pa.array(valid)) if not valid.all() else batch
+    x = _matrix(good.column("embedding"), dim, where)
+    finite = np.isfinite(x).all(axis=1)
+    if not finite.all():
+        rows = np.flatnonzero(valid)
+        for i in rows[~finite]:
+            reasons[int(i)] = "non-finite embedding"
+        good, x = good.filter(pa.array(finite)), x[finite]
+    n = good.num_rows
+    cols = {"id": good.column("id").cast(pa.string())}
+    cols["aesthetic"] = (good.column("aesthetic").cast(pa.float32())
+                         if "aesthetic" in good.schema.names else pa.nulls(n, pa.float32()))
+    if caption:
+        cols["caption"] = (good.column("caption").cast(pa.string())
+                           if "caption" in good.schema.names else pa.nulls(n, pa.string()))
+    failures = [{"id": ids[i].as_py(), "file": where, "reason": r} for i, r in sorted(reasons.items())]
+    return Batch(pa.table(cols), x, failures)
+
+
+def iter_embedding_batches(infos: Sequence[ShardInfo], batch_size: int = 65_536,
+                           caption: bool | None = None) -> Iterator[Batch]:
+    """Stream valid rows of every file, one record batch at a time (never the whole set).
+
+    Args:
+        infos: from :func:`inspect_embeddings`.
+        batch_size: rows per record batch.
+        caption: keep a ``caption`` column (default: when any file has one).
+    """
+    caption = any(i.has_caption for i in infos) if caption is None else caption
+    for info in infos:
+        cols = ["id", "embedding"] + [c for c, ok in (("aesthetic", info.has_aesthetic),
+                                                       ("caption", info.has_caption and caption)) if ok]
+        for batch in ds.dataset(str(info.path), format="parquet").to_batches(
+                columns=cols, batch_size=batch_size):
+            if batch.num_rows:
+                yield _clean_batch(batch, info.dim, caption, str(info.path))
+
+
+def sample_vectors(infos: Sequence[ShardInfo], n: int, seed: int = 0) -> np.ndarray:
+    """A uniform random sample of ``n`` rows drawn across all files, ``[n', D]`` float32.
+
+    Row positions are drawn with a seeded RNG; only the row groups that hold a drawn row are
+    read, one at a time and only the ``embedding`` column, so memory is one row group plus
+    the sample. Null or non-finite rows are left out (``n' <= n``).
+    """
+    total = sum(i.rows for i in infos)
+    n = min(int(n), total)
+    if n <= 0:
+        return np.zeros((0, next((i.dim for i in infos if i.dim), 0)), np.float32)
+    picks = np.sort(np.random.default_rng(seed).choice(total, size=n, replace=False))
+    parts, start = [], 0
+    for info in infos:
+        pf = None
+        for g, rows in enumerate(info.row_groups):
+            lo, hi = np.searchsorted(picks, [start, start + rows])
+            if hi > lo:
+                pf = pf or pq.ParquetFile(info.path)
+                col = pf.read_row_group(g, columns=["embedding"]).column("embedding")
+                col = col.take(pa.array(picks[lo:hi] - start)).combine_chunks()
+                col = col.filter(col.is_valid())
+                x = _matrix(col, info.dim, str(info.path))
+                parts.append(x[np.isfinite(x).all(axis=1)])
+            start += rows
+    return np.concatenate(parts) if parts else np.zeros((0, 0), np.float32)
+
+
