@@ -253,7 +253,7 @@ def embed_gallery(retriever, gallery: Gallery, batch_size: int = 256) -> np.ndar
     """Embed every gallery image in-process (decoded once; the model's eval transform)."""
     import torch
 
-    from aligner.training.pretrain import to_pixels
+    from aligner.retrieval.models import to_pixels
 
     ims = gallery.decoded()
     size = retriever.image_size

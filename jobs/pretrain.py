@@ -19,8 +19,6 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-
 from aligner.data.images import decode_batch
 from aligner.retrieval.models import ModelSpec
 from aligner.runtime.config import dump_yaml, load_config, save_config, to_dict
@@ -133,38 +131,6 @@ def run_training(cfg: PretrainConfig, data) -> Path:
                              max_failures=cfg.max_failures, dest=out / "checkpoint")
 
 
-def evaluate_checkpoint(ckpt: Path, world_dir: str, gallery: str = "test") -> dict:
-    """Held-out recall, paraphrases and the rephrasing premise for one checkpoint.
-
-    ``gallery``: ``test`` (the held-out images; fast) or ``all`` (the whole corpus, as a
-    deployed system would search it; about 5x slower on CPU).
-    """
-    from aligner.evaluation.oracle import WorldEval
-    from aligner.retrieval.models import load_checkpoint
-    from aligner.world import World
-
-    world = World(world_dir)
-    r = load_checkpoint(ckpt, device="cpu")
-    corpus = world.corpus(["id", "image", "caption"], split=None if gallery == "all" else "test")
-    t0 = time.time()
-    emb = []
-    blobs = corpus["image"].to_pylist()
-    for i in range(0, len(blobs), 1024):
-        from aligner.training.pretrain import to_pixels
-
-        px = to_pixels(decode_batch(blobs[i:i + 1024]), r.preprocess_cfg["mean"],
-                       r.preprocess_cfg["std"])
-        emb.append(r.encode_images(px))
-    ev = WorldEval(world, np.concatenate(emb), corpus["id"].to_pylist())
-    log.info("embedded %d images for evaluation in %.1f s", len(blobs), time.time() - t0)
-    captions = corpus["caption"].to_pylist()
-    return {"gallery": gallery, "gallery_size": len(blobs),
-            "caption_recall_test": ev.caption_recall(r.encode_texts, captions, "test"),
-            "paraphrases": ev.content_hits(r.encode_texts, "paraphrase"),
-            "content_queries": ev.content_hits(r.encode_texts, "content"),
-            "premise": ev.premise(r.encode_texts, gallery_split=None)}
-
-
 def plot_history(history: list[dict], path: Path) -> None:
     """Loss and validation recall against step (PNG)."""
     import matplotlib
@@ -209,6 +175,8 @@ def main(argv: list[str] | None = None) -> int:
     metrics = {"train": {"steps": cfg.steps, "fit_seconds": round(fit_s, 1),
                          "images": len(data.images), "last": history[-1] if history else {}}}
     if cfg.evaluate:
+        from aligner.evaluation.checkpoint import evaluate_checkpoint
+
         metrics.update(evaluate_checkpoint(final, cfg.world, cfg.eval_gallery))
         _log_summary(metrics)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))

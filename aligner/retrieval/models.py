@@ -217,6 +217,21 @@ class Retriever:
         return np.concatenate(out).astype(np.float32, copy=False)
 
 
+def to_pixels(batch_u8: np.ndarray | torch.Tensor, mean, std, flip: torch.Tensor | None = None):
+    """``[B, H, W, 3]`` uint8 -> normalised ``[B, 3, H, W]`` float (optional per-row h-flip):
+    the eval transform of an image already at the model's size, without a PIL round trip."""
+    import torch
+
+    if isinstance(batch_u8, np.ndarray) and not batch_u8.flags.writeable:
+        batch_u8 = batch_u8.copy()  # arrays from the object store are read-only
+    x = torch.as_tensor(batch_u8).permute(0, 3, 1, 2).float().div_(255.0)
+    if flip is not None and flip.any():
+        x[flip] = x[flip].flip(-1)
+    m = torch.tensor(mean, dtype=x.dtype).view(1, 3, 1, 1)
+    s = torch.tensor(std, dtype=x.dtype).view(1, 3, 1, 1)
+    return (x - m) / s
+
+
 def _transforms(image_size: int, mean=OPENAI_MEAN, std=OPENAI_STD):
     import open_clip
 

@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from aligner.retrieval.metrics import caption_recall
+from aligner.retrieval.models import to_pixels
 from aligner.training.loop import (
     count_trainable,
     latest_checkpoint_dir,
@@ -47,7 +48,7 @@ from aligner.training.loop import (
     worker_context,
 )
 from aligner.training.losses import align_loss, contrastive_loss, ranked_dpo_loss
-from aligner.training.pretrain import lock_text_tower, to_pixels
+from aligner.training.pretrain import lock_text_tower
 
 log = logging.getLogger(__name__)
 TRAIN_LOG = "train_log.jsonl"

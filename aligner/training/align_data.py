@@ -36,9 +36,8 @@ def prepare_align_data(preferences: str, corpus: str, queries: str, model: Model
     import torch.nn.functional as F
 
     from aligner.preferences.degrade import materialise, parse_degraded_id
-    from aligner.retrieval.models import load_checkpoint, load_retriever
+    from aligner.retrieval.models import load_checkpoint, load_retriever, to_pixels
     from aligner.retrieval.textcache import cached_pooled_features
-    from aligner.training.pretrain import to_pixels
 
     t0 = time.time()
     prefs = read_preferences(preferences)

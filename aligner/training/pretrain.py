@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from aligner.retrieval.metrics import caption_recall
+from aligner.retrieval.models import to_pixels
 from aligner.training.loop import (
     count_trainable,
     latest_checkpoint_dir,
@@ -94,18 +95,6 @@ def lock_text_tower(model: torch.nn.Module, unlocked_layers: int) -> None:
         for layer in layers[-unlocked_layers:]:
             for p in layer.parameters():
                 p.requires_grad = True
-
-
-def to_pixels(batch_u8: np.ndarray | torch.Tensor, mean, std, flip: torch.Tensor | None = None):
-    """``[B, H, W, 3]`` uint8 -> normalised ``[B, 3, H, W]`` float (optional per-row h-flip)."""
-    if isinstance(batch_u8, np.ndarray) and not batch_u8.flags.writeable:
-        batch_u8 = batch_u8.copy()  # arrays from the object store are read-only
-    x = torch.as_tensor(batch_u8).permute(0, 3, 1, 2).float().div_(255.0)
-    if flip is not None and flip.any():
-        x[flip] = x[flip].flip(-1)
-    m = torch.tensor(mean, dtype=x.dtype).view(1, 3, 1, 1)
-    s = torch.tensor(std, dtype=x.dtype).view(1, 3, 1, 1)
-    return (x - m) / s
 
 
 def pretrain_loop(cfg: dict[str, Any]) -> None:

@@ -45,7 +45,7 @@ def test_checkpoint_round_trip_is_small_and_exact(builtin, tmp_path):
 def test_preprocess_matches_training_normalisation(builtin):
     from PIL import Image
 
-    from aligner.training.pretrain import to_pixels
+    from aligner.retrieval.models import to_pixels
 
     arr = np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)
     a = builtin.preprocess(Image.fromarray(arr))
