@@ -45,7 +45,7 @@ import re
 import tarfile
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -128,8 +128,9 @@ def _join(root: str, rel: str) -> str:
     return rel if "://" in rel or rel.startswith("/") else posixpath.join(root, rel)
 
 
-def _list_files(fs: pafs.FileSystem, path: str) -> list[tuple[str, int]]:
-    """(path, size) of every file under ``path``, sorted; hidden and ``_`` files skipped."""
+def _list_files(fs: pafs.FileSystem, path: str, hidden: bool = False) -> list[tuple[str, int]]:
+    """(path, size) of every file under ``path``, sorted; hidden and ``_`` files left out
+    unless ``hidden``."""
     import pyarrow.fs as pafs
 
     infos = fs.get_file_info(pafs.FileSelector(path, recursive=True))
@@ -138,7 +139,7 @@ def _list_files(fs: pafs.FileSystem, path: str) -> list[tuple[str, int]]:
         if info.type != pafs.FileType.File:
             continue
         rel = posixpath.relpath(info.path, path)
-        if any(part.startswith((".", "_")) for part in rel.split("/")):
+        if not hidden and any(part.startswith((".", "_")) for part in rel.split("/")):
             continue
         out.append((info.path, int(info.size or 0)))
     return sorted(out)
@@ -271,6 +272,81 @@ def plan_webdataset(input_uri: str) -> list[Shard]:
         rel = posixpath.relpath(path, root) if path != root else posixpath.basename(path)
         shards.append(Shard(_shard_id(rel, f"tar:{rel}:{size}"), "tar", root, (path,)))
     return shards
+
+
+class Skipped(NamedTuple):
+    """An input file that is not read as data, and why (``hidden``, ``not_an_image`` ...)."""
+
+    path: str
+    reason: str
+
+
+class CorpusPlan(NamedTuple):
+    """Every file of an input, accounted for.
+
+    Attributes:
+        format: ``parquet``, ``folder`` or ``webdataset``.
+        shards: the data, in resumable units (:func:`plan_shards`).
+        files: how many files the input holds (hidden ones included).
+        captions: caption sidecars used as captions (folder corpora).
+        skipped: the other files, each with its reason.
+    """
+
+    format: str
+    shards: list[Shard]
+    files: int
+    captions: int
+    skipped: list[Skipped]
+
+    def data_files(self) -> int:
+        """Files the shards read: images (folders), Parquet files, tars."""
+        return self.files - self.captions - len(self.skipped)
+
+
+def _skip_reason(rel: str, fmt: str, captioned: set[str]) -> str:
+    """Why a file under the input is not data ('' when it is data or a used caption)."""
+    ext = _ext(rel)
+    if any(part.startswith((".", "_")) for part in rel.split("/")):
+        return "hidden: names starting with '.' or '_' are not corpus files"
+    if fmt == "folder":
+        if ext in IMAGE_EXTS:
+            return ""
+        if ext in CAPTION_EXTS:
+            return "" if posixpath.splitext(rel)[0] in captioned else \
+                "caption_without_image: no image file has this name"
+        return f"not_an_image: extension {('.' + ext) if ext else '(none)'} is none of " \
+               f"{', '.join(IMAGE_EXTS)}"
+    want = "parquet" if fmt == "parquet" else "tar"
+    return "" if ext == want else f"not_{want}: a {fmt} corpus reads only .{want} files"
+
+
+def plan_corpus(input_uri: str, input_format: Format = "auto",
+                rows_per_shard: int = DEFAULT_ROWS_PER_SHARD) -> CorpusPlan:
+    """:func:`plan_shards`, plus every other file of the input with the reason it is not read,
+    so a job's counts add up to the input: data rows (embedded or failed) + caption sidecars
+    + skipped files = files (for folders, where one image file is one row).
+
+    Raises:
+        as :func:`plan_shards`.
+    """
+    import pyarrow.fs as pafs
+
+    fmt = detect_format(input_uri) if input_format == "auto" else input_format
+    shards = plan_shards(input_uri, fmt, rows_per_shard)
+    fs, path = resolve(input_uri)
+    if fs.get_file_info(path).type != pafs.FileType.Directory:
+        return CorpusPlan(fmt, shards, 1, 0, [])
+    rels = [posixpath.relpath(p, path) for p, _ in _list_files(fs, path, hidden=True)]
+    images = {posixpath.splitext(r)[0] for r in rels
+              if _ext(r) in IMAGE_EXTS and not _skip_reason(r, fmt, set())}
+    skipped, captions = [], 0
+    for r in rels:
+        why = _skip_reason(r, fmt, images)
+        if why:
+            skipped.append(Skipped(r, why))
+        elif fmt == "folder" and _ext(r) in CAPTION_EXTS:
+            captions += 1
+    return CorpusPlan(fmt, shards, len(rels), captions, skipped)
 
 
 def plan_shards(input_uri: str, input_format: Format = "auto",

@@ -30,7 +30,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -174,9 +174,8 @@ class ShardWriter:
                              "stage": pa.array(stage[bad].tolist(), pa.string())})
             assert tuple(fail.column_names) == FAILURE_COLUMNS
             atomic_write_table(fail, self.out / FAILURES_DIR / f"{sid}.parquet")
-            for r in reason[bad]:
-                code = str(r).split(":", 1)[0]
-                self.failure_reasons[code] = self.failure_reasons.get(code, 0) + 1
+            for code, n in count_reasons(reason[bad]).items():
+                self.failure_reasons[code] = self.failure_reasons.get(code, 0) + n
         emb = np.ascontiguousarray(cols["embedding"][ok], np.float32).reshape(-1, self.dim)
         captions = [c if c else None for c in cols["caption"][ok].tolist()]
         table = pa.table({
@@ -200,6 +199,22 @@ class ShardWriter:
         self.rows_in += int(len(reason))
         self.rows_out += int(ok.sum())
         self.rows_failed += int(bad.sum())
+
+
+def write_skipped(out_dir: str | Path, skipped: Sequence[tuple[str, str]]) -> None:
+    """``skipped.parquet``: the input files that are not data (``path``, ``reason``)."""
+    table = pa.table({"path": pa.array([p for p, _ in skipped], pa.string()),
+                      "reason": pa.array([r for _, r in skipped], pa.string())})
+    atomic_write_table(table, Path(out_dir) / SKIPPED_FILE)
+
+
+def count_reasons(reasons: Iterable[str]) -> dict[str, int]:
+    """Counts by reason code (the text before the first ``:``)."""
+    out: dict[str, int] = {}
+    for r in reasons:
+        code = str(r).split(":", 1)[0]
+        out[code] = out.get(code, 0) + 1
+    return dict(sorted(out.items()))
 
 
 def write_plan(out_dir: str | Path, shards: list[Shard], model: dict[str, Any],

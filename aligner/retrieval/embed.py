@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from aligner.data.corpus_shards import CorpusPlan
 from aligner.data.images import DEFAULT_MAX_PIXELS
 from aligner.data.io import FAILURES_DIR
 from aligner.retrieval.models import ModelSpec
@@ -114,14 +115,15 @@ def run_embed(cfg: EmbedConfig) -> dict[str, Any]:
     """
     from aligner.aesthetics.scorer import make_scorer
     from aligner.data import embeddings as E
-    from aligner.data.corpus_shards import plan_shards
+    from aligner.data.corpus_shards import plan_corpus
     from aligner.retrieval.embed_pipeline import build_pipeline
     from aligner.runtime.logs import RateLog, throughput
     from aligner.runtime.manifest import write_manifest
 
     started = time.time()
     scorer = make_scorer(cfg.scorer)  # an unknown scorer fails before any work
-    shards = plan_shards(cfg.input, cfg.input_format, cfg.rows_per_shard)
+    corpus = plan_corpus(cfg.input, cfg.input_format, cfg.rows_per_shard)
+    shards = corpus.shards
     out = Path(cfg.output)
     if cfg.overwrite and out.exists():
         log.warning("overwrite=true: deleting earlier results in %s", out)
@@ -138,6 +140,10 @@ def run_embed(cfg: EmbedConfig) -> dict[str, Any]:
     summary: dict[str, Any] = {"shards_total": len(shards), "shards_skipped": len(done),
                                "shards_processed": 0, "rows_in": 0, "rows_out": 0,
                                "rows_failed": 0}
+    E.write_skipped(out, corpus.skipped)
+    if corpus.skipped:
+        log.warning("%d input files are not read (%s); listed in %s", len(corpus.skipped),
+                    E.count_reasons(r for _, r in corpus.skipped), out / E.SKIPPED_FILE)
     if not pending:
         log.info("%d shards already done, nothing to do", len(shards))
         if not (out / "manifest.json").is_file():  # finished, but the manifest was lost
@@ -146,8 +152,9 @@ def run_embed(cfg: EmbedConfig) -> dict[str, Any]:
             write_manifest(out, "embed", config=to_dict(cfg), started=started, input=cfg.input,
                            model=prev.get("model"), shards={"total": len(shards),
                                                             "done": totals["shards_done"]},
-                           rows_in=totals["rows_in"], rows_out=totals["rows_out"],
-                           rows_failed=totals["rows_failed"], this_run=summary)
+                           files=files_account(corpus, totals), rows_in=totals["rows_in"],
+                           rows_out=totals["rows_out"], rows_failed=totals["rows_failed"],
+                           this_run=summary)
         return summary
     removed = E.clean_partial(out, [s.shard_id for s in pending])
     if removed:
@@ -208,13 +215,31 @@ def run_embed(cfg: EmbedConfig) -> dict[str, Any]:
                    actor_pool=dataclasses.asdict(plan), shards={
                        "total": len(shards), "done": totals["shards_done"],
                        "skipped_this_run": len(done), "incomplete": incomplete},
-                   rows_in=totals["rows_in"], rows_out=totals["rows_out"],
+                   files=files_account(corpus, totals), rows_in=totals["rows_in"], rows_out=totals["rows_out"],
                    rows_failed=totals["rows_failed"], this_run=summary,
                    outputs={"embeddings": f"{E.EMBEDDINGS_DIR}/", "failures": f"{FAILURES_DIR}/",
-                            "plan": E.PLAN_FILE})
+                            "skipped": E.SKIPPED_FILE, "plan": E.PLAN_FILE})
     if incomplete:
         raise RuntimeError(f"{len(incomplete)} shards did not complete: {incomplete[:5]}; "
                            "re-run to redo them")
     return summary
 
 
+
+
+def files_account(corpus: CorpusPlan, totals: dict[str, int]) -> dict[str, Any]:
+    """Where every input file went. For a folder corpus (one image file = one row) the parts
+    add up: ``rows_in + caption_sidecars + skipped == input_files`` (``accounted``)."""
+    from aligner.data.embeddings import count_reasons
+
+    out: dict[str, Any] = {
+        "input_files": corpus.files, "data_files": corpus.data_files(),
+        "caption_sidecars": corpus.captions, "skipped": len(corpus.skipped),
+        "skipped_by_reason": count_reasons(r for _, r in corpus.skipped)}
+    if corpus.format == "folder" and totals["rows_in"]:
+        out["accounted"] = totals["rows_in"] + corpus.captions + len(corpus.skipped) == \
+            corpus.files
+        if not out["accounted"]:
+            log.warning("input files %d != rows %d + captions %d + skipped %d", corpus.files,
+                        totals["rows_in"], corpus.captions, len(corpus.skipped))
+    return out

@@ -123,13 +123,30 @@ class DecodeImages:
                 to_score.append(to_uint8(im, self.score_max_side))
                 scored_rows.append(i)
         if to_score:
-            aesthetic[scored_rows] = scorer.score(to_score)
+            aesthetic[scored_rows] = score_each_safely(scorer, to_score)
         out = {c: np.asarray(d[c], dtype=object) for c in PASS_COLUMNS
                if c not in ("row", "shard_total")}
         out["row"] = np.asarray(d["row"], np.int64)
         out["shard_total"] = np.asarray(d["shard_total"], np.int64)
         out["pixels"] = pixels
         out["aesthetic"] = aesthetic
+        return out
+
+
+def score_each_safely(scorer: Any, images: list[np.ndarray]) -> np.ndarray:
+    """``scorer.score(images)``; if the batch call fails (an odd size a scorer cannot handle),
+    each image alone, and NaN (unscored, logged) for one that still fails: a score is a
+    property of the row, never a reason to lose the row's embedding."""
+    try:
+        return np.asarray(scorer.score(images), np.float32)
+    except Exception:  # noqa: BLE001 - fall back to one image at a time
+        out = np.full(len(images), np.nan, np.float32)
+        for i, im in enumerate(images):
+            try:
+                out[i] = float(np.asarray(scorer.score([im]))[0])
+            except Exception as e:  # noqa: BLE001
+                log.warning("scorer %s cannot score an image of shape %s: %s",
+                            getattr(scorer, "name", scorer), im.shape, e)
         return out
 
 

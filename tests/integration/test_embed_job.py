@@ -368,3 +368,34 @@ def test_plan_is_deterministic_for_resume(parquet_corpus):
     a = plan_shards(str(parquet_corpus), rows_per_shard=100)
     b = plan_shards(str(parquet_corpus), rows_per_shard=100)
     assert [s.shard_id for s in a] == [s.shard_id for s in b] and len(a) == 3
+
+
+def test_odd_folder_every_file_embedded_failed_or_skipped(ray_session, tmp_path):
+    """14 odd but valid images (CMYK, 16-bit, palette, EXIF-rotated, 1x1, 4000x2, animated GIF,
+    multi-page TIFF ...) are embedded, 5 broken files are failures with their reason, the
+    caption beside an image is used and 3 other files are listed as skipped: the counts add
+    up to the files in the folder."""
+    from jobs.embed import main
+    from tests.helpers.odd_folder import BROKEN, CAPTIONS, GOOD, SKIPPED, write_odd_folder
+
+    root = write_odd_folder(tmp_path / "odd")
+    out = tmp_path / "out"
+    assert main(job_args(root, out)) == 0
+    table = read_embeddings(out)
+    assert sorted(table.column("id").to_pylist()) == sorted(GOOD)
+    emb = embedding_matrix(table)
+    np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-4)
+    captions = dict(zip(table["id"].to_pylist(), table["caption"].to_pylist(), strict=True))
+    assert captions["rgb.jpg"] == "a noisy photo" and captions["grey.png"] is None
+    fails = pq.read_table(out / "failures").to_pylist()
+    assert {f["id"]: f["reason"].split(":")[0] for f in fails} == BROKEN
+    assert all(f["stage"] == "decode" for f in fails)
+    skipped = pq.read_table(out / "skipped.parquet").to_pylist()
+    assert {s["path"]: s["reason"].split(":")[0] for s in skipped} == SKIPPED
+    m = read_manifest(out)
+    files = m["files"]
+    n_files = sum(1 for p in root.rglob("*") if p.is_file())
+    assert files["input_files"] == n_files == 23 and files["accounted"] is True
+    assert m["rows_out"] + m["rows_failed"] + files["caption_sidecars"] + files["skipped"] == \
+        n_files
+    assert files["caption_sidecars"] == len(CAPTIONS)

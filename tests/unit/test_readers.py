@@ -327,3 +327,35 @@ def test_webdataset_bad_samples_and_bad_tars(tmp_path):
     rows = all_rows(plan_shards(str(tmp_path / "e.tar"))).to_pylist()
     assert len(rows) == 1 and rows[0]["reason"].startswith("empty_shard")
     assert rows[0]["shard_total"] == 1
+
+
+def test_every_file_of_an_odd_folder_is_planned_or_skipped_with_a_reason(tmp_path):
+    from aligner.data.corpus_shards import plan_corpus
+    from tests.helpers.odd_folder import BROKEN, CAPTIONS, GOOD, SKIPPED, write_odd_folder
+
+    root = write_odd_folder(tmp_path / "odd")
+    plan = plan_corpus(str(root))
+    assert plan.format == "folder"
+    planned = [p for s in plan.shards for p in s.paths]
+    assert sorted(planned) == sorted([*GOOD, *BROKEN])  # GIF, TIFF and BMP are images too
+    assert {s.path: s.reason.split(":")[0] for s in plan.skipped} == SKIPPED
+    assert plan.captions == len(CAPTIONS)
+    n_files = sum(1 for p in root.rglob("*") if p.is_file())
+    assert plan.files == n_files == len(planned) + plan.captions + len(plan.skipped)
+    caption_of = dict(zip(plan.shards[0].paths, plan.shards[0].captions, strict=True))
+    assert caption_of["rgb.jpg"] == "rgb.txt" and caption_of["grey.png"] == ""
+
+
+def test_odd_images_decode_or_fail_with_their_reason(tmp_path):
+    from tests.helpers.odd_folder import BROKEN, GOOD, write_odd_folder
+
+    root = write_odd_folder(tmp_path / "odd")
+    for name in GOOD:
+        im = decode_image((root / name).read_bytes())
+        assert im.mode == "RGB" and min(im.size) >= 1
+    assert decode_image((root / "rotated.jpg").read_bytes()).size == (30, 60)  # EXIF applied
+    assert decode_image((root / "wide_4000x2.png").read_bytes()).size == (4000, 2)
+    for name, reason in BROKEN.items():
+        with pytest.raises(ImageError) as e:
+            decode_image((root / name).read_bytes())
+        assert e.value.reason == reason, name

@@ -1,0 +1,1 @@
+"""Data generators shared by tests (no Ray, no network)."""
