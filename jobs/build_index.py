@@ -19,6 +19,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from aligner.retrieval.index import SearchIndex
+from aligner.retrieval.index_build import DEFAULT_BATCH_SIZE, DEFAULT_TRAIN_SAMPLE
 from aligner.runtime.config import dump_yaml, load_config, save_config, to_dict
 from aligner.runtime.logs import setup_logging
 
@@ -36,9 +38,9 @@ class IndexConfig:
     factory: str = field(default="HNSW32", metadata={
         "help": "faiss index_factory string: Flat (exact), HNSW32 (fast, no training), "
                 "IVF{n},PQ{m} (large corpora)"})
-    train_sample: int = field(default=100_000,
+    train_sample: int = field(default=DEFAULT_TRAIN_SAMPLE,
                               metadata={"help": "rows sampled to train IVF/PQ/OPQ"})
-    batch_size: int = field(default=65_536, metadata={"help": "rows per streamed add"})
+    batch_size: int = field(default=DEFAULT_BATCH_SIZE, metadata={"help": "rows per streamed add"})
     shards: int = field(default=1, metadata={"help": "index shards (S files)"})
     shard_mode: str = field(default="contiguous",
                             metadata={"help": "contiguous | round_robin split over shards"})
@@ -58,24 +60,34 @@ class IndexConfig:
             raise ValueError("factory must be a faiss index_factory string")
 
 
+def run(cfg: IndexConfig) -> SearchIndex:
+    """Build the index, save its config beside it; returns it (loaded).
+
+    Raises:
+        FileNotFoundError, ValueError: as :func:`aligner.retrieval.index_build.build_index`.
+    """
+    from aligner.retrieval.index_build import build_index
+
+    index = build_index(cfg.embeddings, cfg.output, cfg.factory,
+                        train_sample=cfg.train_sample, batch_size=cfg.batch_size,
+                        shards=cfg.shards, shard_mode=cfg.shard_mode,  # type: ignore[arg-type]
+                        seed=cfg.seed, clamp_nlist=cfg.clamp_nlist,
+                        nprobe=cfg.nprobe or None, ef_search=cfg.ef_search or None,
+                        progress=cfg.progress, config=to_dict(cfg), started=time.time())
+    save_config(cfg, Path(cfg.output) / "config.yaml")
+    return index
+
+
 def main(argv: list[str] | None = None) -> int:
     setup_logging()
     cfg = load_config(IndexConfig, argv, DEFAULT_YAML, prog="python -m jobs.build_index")
-    from aligner.retrieval.index_build import build_index
-
     started = time.time()
     log.info("config:\n%s", dump_yaml(cfg))
     try:
-        index = build_index(cfg.embeddings, cfg.output, cfg.factory,
-                            train_sample=cfg.train_sample, batch_size=cfg.batch_size,
-                            shards=cfg.shards, shard_mode=cfg.shard_mode,  # type: ignore[arg-type]
-                            seed=cfg.seed, clamp_nlist=cfg.clamp_nlist,
-                            nprobe=cfg.nprobe or None, ef_search=cfg.ef_search or None,
-                            progress=cfg.progress, config=to_dict(cfg), started=started)
+        index = run(cfg)
     except (FileNotFoundError, ValueError) as e:
         log.error("%s", e)
         return 2
-    save_config(cfg, Path(cfg.output) / "config.yaml")
     m = index.manifest
     print(f"index: {m.get('factory')} dim {index.dim}, {index.ntotal} vectors in "
           f"{len(m.get('shards', []))} shard(s), built in {time.time() - started:.1f} s "

@@ -49,26 +49,25 @@ class SearchConfig:
             raise ValueError("k must be >= 1")
 
 
-def main(argv: list[str] | None = None) -> int:
-    setup_logging()
-    cfg = load_config(SearchConfig, argv, DEFAULT_YAML, prog="python -m jobs.search")
+def run(cfg: SearchConfig) -> dict[str, Path]:
+    """Search, print the ranked results, write ``search.png``, ``search.html``,
+    ``results.json``, the config and the manifest; returns the PNG and HTML paths.
+
+    Raises:
+        FileNotFoundError: a missing index.
+        ValueError: no query, or a query model that does not fit the index.
+    """
     from aligner.retrieval.search import Searcher, hits_to_items
     from aligner.runtime.grids import image_grid_html, rows_grid_png
 
     started = time.time()
-    log.debug("config:\n%s", dump_yaml(cfg))
     queries = [q for q in ([cfg.query] if isinstance(cfg.query, str) else cfg.query)
                if q and q.strip()]
     if not queries:
-        log.error("no query given: pass query=\"some text\"")
-        return 2
-    try:
-        searcher = Searcher.open(cfg.index, cfg.model, cfg.corpus or None, cfg.nprobe or None,
-                                 cfg.ef_search or None)
-        results = searcher.search(queries, cfg.k)
-    except (FileNotFoundError, ValueError) as e:
-        log.error("%s", e)
-        return 2
+        raise ValueError("no query given: pass query=\"some text\"")
+    searcher = Searcher.open(cfg.index, cfg.model, cfg.corpus or None, cfg.nprobe or None,
+                             cfg.ef_search or None)
+    results = searcher.search(queries, cfg.k)
     rows = []
     for q, hits in zip(queries, results, strict=True):
         print(f"\nquery: {q}")
@@ -88,7 +87,19 @@ def main(argv: list[str] | None = None) -> int:
     write_manifest(out, "search", to_dict(cfg), started, model=searcher.retriever.describe(),
                    corpus=searcher.corpus, outputs={"png": png.name, "html": html.name,
                                                     "results": "results.json"})
-    print(f"\ngrid: {png}\npage: {html}")
+    return {"png": png, "html": html}
+
+
+def main(argv: list[str] | None = None) -> int:
+    setup_logging()
+    cfg = load_config(SearchConfig, argv, DEFAULT_YAML, prog="python -m jobs.search")
+    log.debug("config:\n%s", dump_yaml(cfg))
+    try:
+        paths = run(cfg)
+    except (FileNotFoundError, ValueError) as e:
+        log.error("%s", e)
+        return 2
+    print(f"\ngrid: {paths['png']}\npage: {paths['html']}")
     return 0
 
 

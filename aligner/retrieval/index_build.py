@@ -50,6 +50,10 @@ from aligner.runtime.manifest import read_manifest, write_manifest
 
 log = logging.getLogger(__name__)
 
+#: Defaults of :func:`build_index` (``jobs.build_index`` takes its own from here).
+DEFAULT_TRAIN_SAMPLE = 100_000
+DEFAULT_BATCH_SIZE = 65_536
+
 
 def _clamped_factory(factory: str, n_train: int, nlist: int, clamp: bool) -> str:
     if n_train >= nlist:
@@ -105,7 +109,8 @@ def _write_failures(out: Path, failures: list[dict[str, Any]]) -> None:
 
 
 def build_index(embeddings: str | Path, out_dir: str | Path, factory: str = "Flat", *,
-                train_sample: int = 100_000, batch_size: int = 65_536, shards: int = 1,
+                train_sample: int = DEFAULT_TRAIN_SAMPLE, batch_size: int = DEFAULT_BATCH_SIZE,
+                shards: int = 1,
                 shard_mode: ShardMode = "contiguous", seed: int = 0, clamp_nlist: bool = False,
                 nprobe: int | None = None, ef_search: int | None = None,
                 progress: bool = False, config: dict[str, Any] | None = None,

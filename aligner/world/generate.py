@@ -18,7 +18,7 @@ import logging
 import os
 import time
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -38,17 +38,17 @@ SPLITS = ("train", "val", "test")
 
 @dataclass
 class WorldSpec:
-    """Size and seed of a world (the job's config holds one)."""
+    """Size and seed of a world: same spec, same world (``jobs.make_world`` extends it)."""
 
-    n_images: int = 10_000
-    image_size: int = 64
-    seed: int = 0
-    val_fraction: float = 0.05
-    test_fraction: float = 0.15
-    n_queries: int = 600
-    n_paraphrases: int = 120
-    p_look: float = 0.8
-    rows_per_file: int = 2_000
+    n_images: int = field(default=10_000, metadata={"help": "number of images"})
+    image_size: int = field(default=64, metadata={"help": "image side in pixels"})
+    seed: int = field(default=0, metadata={"help": "same seed, same world"})
+    val_fraction: float = field(default=0.05, metadata={"help": "validation share of images"})
+    test_fraction: float = field(default=0.15, metadata={"help": "test share of images"})
+    n_queries: int = field(default=600, metadata={"help": "content queries (60/10/30 split)"})
+    n_paraphrases: int = field(default=120, metadata={"help": "held-out-word test queries"})
+    p_look: float = field(default=0.8, metadata={"help": "share of captions with look phrases"})
+    rows_per_file: int = field(default=2_000, metadata={"help": "corpus rows per Parquet file"})
 
     def __post_init__(self) -> None:
         if self.n_images < 10:
@@ -57,6 +57,14 @@ class WorldSpec:
             raise ValueError("image_size must be in [16, 512]")
         if not 0 <= self.val_fraction + self.test_fraction < 1:
             raise ValueError("val_fraction + test_fraction must be in [0, 1)")
+        if not 0.0 <= self.p_look <= 1.0:
+            raise ValueError("p_look must be in [0, 1]")
+        if self.rows_per_file < 1:
+            raise ValueError("rows_per_file must be >= 1")
+
+    def spec(self) -> WorldSpec:
+        """This spec alone (a subclass's extra fields, such as a job's output, dropped)."""
+        return WorldSpec(**{f.name: getattr(self, f.name) for f in fields(WorldSpec)})
 
 
 def image_record(seed: int, index: int, size: int, p_look: float) -> dict:
@@ -228,8 +236,8 @@ def world_fingerprint(spec: WorldSpec, n_probe: int = 64) -> dict:
     for i in range(min(n_probe, spec.n_images)):
         r = image_record(spec.seed, i, spec.image_size, spec.p_look)
         h.update(r["caption"].encode() + b"\n")
-    fields = {k: v for k, v in asdict(spec).items() if k != "rows_per_file"}
-    return {"spec": fields, "probe": n_probe, "sha256": h.hexdigest()}
+    described = {k: v for k, v in asdict(spec.spec()).items() if k != "rows_per_file"}
+    return {"spec": described, "probe": n_probe, "sha256": h.hexdigest()}
 
 
 def _count(queries: pa.Table) -> dict[tuple[str, str], int]:
