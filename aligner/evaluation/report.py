@@ -1,6 +1,6 @@
 """The evaluation report: one self-contained HTML page and one PNG summary.
 
-Input is the evaluation's ``metrics.json`` content (see ``jobs/evaluate.py``) plus what does not
+Input is the evaluation's ``metrics.json`` content (:mod:`aligner.data.results`) plus what does not
 belong in JSON: per-query values for the gain histogram and image grids of top results. The
 HTML holds a systems x metrics table with 95% CIs, the verdict sentences (including where the
 aligned model does not win), the comparisons, the teacher diagnostics, the plots and the

@@ -30,7 +30,7 @@ class Candidates(NamedTuple):
 
 
 class MatrixCandidates:
-    """Exact cosine top-k over an in-memory ``[N, D]`` matrix (``aligner.evaluation.stats.topk``).
+    """Exact cosine top-k over an in-memory ``[N, D]`` matrix (``aligner.retrieval.metrics.topk``).
 
     Args:
         ids: ``N`` image ids.

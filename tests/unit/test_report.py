@@ -160,8 +160,8 @@ def tiny(tmp_path_factory):
 
 def _write_embeddings(d, world):
     """A jobs.embed-like output of the base (right hash) and one with a stale hash."""
+    from aligner.evaluation.gallery import Gallery, embed_gallery
     from aligner.retrieval.models import load_checkpoint
-    from jobs.evaluate import Gallery, embed_gallery
 
     t = world.corpus(["id", "image", "caption", "split"])
     gal = Gallery(t["id"].to_pylist(), t["image"].to_pylist(), None, None, "test")
@@ -194,7 +194,7 @@ def test_evaluate_job_end_to_end(tiny, capsys):
                f"models=aligned={d / 'aligned'}", f"base_embeddings={d / 'emb_base'}",
                f"embeddings=aligned={d / 'emb_stale'}", f"rephrased={d / 'rephrase'}",
                f"preferences=mix={d / 'prefs.parquet'},gone={d / 'missing'}",
-               "hpir_pool=20", "cascade_n=20", f"output={out}"])
+               "hpir.pool=20", "baseline.cascade_n=20", f"output={out}"])
     assert rc == 0
     for f in ("metrics.json", "report.html", "report.png", "manifest.json", "config.yaml",
               "per_query.parquet"):
@@ -270,7 +270,7 @@ def test_evaluate_job_on_a_corpus_without_oracle(tiny, monkeypatch):
     rc = main([f"corpus={d / 'world' / 'corpus'}",
                f"queries={d / 'world' / 'queries' / 'queries.parquet'}",
                f"base_checkpoint={d / 'base'}", f"models=aligned={d / 'aligned'}",
-               "baselines=[cascade,query_shift]", "cascade_n=20", "grid_queries=1",
+               "baselines=[cascade,query_shift]", "baseline.cascade_n=20", "grid_queries=1",
                f"preferences=mix={d / 'prefs.parquet'}", f"output={out}"])
     assert rc == 0
     m = _strict_json(out / "metrics.json")
@@ -284,12 +284,15 @@ def test_evaluate_job_on_a_corpus_without_oracle(tiny, monkeypatch):
 
 
 def test_config_errors():
+    from aligner.evaluation.config import EvaluateConfig
     from aligner.runtime.config import ConfigError, build_config
-    from jobs.evaluate import EvaluateConfig
 
     for bad in (["models=aligned"], ["models=base=x"], ["gallery=train"],
-                ["baselines=[magic]"], ["embeddings=nobody=x"], ["shift_quantile=1.5"]):
+                ["baselines=[magic]"], ["embeddings=nobody=x"], ["baseline.shift_quantile=1.5"],
+                ["hpir.pool=3"], ["sweep.rephrase_mixes=[2]"], ["shift_quantile=0.2"]):
         with pytest.raises(ConfigError):
             build_config(EvaluateConfig, None, bad)
-    c = build_config(EvaluateConfig, None, ["models=control=a/b,aligned=c/d", "cascade_weight=inf"])
-    assert c.models == ["control=a/b", "aligned=c/d"] and np.isinf(c.cascade_weight)
+    c = build_config(EvaluateConfig, None, ["models=control=a/b,aligned=c/d",
+                                            "baseline.cascade_weight=inf", "sweep.enabled=false"])
+    assert c.models == ["control=a/b", "aligned=c/d"] and np.isinf(c.baseline.cascade_weight)
+    assert c.sweep.enabled is False and c.baseline.cascade_n == 50 and c.hpir.pool == 50

@@ -1,0 +1,241 @@
+"""The evaluation's phases, in order, each reading and filling one :class:`EvalState`.
+
+:func:`aligner.evaluation.run.run_evaluation` calls them in this order (later phases read
+what earlier ones wrote, and the systems' text-encoder caches carry from one phase to the
+next, so the order is part of the result):
+
+1. :func:`load_inputs` - the world (oracle) or corpus, the gallery and the held-out queries;
+2. :func:`build` - base, baselines and trained models (:mod:`aligner.evaluation.build`);
+3. :func:`search_and_time` - every system's top results, timed with cleared caches;
+4. :func:`per_query_metrics` - aesthetic@K (oracle and scorer), precision@K per query;
+5. :func:`caption_recall` - recall of held-out captions, the no-regression check;
+6. :func:`hpir` - HPIR-style row agreement with the oracle;
+7. :func:`aligner.evaluation.equal_relevance.sweep_baselines` - knob sweeps, equal relevance;
+8. :mod:`aligner.evaluation.assemble` - comparisons, teacher diagnostics and the premise,
+   the metrics with their verdict, image grids.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from aligner.evaluation.config import EvaluateConfig
+
+if TYPE_CHECKING:
+    from aligner.evaluation.build import BuiltSystems
+    from aligner.evaluation.gallery import Gallery
+    from aligner.evaluation.oracle import WorldEval
+    from aligner.evaluation.systems import System
+    from aligner.world import World
+
+log = logging.getLogger(__name__)
+
+NO_ORACLE_SKIPS = ("oracle aesthetic@K (no oracle outside the built-in world)",
+                   "content precision@K (no query truth)", "HPIR-style agreement (no oracle)",
+                   "teacher diagnostics (no oracle)", "the rephrasing premise (no oracle)")
+
+
+@dataclass
+class EvalState:
+    """Everything the phases share: inputs, systems, per-query arrays, assembled metrics.
+
+    Per-query arrays are ``[Q]`` over the held-out queries; recall hits are ``[C]`` over the
+    held-out captions.
+    """
+
+    cfg: EvaluateConfig
+    world: World | None = None
+    gallery: Gallery | None = None
+    qids: list[str] = field(default_factory=list)
+    texts: list[str] = field(default_factory=list)
+    built: BuiltSystems | None = None
+    ev: WorldEval | None = None
+    load_s: float = 0.0
+    ks: list[int] = field(default_factory=list)
+    kmax: int = 10
+    skipped: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    tops: dict[str, np.ndarray] = field(default_factory=dict)
+    timing: dict[str, dict[str, Any]] = field(default_factory=dict)
+    per: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
+    hits: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
+    rec_gallery: np.ndarray | None = None
+    rec_info: dict[str, Any] = field(default_factory=dict)
+    cap_texts: list[str] | None = None
+    targets: np.ndarray | None = None
+    agree: dict[str, np.ndarray] = field(default_factory=dict)
+    hpir: dict[str, dict] = field(default_factory=dict)
+    hpir_info: dict[str, Any] = field(default_factory=dict)
+    frontier: dict[str, list[dict]] = field(default_factory=dict)
+    equal_relevance: dict[str, Any] = field(default_factory=dict)
+    out_systems: dict[str, dict] = field(default_factory=dict)
+    comparisons: dict[str, dict] = field(default_factory=dict)
+    pairwise: dict[str, dict] = field(default_factory=dict)
+    premise: dict | None = None
+    teacher: dict | None = None
+    metrics: dict[str, Any] = field(default_factory=dict)
+    grids: list = field(default_factory=list)
+
+    @property
+    def systems(self) -> dict[str, System]:
+        return self.built.systems if self.built is not None else {}
+
+    @property
+    def aesthetic(self) -> np.ndarray:
+        """The scorer's score of every gallery image."""
+        return self.built.aesthetic
+
+    @property
+    def base(self) -> System:
+        return self.systems[self.cfg.base_name]
+
+    @property
+    def primary(self) -> str:
+        """The headline metric: oracle aesthetic@K, or the scorer's without an oracle."""
+        k = self.cfg.k
+        return f"aesthetic@{k}" if self.ev is not None else f"scorer_aesthetic@{k}"
+
+
+def load_inputs(st: EvalState) -> None:
+    """The world (only without ``corpus``), the gallery and the held-out queries."""
+    from aligner.evaluation.gallery import load_gallery, load_queries
+
+    cfg = st.cfg
+    if cfg.threads > 0:
+        import torch
+
+        torch.set_num_threads(cfg.threads)
+    if cfg.corpus:
+        if cfg.world:
+            log.info("corpus given: evaluating %s without the world's oracle", cfg.corpus)
+    else:
+        from aligner.world import World
+
+        st.world = World(cfg.world)
+    st.load_s = time.time()
+    if st.world is not None:
+        st.gallery = load_gallery(world=cfg.world, which=cfg.gallery)
+        st.qids, st.texts = load_queries(world=cfg.world, split=cfg.query_split,
+                                         kind=cfg.query_kind)
+    else:
+        st.gallery = load_gallery(corpus=cfg.corpus, which=cfg.gallery)
+        st.qids, st.texts = load_queries(queries=cfg.queries, split=cfg.query_split,
+                                         kind=cfg.query_kind)
+    log.info("gallery: %d images (%s); %d held-out queries", len(st.gallery.ids),
+             st.gallery.source, len(st.qids))
+
+
+def build(st: EvalState) -> None:
+    """Build every system; set up the oracle's view of the gallery (the base's embeddings)."""
+    from aligner.evaluation.build import build_systems, load_rephrasings
+
+    cfg = st.cfg
+    reph = None
+    if "rephrase" in cfg.baselines and cfg.rephrased:
+        reph = load_rephrasings(cfg.rephrased, st.qids, st.texts)
+    st.built = build_systems(st.gallery, cfg.base_checkpoint, cfg.model_dirs(),
+                             cfg.embedding_dirs(), cfg.baseline, cfg.baselines, reph,
+                             cfg.base_name, cfg.base_embeddings, cfg.batch_size)
+    st.notes += st.built.notes
+    st.load_s = time.time() - st.load_s
+    st.ks = sorted({cfg.k, *cfg.also_ks})
+    st.kmax = max(st.ks + [cfg.grid_k, 10])
+    if st.world is not None:
+        from aligner.evaluation.oracle import WorldEval
+
+        st.ev = WorldEval(st.world, st.base.gallery, st.gallery.ids)
+    else:
+        st.skipped += list(NO_ORACLE_SKIPS)
+
+
+def search_and_time(st: EvalState) -> None:
+    """Every system's top ``kmax`` per query, timed (encode + search, caches cleared)."""
+    from aligner.evaluation.systems import timed_search
+
+    encoders, n = st.built.encoders, len(st.qids)
+    for enc in encoders:  # the first call of a torch model pays one-off costs: not query time
+        enc.encode(["warm up"])
+    for name, s in st.systems.items():
+        for enc in encoders:
+            enc.clear()
+        top, secs = timed_search(s, st.texts, st.kmax, ids=st.qids)
+        st.tops[name] = top
+        st.timing[name] = {"seconds": round(secs, 4), "ms_per_query": 1000 * secs / n,
+                           "queries": n}
+    if "rephrase" in st.timing:
+        st.timing["rephrase"]["note"] = "lookup of precomputed rephrasings; LLM time not included"
+    log.info("searched %d queries with %d systems: %s", n, len(st.systems),
+             ", ".join(f"{k} {t['ms_per_query']:.1f} ms/query" for k, t in st.timing.items()))
+
+
+def per_query_metrics(st: EvalState) -> None:
+    """Per system and query: the scorer's aesthetic@K and, with the oracle, aesthetic@K and
+    content precision@K."""
+    from aligner.evaluation.oracle_metrics import aesthetic_at_k
+
+    k, ev = st.cfg.k, st.ev
+    for name, top in st.tops.items():
+        p = {f"scorer_aesthetic@{kk}": aesthetic_at_k(st.aesthetic, top, kk) for kk in st.ks}
+        if ev is not None:
+            p.update({f"aesthetic@{kk}": aesthetic_at_k(ev.beauty, top, kk) for kk in st.ks})
+            p[f"precision@{k}"] = ev.relevance(st.qids, top[:, :k])
+        st.per[name] = p
+
+
+def caption_recall(st: EvalState) -> None:
+    """Recall@1/5/10 of held-out captions among the test split (else the whole gallery; a
+    seeded sample of at most ``max_recall_queries``, default 2000, there)."""
+    from aligner.evaluation.systems import system_recall_hits
+
+    cfg, gallery = st.cfg, st.gallery
+    st.rec_gallery, where = gallery.recall_split()
+    st.rec_info = {"gallery": where, "gallery_size": int(len(st.rec_gallery))}
+    if gallery.captions is None:
+        st.skipped.append("caption recall (the corpus has no captions)")
+        return
+    caps = [gallery.captions[i] or "" for i in st.rec_gallery]
+    keep = np.flatnonzero([bool(c) for c in caps])
+    cap_limit = cfg.max_recall_queries or (0 if where == "test split" else 2000)
+    if cap_limit and len(keep) > cap_limit:
+        keep = np.sort(np.random.default_rng([cfg.seed, 5]).choice(keep, cap_limit, False))
+    st.targets = st.rec_gallery[keep]
+    st.cap_texts = [caps[i] for i in keep]
+    st.rec_info["captions"] = int(len(keep))
+    t0 = time.time()
+    for name, s in st.systems.items():
+        if s.caption_transform == "n/a":
+            continue
+        st.hits[name] = system_recall_hits(s, st.cap_texts, st.targets, subset=st.rec_gallery)
+    for name, s in st.systems.items():
+        if s.caption_transform == "n/a":
+            st.hits[name] = st.hits[s.inner.name]
+    log.info("caption recall: %d captions among %d images, %d systems in %.1f s", len(keep),
+             len(st.rec_gallery), len(st.hits), time.time() - t0)
+
+
+def hpir(st: EvalState) -> None:
+    """HPIR-style agreement: row pairs from the base's top ``hpir.pool``, each system's
+    preference against the oracle's (needs the oracle)."""
+    from aligner.evaluation.oracle_metrics import draw_row_pairs, hpir_agreement, pair_agreement
+
+    cfg, ev, h = st.cfg, st.ev, st.cfg.hpir
+    if ev is None:
+        return
+    _, pool = st.base.search(st.texts, h.pool, ids=st.qids)
+    util = ev.content_matches(st.qids, pool) * ev.utility_beauty()[pool]
+    pairs = draw_row_pairs(util, h.pairs_per_query, h.row_size, h.tie, cfg.seed)
+    st.hpir_info = {"pool": f"{cfg.base_name} top {h.pool}", "pairs": len(pairs.query),
+                    "pairs_drawn": pairs.drawn, "row_size": h.row_size}
+    for name, s in st.systems.items():
+        scores = s.score(s.encode(st.texts, st.qids), pool)
+        st.agree[name] = pair_agreement(pairs, scores)
+        st.hpir[name] = hpir_agreement(pairs, scores)
+    log.info("HPIR: %d row pairs (%d drawn, ties dropped) scored by %d systems",
+             len(pairs.query), pairs.drawn, len(st.systems))
+    if not len(pairs.query):
+        st.notes.append("HPIR: every drawn row pair was a tie; no agreement computed")

@@ -1,0 +1,183 @@
+"""Building the evaluation's retrieval systems from library code alone (what a search service
+does): the gallery and query loaders and the system builders, without the evaluation config
+and without ``jobs``."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import pytest
+
+from aligner.evaluation.build import (
+    Rephrasings,
+    build_systems,
+    cascade_system,
+    load_model_system,
+    load_rephrasings,
+    query_shift_system,
+    rephrase_system,
+)
+from aligner.evaluation.config import BASELINES, BaselineSettings
+from aligner.evaluation.gallery import Gallery, load_gallery, load_queries
+from aligner.evaluation.systems import CascadeSystem, EncoderSystem, QueryShiftSystem
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+    """A 120-image world, an untrained built-in checkpoint (base), a perturbed one."""
+    import torch
+
+    from aligner.retrieval.models import ModelSpec, load_retriever, save_checkpoint
+    from aligner.world import WorldSpec, generate_world
+
+    d = tmp_path_factory.mktemp("build")
+    generate_world(WorldSpec(n_images=120, n_queries=30, n_paraphrases=6, rows_per_file=60),
+                   d / "world", workers=1, progress=False)
+    r = load_retriever(ModelSpec(), device="cpu")
+    save_checkpoint(r, d / "base")
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(2)
+        for p in r.model.visual.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    save_checkpoint(r, d / "aligned")
+    return d
+
+
+def test_gallery_and_queries_from_a_world(small):
+    from aligner.world import World
+
+    world = World(small / "world")
+    g = load_gallery(world=small / "world")
+    assert g.ids == world.corpus(["id"])["id"].to_pylist() and len(g.images) == 120
+    assert g.source == f"world {small / 'world'}" and g.captions and g.split is not None
+    test = load_gallery(world=small / "world", which="test")
+    assert 0 < len(test.ids) < 120 and set(test.split) == {"test"}
+    idx, where = test.recall_split()
+    assert where == "test split" and len(idx) == len(test.ids)
+    qids, texts = load_queries(world=small / "world")
+    want = world.queries(split="test", kind="content")
+    assert qids == want["query_id"].to_pylist() and texts == want["query"].to_pylist()
+    with pytest.raises(ValueError):
+        load_gallery(world=small / "world", which="train")
+    with pytest.raises(ValueError):
+        load_queries(world=small / "world", split="nope")
+
+
+def test_gallery_from_a_corpus(small, tmp_path):
+    from aligner.world import World
+
+    t = World(small / "world").corpus(["id", "image", "caption", "split"])
+    hf = pa.table({"id": t["id"], "image": pa.StructArray.from_arrays(
+        [t["image"].combine_chunks(), pa.nulls(t.num_rows, pa.string())], ["bytes", "path"]),
+        "split": t["split"]})
+    pq.write_table(hf, tmp_path / "hf.parquet")
+    g = load_gallery(corpus=tmp_path / "hf.parquet", which="test")
+    assert g.captions is None and set(g.split) == {"test"}
+    assert g.images[0] == t.filter(pc.equal(t["split"], "test"))["image"][0].as_py()
+    pq.write_table(t.select(["id", "image"]), tmp_path / "nosplit.parquet")
+    g = load_gallery(corpus=tmp_path / "nosplit.parquet", which="test")  # no split: every image
+    assert len(g.ids) == 120 and g.split is None
+    assert g.recall_split()[1].startswith("whole gallery")
+    pq.write_table(pa.table({"id": ["a"], "uri": ["/x.jpg"]}), tmp_path / "uri.parquet")
+    with pytest.raises(ValueError, match="jobs.embed"):
+        load_gallery(corpus=tmp_path / "uri.parquet")
+    q = pa.table({"query_id": ["a", "b"], "query": ["red", "blue"], "split": ["test", "train"]})
+    pq.write_table(q, tmp_path / "q.parquet")
+    assert load_queries(queries=tmp_path / "q.parquet") == (["a"], ["red"])  # no kind column
+
+
+def test_build_systems_with_explicit_arguments(small):
+    g = load_gallery(world=small / "world")
+    qids, texts = load_queries(world=small / "world")
+    reph = Rephrasings({qids[0]: "a shiny " + texts[0]}, "in memory")
+    settings = BaselineSettings(cascade_n=20, cascade_weight=2.0, shift_weight=0.3)
+    built = build_systems(g, small / "base", models={"aligned": small / "aligned"},
+                          settings=settings, rephrasings=reph)
+    assert list(built.systems) == ["base", *BASELINES, "aligned"]
+    assert built.base is built.systems["base"] and len(built.encoders) == 2
+    s = built.systems
+    assert isinstance(s["base"], EncoderSystem) and isinstance(s["aligned"], EncoderSystem)
+    assert isinstance(s["cascade"], CascadeSystem) and (s["cascade"].n, s["cascade"].weight) \
+        == (20, 2.0)
+    assert isinstance(s["query_shift"], QueryShiftSystem) and s["query_shift"].weight == 0.3
+    assert s["rephrase"].on_missing == "plain" and s["rephrase"].inner is s["base"]
+    assert built.aesthetic.shape == (120,) and np.isfinite(built.aesthetic).all()
+    assert built.info["rephrase"] == {"table": "in memory"} and not built.notes
+    assert built.info["aligned"]["checkpoint_hash"] != built.info["base"]["checkpoint_hash"]
+    for name, system in s.items():
+        _, top = system.search(texts, 5, ids=qids)
+        assert top.shape == (len(qids), 5) and (top >= 0).all() and (top < 120).all(), name
+    _, b = s["base"].search(texts, 5)
+    _, r = s["rephrase"].search(texts, 5, ids=qids)
+    assert (b[1:] == r[1:]).all() and s["rephrase"].missing == set(qids[1:])
+    assert not np.allclose(s["aligned"].gallery, s["base"].gallery)
+    # the same knobs build the same systems one by one (a sweep or a service)
+    c = cascade_system(built.base, built.aesthetic, settings, name="c", weight=0.5)
+    assert (c.n, c.weight, c.inner) == (20, 0.5, built.base)
+    assert query_shift_system(built.base, built.aesthetic, settings).weight == 0.3
+    assert rephrase_system(built.base, reph.table, settings, mix=0.5).mix == 0.5
+
+
+def test_build_only_some_baselines_and_refusals(small):
+    g = load_gallery(world=small / "world", which="test")
+    built = build_systems(g, small / "base", baselines=["cascade", "rephrase"],
+                          base_name="plain")
+    assert list(built.systems) == ["plain", "cascade"]
+    assert built.notes and "rephrase system skipped" in built.notes[0]
+    with pytest.raises(ValueError, match="unknown baselines"):
+        build_systems(g, small / "base", baselines=["magic"])
+    with pytest.raises(ValueError, match="may not be named"):
+        build_systems(g, small / "base", models={"cascade": small / "aligned"})
+    with pytest.raises(FileNotFoundError):
+        build_systems(g, small / "nope")
+
+
+def test_model_system_reuses_matching_embeddings_only(small, tmp_path):
+    import json
+
+    g = load_gallery(world=small / "world", which="test")
+    m = load_model_system("base", small / "base", g)
+    assert "embed_s" in m.info and m.aesthetic is None
+    emb = m.system.gallery
+    table = pa.table({"id": g.ids, "embedding": pa.FixedSizeListArray.from_arrays(
+        pa.array(emb.reshape(-1)), emb.shape[1]), "aesthetic": pa.array(
+        np.linspace(0, 1, len(g.ids)), pa.float32())})
+    for name, chash in (("ok", m.info["checkpoint_hash"]), ("stale", "0000")):
+        (tmp_path / name / "embeddings").mkdir(parents=True)
+        pq.write_table(table, tmp_path / name / "embeddings" / "part-0.parquet")
+        (tmp_path / name / "manifest.json").write_text(json.dumps(
+            {"model": {"checkpoint_hash": chash}, "scorer": {"name": "lowlevel"}}))
+    ok = load_model_system("base", small / "base", g, tmp_path / "ok")
+    assert ok.info["embeddings"] == str(tmp_path / "ok") and "embed_s" not in ok.info
+    assert np.allclose(ok.aesthetic, np.linspace(0, 1, len(g.ids)), atol=1e-6)
+    other = load_model_system("base", small / "base", g, tmp_path / "ok", scorer="other")
+    assert other.aesthetic is None  # scores of another scorer are not reused
+    stale = load_model_system("base", small / "base", g, tmp_path / "stale")
+    assert "embed_s" in stale.info and "embeddings" not in stale.info
+
+
+def test_load_rephrasings(small, tmp_path):
+    qids, texts = load_queries(world=small / "world")
+    pq.write_table(pa.table({"query_id": qids[:2], "query": texts[:2],
+                             "rephrased": ["x", ""]}), tmp_path / "r.parquet")
+    r = load_rephrasings(tmp_path / "r.parquet", qids, texts)
+    assert r.table == {qids[0]: "x"} and r.source == str(tmp_path / "r.parquet")
+    assert r.counts["missing"] == len(qids) - 1
+
+
+def test_gallery_is_a_plain_container():
+    g = Gallery(["a", "b"], [b"", b""], None, np.array(["train", "val"]), "mem")
+    assert g.recall_split()[1].startswith("whole gallery")
+
+
+def test_library_builders_import_no_jobs():
+    code = ("import sys, aligner.evaluation.build, aligner.evaluation.run, "
+            "aligner.evaluation.gallery, aligner.data.results\n"
+            "bad = [m for m in sys.modules if m == 'jobs' or m.startswith('jobs.')]\n"
+            "assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True,
+                   cwd=Path(__file__).resolve().parents[2])
