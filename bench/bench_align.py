@@ -4,8 +4,8 @@
     python bench/bench_align.py --steps 60 --pairs 64 --captions 128
 
 All settings run the same loop (:func:`aligner.training.align.align_loop`) on the same data
-(:class:`aligner.training.align.AlignData` prepared once): the plain single-process loop calls it as a
-function with every core; Ray Train runs it in ``TorchTrainer`` with 1 worker (all cores) and
+(:class:`aligner.training.align.AlignData` prepared once): the plain single-process loop calls
+it as a function with every core; Ray Train runs it in ``TorchTrainer`` with 1 worker (all cores) and
 2 workers (cores split, DDP over gloo). Steady-state pairs/s is the median of the per-interval
 rates after the first interval; the whole-run rate (with Ray Train's start-up) is printed
 beside it. Ratios are measured side by side in one run; run it on an idle machine.
@@ -64,14 +64,13 @@ def make_inputs(work: Path, n_images: int, pairs_per_query: int) -> tuple[Path, 
     return world_dir, start, prefs
 
 
-def loop_config(args, threads: int) -> dict:
-    return {"steps": args.steps, "pairs_per_step": args.pairs, "captions_per_step": args.captions,
-            "grad_accum": 1, "lr": 1e-4, "min_lr_ratio": 0.1, "warmup": 5, "weight_decay": 0.05,
-            "betas": [0.9, 0.98], "grad_clip": 1.0, "beta": 0.5, "label_smoothing": 0.1,
-            "pref_weight": 1.0, "contrastive_weight": 1.0, "train": "vision",
-            "vision_last_blocks": 0, "text_unlocked_layers": 0, "text_lr_scale": 0.1, "seed": 0,
-            "eval_every": 0, "checkpoint_every": 0, "log_every": args.log_every,
-            "recall_tolerance": 0.01, "threads": threads}
+def loop_config(args):
+    """The loop's defaults, without validation or intermediate checkpoints."""
+    from aligner.training.config import AlignLoopConfig
+
+    return AlignLoopConfig(steps=args.steps, pairs_per_step=args.pairs,
+                           captions_per_step=args.captions, warmup=5, selection="early_stopping",
+                           eval_every=0, checkpoint_every=0, log_every=args.log_every)
 
 
 def steady(rates: list[float]) -> float:
@@ -80,11 +79,12 @@ def steady(rates: list[float]) -> float:
     return float(np.median(rest)) if rest else float("nan")
 
 
-def run_plain(args, data, model: dict) -> dict:
+def run_plain(args, data, model) -> dict:
     """The loop as a plain function in this process (no Ray), collecting its log lines."""
     import logging
 
     from aligner.training.align import align_loop
+    from aligner.training.loop import LoopInputs
 
     rates: list[float] = []
 
@@ -95,13 +95,13 @@ def run_plain(args, data, model: dict) -> dict:
                 if r:
                     rates.append(float(r))
 
-    lg = logging.getLogger("aligner.training.align")
+    lg = logging.getLogger("aligner.training.loop")
     h = Grab()
     lg.addHandler(h)
     lg.setLevel(logging.INFO)
     t0 = time.time()
     try:
-        align_loop({**loop_config(args, os.cpu_count() or 1), "data": data, "model": model})
+        align_loop(LoopInputs(loop_config(args), model, data, os.cpu_count() or 1))
     finally:
         lg.removeHandler(h)
     wall = time.time() - t0
@@ -109,27 +109,18 @@ def run_plain(args, data, model: dict) -> dict:
             / wall, "wall_s": wall}
 
 
-def run_ray(args, data, model: dict, workers: int, storage: Path) -> dict:
-    """The loop in Ray Train's TorchTrainer with ``workers`` workers."""
-    import ray
-    from ray.train import RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
+def run_ray(args, data, model, workers: int, storage: Path) -> dict:
+    """The loop in Ray Train's TorchTrainer with ``workers`` workers (the jobs' glue)."""
     from aligner.training.align import align_loop
+    from aligner.training.loop import fit_torch_trainer, read_history
 
-    cpus = int(ray.cluster_resources().get("CPU", 1))
-    threads = max(1, cpus // workers)
-    cfg = {**loop_config(args, threads), "data_ref": ray.put(data), "model": model}
     t0 = time.time()
-    result = TorchTrainer(
-        align_loop, train_loop_config=cfg,
-        scaling_config=ScalingConfig(num_workers=workers, resources_per_worker={"CPU": threads}),
-        run_config=RunConfig(name=f"bench-{workers}", storage_path=str(storage))).fit()
+    final = fit_torch_trainer(align_loop, loop_config(args), model, data,
+                              name=f"bench-{workers}", out=storage, num_workers=workers,
+                              use_gpu=False, threads_per_worker=0, max_failures=0,
+                              dest=storage / f"final-{workers}")
     wall = time.time() - t0
-    if result.error:
-        raise result.error
-    with result.checkpoint.as_directory() as d:  # rank 0's log rides in the last checkpoint
-        hist = [json.loads(x) for x in (Path(d) / "train_log.jsonl").read_text().splitlines()]
+    hist = read_history(final / "train_log.jsonl")  # rank 0's log rides in the last checkpoint
     rates = [float(h["pairs_per_s"]) for h in hist if h.get("pairs_per_s")]
     return {"steady_pairs_per_s": steady(rates),
             "whole_run_pairs_per_s": args.steps * args.pairs / wall, "wall_s": wall}
@@ -156,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
         spec = ModelSpec(checkpoint=str(start))
         data, counts = prepare_align_data(str(prefs), str(world / "corpus"),
                                           str(world / "queries"), spec)
-        model = {"name": "builtin", "checkpoint": str(start)}
+        model = spec
         results = {"plain loop (1 process, all cores)": run_plain(args, data, model)}
         init_ray()
         results["Ray Train, 1 worker"] = run_ray(args, data, model, 1, work / "ray")

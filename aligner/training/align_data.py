@@ -114,7 +114,7 @@ def prepare_align_data(preferences: str, corpus: str, queries: str, model: Model
     q_index = {q: k for k, q in enumerate(qids)}
     query_strings = [qtext[q] for q in qids]
     cached = hasattr(ref.model, "text") and hasattr(ref.model.text, "transformer")
-    if cached:  # same list and order as jobs.pretrain: a cache hit after pre-training
+    if cached:  # same list and order as pre-training's: a cache hit after it
         feats = cached_pooled_features(ref.model, ref.tokenizer, captions + val_captions)
         cap_text, val_text = feats[:len(captions)][:n_cap], feats[len(captions):]
         q_pooled = cached_pooled_features(ref.model, ref.tokenizer, query_strings)

@@ -3,7 +3,7 @@
 Pure tensor math (no I/O, no distributed calls); the training loop gathers features across
 workers before calling :func:`contrastive_loss` when it wants global negatives.
 
-Ranked DPO (METHOD.md section 1; Rafailov et al.'s DPO applied to a retriever as a policy
+Ranked DPO (``docs/method.md``; Rafailov et al.'s DPO applied to a retriever as a policy
 ``pi(v | q) ∝ exp(s(q, v) / tau)``). For a pair where image ``w`` is preferred over ``l``::
 
     z      = (beta / tau) * [ (s(q, w) - s(q, l)) - (s_ref(q, w) - s_ref(q, l)) ]

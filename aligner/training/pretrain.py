@@ -1,25 +1,24 @@
 """Contrastive pre-training of the built-in retriever's image tower (LiT-style, text locked).
 
-The loop runs inside Ray Train workers (``TorchTrainer``; one process per worker, DDP over
-gloo on CPU or NCCL on GPU). The locked text transformer's pooled outputs for the finite
-caption set are computed once on the driver (:mod:`aligner.retrieval.textcache`) and shipped with the
-decoded images through the object store, so a CPU step is the image tower plus a linear
-projection. With ``text_unlocked_layers > 0`` the last text layers train too and captions go
-through the text tower on every step (slower; no cache).
+The loop is :func:`aligner.training.loop.run_loop` with :class:`PretrainSteps`: it runs
+inside Ray Train workers (``TorchTrainer``; one process per worker, DDP over gloo on CPU or
+NCCL on GPU). The locked text transformer's pooled outputs for the finite caption set are
+computed once on the driver (:mod:`aligner.retrieval.textcache`) and shipped with the decoded
+images through the object store, so a CPU step is the image tower plus a linear projection.
+With ``text_unlocked_layers > 0`` the last text layers train too and captions go through the
+text tower on every step (slower; no cache).
 
 Loss: the symmetric InfoNCE of CLIP (open_clip's ``ClipLoss``), features gathered across
 workers with gradients, so N workers see the same negatives as one worker with the global
-batch.
+batch. A step's batch is a slice of a per-epoch permutation (``[seed, epoch]``), with
+horizontal flips drawn from ``seed * 100003 + step * 7 + rank``.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -27,21 +26,20 @@ import torch.nn.functional as F
 
 from aligner.retrieval.metrics import caption_recall
 from aligner.retrieval.models import to_pixels
+from aligner.training.config import PretrainConfig, PretrainLoopConfig
 from aligner.training.loop import (
-    count_trainable,
-    latest_checkpoint_dir,
-    load_train_state,
+    LoopInputs,
+    LoopSteps,
+    Worker,
+    lock_text_tower,
     param_groups,
-    quiet_ray_train_logs,
-    report,
-    save_train_state,
-    set_threads,
-    warmup_cosine,
-    worker_context,
+    run_loop,
 )
 
 log = logging.getLogger(__name__)
-TRAIN_LOG = "train_log.jsonl"
+
+__all__ = ["ContrastiveTask", "PretrainData", "PretrainSteps", "prepare_pretrain_data",
+           "pretrain_loop"]
 
 
 @dataclass
@@ -86,158 +84,124 @@ class ContrastiveTask(torch.nn.Module):
         return img, txt, self.model.logit_scale.exp()
 
 
-def lock_text_tower(model: torch.nn.Module, unlocked_layers: int) -> None:
-    """Freeze the HF text transformer (all of it, or all but its last ``unlocked_layers``)."""
-    for p in model.text.transformer.parameters():
-        p.requires_grad = False
-    if unlocked_layers > 0:
-        layers = model.text.transformer.encoder.layer
-        for layer in layers[-unlocked_layers:]:
-            for p in layer.parameters():
-                p.requires_grad = True
+class PretrainSteps(LoopSteps):
+    """The pre-training step (one InfoNCE batch) and its validation (caption recall).
+
+    Parameter groups: the text projection at ``text_proj_lr_scale`` x the LR (0: frozen),
+    unlocked text layers at ``text_lr_scale``; the gradient norm is clipped over the
+    parameters in module order.
+    """
+
+    kind = "pretrain"
+    rate_key = "samples_per_s"
+
+    def __init__(self, w: Worker) -> None:
+        from open_clip.loss import ClipLoss
+
+        cfg: PretrainLoopConfig = w.cfg
+        self.cfg, self.rank, self.world, self.device = cfg, w.rank, w.world, w.device
+        self.data: PretrainData = w.data
+        self.retriever = w.retriever
+        self.model = model = w.retriever.model
+        lock_text_tower(model, cfg.text_unlocked_layers)
+        self.use_tokens = cfg.text_unlocked_layers > 0 or self.data.text is None
+        self.task, self.wrapped = w.place(ContrastiveTask(model))
+        rules = [("text.transformer.", cfg.text_lr_scale)] if cfg.text_unlocked_layers else []
+        if cfg.text_proj_lr_scale != 1.0:
+            rules.append(("text.proj.", cfg.text_proj_lr_scale))
+        self.groups = param_groups(self.task, cfg.weight_decay, cfg.lr, rules, root=model)
+        self.loss_fn = ClipLoss(local_loss=False, gather_with_grad=True, rank=w.rank,
+                                world_size=w.world)
+        self.mean, self.std = w.retriever.preprocess_cfg["mean"], w.retriever.preprocess_cfg["std"]
+        n = len(self.data.images)
+        self.per_worker = max(1, cfg.batch_size // w.world)
+        self.batches_per_epoch = max(1, n // (self.per_worker * w.world))
+        self.val_pixels = (to_pixels(self.data.val_images, self.mean, self.std).to(w.device)
+                           if len(self.data.val_images) else None)
+        self.val_text = (torch.from_numpy(self.data.val_text).to(w.device)
+                         if self.data.val_text is not None and not self.use_tokens else None)
+
+    def clip_parameters(self):
+        return list(self.task.parameters())
+
+    def batch(self, step: int) -> tuple[int, np.ndarray, torch.Tensor | None]:
+        """(epoch, sorted rows of this worker's slice, flips) of optimizer step ``step``."""
+        cfg = self.cfg
+        epoch, pos = divmod(step, self.batches_per_epoch)
+        order = np.random.default_rng([cfg.seed, epoch]).permutation(len(self.data.images))
+        lo = (pos * self.world + self.rank) * self.per_worker
+        idx = np.sort(order[lo:lo + self.per_worker])
+        gen = torch.Generator().manual_seed(cfg.seed * 100_003 + step * 7 + self.rank)
+        flip = (torch.rand(len(idx), generator=gen) < 0.5) if cfg.flip else None
+        return epoch, idx, flip
+
+    def train_step(self, step: int) -> tuple[dict[str, float], int]:
+        epoch, idx, flip = self.batch(step)
+        data = self.data
+        x = to_pixels(data.images[idx], self.mean, self.std, flip).to(self.device)
+        self.task.train()
+        if self.use_tokens:
+            tokens = self.retriever.tokenizer([data.captions[i] for i in idx]).to(self.device)
+            img_f, txt_f, scale = self.wrapped(x, tokens=tokens)
+        else:
+            img_f, txt_f, scale = self.wrapped(
+                x, text_pooled=torch.from_numpy(data.text[idx]).to(self.device))
+        loss = self.loss_fn(img_f, txt_f, scale)
+        loss.backward()
+        return ({"epoch": epoch, "loss": float(loss.detach()),
+                 "logit_scale": float(scale.detach())}, len(idx) * self.world)
+
+    def after_update(self) -> None:
+        with torch.no_grad():
+            self.model.logit_scale.clamp_(0, np.log(100))
+
+    def validate(self) -> dict[str, float]:
+        if self.val_pixels is None:
+            return {}
+        model = self.model
+        model.eval()
+        with torch.no_grad():
+            img = model.encode_image(self.val_pixels, normalize=True)
+            if self.val_text is not None:
+                txt = F.normalize(model.text.proj(self.val_text), dim=-1)
+            else:
+                txt = torch.from_numpy(
+                    self.retriever.encode_texts(self.data.val_captions)).to(img.device)
+        return {f"val_{k}": v for k, v in caption_recall(img, txt).items()}
 
 
-def pretrain_loop(cfg: dict[str, Any]) -> None:
+def pretrain_loop(inputs: LoopInputs) -> None:
     """Ray Train ``train_loop_per_worker``: contrastive training of the image tower.
 
-    ``cfg`` keys: data_ref (ObjectRef of :class:`PretrainData`) or data, model (ModelSpec
-    fields), steps, batch_size (global), lr, min_lr_ratio, warmup, weight_decay, betas, seed,
-    flip, text_unlocked_layers, text_lr_scale, text_proj_lr_scale, eval_every,
-    checkpoint_every, threads, grad_clip.
+    ``inputs.train`` is a :class:`~aligner.training.config.PretrainLoopConfig`;
+    ``inputs.data`` a :class:`PretrainData` (or its ObjectRef).
     """
-    import ray
-    import ray.train.torch
-    from open_clip.loss import ClipLoss
-
-    from aligner.retrieval.models import ModelSpec, load_retriever, save_checkpoint
-
-    rank, world = worker_context()
-    set_threads(cfg.get("threads"))
-    quiet_ray_train_logs()
-    data: PretrainData = ray.get(cfg["data_ref"]) if "data_ref" in cfg else cfg["data"]
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    retriever = load_retriever(ModelSpec(**cfg["model"]), device=device)
-    model = retriever.model
-    unlocked = int(cfg.get("text_unlocked_layers", 0))
-    lock_text_tower(model, unlocked)
-    use_tokens = unlocked > 0 or data.text is None
-    torch.manual_seed(cfg["seed"] + 1000 * rank)
-    task = ray.train.torch.prepare_model(ContrastiveTask(model)) if world > 1 else ContrastiveTask(model).to(device)
-    groups = param_groups(task, cfg["weight_decay"])
-    if unlocked:
-        text_params = {id(p) for p in model.text.transformer.parameters() if p.requires_grad}
-        for g in list(groups):
-            tp = [p for p in g["params"] if id(p) in text_params]
-            if tp:
-                g["params"] = [p for p in g["params"] if id(p) not in text_params]
-                groups.append({"params": tp, "weight_decay": g["weight_decay"],
-                               "lr": cfg["lr"] * cfg.get("text_lr_scale", 0.1)})
-    proj_scale = float(cfg.get("text_proj_lr_scale", 1.0))
-    proj_params = {id(p) for p in model.text.proj.parameters()}
-    if proj_scale != 1.0:
-        for g in list(groups):
-            pp = [p for p in g["params"] if id(p) in proj_params]
-            if pp:
-                g["params"] = [p for p in g["params"] if id(p) not in proj_params]
-                if proj_scale > 0:
-                    groups.append({"params": pp, "weight_decay": g["weight_decay"],
-                                   "lr": cfg["lr"] * proj_scale})
-        if proj_scale == 0:
-            for p in model.text.proj.parameters():
-                p.requires_grad = False
-    groups = [g for g in groups if g["params"]]
-    opt = torch.optim.AdamW(groups, lr=cfg["lr"], betas=tuple(cfg["betas"]))
-    steps = int(cfg["steps"])
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: warmup_cosine(s, cfg["warmup"], steps, cfg.get("min_lr_ratio", 0.0)))
-    loss_fn = ClipLoss(local_loss=False, gather_with_grad=True, rank=rank, world_size=world)
-    history: list[dict] = []
-    start = 0
-    resume = latest_checkpoint_dir()
-    if resume:
-        from aligner.retrieval.models import _load_weights_into
-
-        _load_weights_into(model, Path(resume) / "open_clip_model.safetensors",
-                           allow_missing_text=True)
-        state = load_train_state(Path(resume))
-        if state:
-            opt.load_state_dict(state["optimizer"])
-            sched.load_state_dict(state["scheduler"])
-            start = int(state["step"])
-        log_file = Path(resume) / TRAIN_LOG
-        if log_file.is_file():
-            history = [json.loads(x) for x in log_file.read_text().splitlines() if x.strip()]
-    mean, std = retriever.preprocess_cfg["mean"], retriever.preprocess_cfg["std"]
-    n = len(data.images)
-    per_worker = max(1, cfg["batch_size"] // world)
-    batches_per_epoch = max(1, n // (per_worker * world))
-    val_pixels = to_pixels(data.val_images, mean, std).to(device) if len(data.val_images) else None
-    val_text = (torch.from_numpy(data.val_text).to(device)
-                if data.val_text is not None and not use_tokens else None)
-    trainable = count_trainable(task)
-    t_last, seen = time.time(), 0
-
-    def save_fn(d: Path) -> None:
-        save_checkpoint(getattr(task, "module", task).model, d, model_cfg=retriever.model_cfg,
-                        preprocess_cfg=retriever.preprocess_cfg,
-                        meta={"kind": "pretrain", "step": step + 1, "config": _jsonable(cfg)})
-        save_train_state(d, opt, sched, step + 1)
-        (d / TRAIN_LOG).write_text("".join(json.dumps(h) + "\n" for h in history))
-
-    step = start
-    for step in range(start, steps):
-        epoch, pos = divmod(step, batches_per_epoch)
-        order = np.random.default_rng([cfg["seed"], epoch]).permutation(n)
-        lo = (pos * world + rank) * per_worker
-        idx = np.sort(order[lo:lo + per_worker])
-        gen = torch.Generator().manual_seed(cfg["seed"] * 100_003 + step * 7 + rank)
-        flip = (torch.rand(len(idx), generator=gen) < 0.5) if cfg.get("flip", True) else None
-        x = to_pixels(data.images[idx], mean, std, flip).to(device)
-        task.train()
-        if use_tokens:
-            tokens = retriever.tokenizer([data.captions[i] for i in idx]).to(device)
-            img_f, txt_f, scale = task(x, tokens=tokens)
-        else:
-            img_f, txt_f, scale = task(x, text_pooled=torch.from_numpy(data.text[idx]).to(device))
-        loss = loss_fn(img_f, txt_f, scale)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if cfg.get("grad_clip"):
-            torch.nn.utils.clip_grad_norm_(task.parameters(), cfg["grad_clip"])
-        opt.step()
-        sched.step()
-        with torch.no_grad():
-            model.logit_scale.clamp_(0, np.log(100))
-        seen += len(idx) * world
-        last = step + 1 == steps
-        do_eval = cfg["eval_every"] and ((step + 1) % cfg["eval_every"] == 0 or last)
-        do_ckpt = (cfg["checkpoint_every"] and (step + 1) % cfg["checkpoint_every"] == 0) or last
-        if not (do_eval or do_ckpt or (step + 1) % cfg.get("log_every", 10) == 0):
-            continue
-        now = time.time()
-        metrics = {"step": step + 1, "epoch": epoch, "loss": float(loss.detach()),
-                   "lr": float(sched.get_last_lr()[0]), "logit_scale": float(scale.detach()),
-                   "samples_per_s": seen / max(now - t_last, 1e-9), "trainable": trainable}
-        t_last, seen = now, 0
-        if do_eval and rank == 0 and val_pixels is not None:
-            metrics.update(_validate(model, retriever, val_pixels, val_text, data.val_captions))
-        if rank == 0:
-            history.append(metrics)
-            log.info("step %d/%d %s", step + 1, steps,
-                     {k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()})
-        report(metrics, save_fn if do_ckpt else None)
+    run_loop(inputs, PretrainSteps)
 
 
-def _validate(model, retriever, val_pixels, val_text, val_captions) -> dict[str, float]:
-    model.eval()
-    with torch.no_grad():
-        img = model.encode_image(val_pixels, normalize=True)
-        if val_text is not None:
-            txt = F.normalize(model.text.proj(val_text), dim=-1)
-        else:
-            txt = torch.from_numpy(retriever.encode_texts(val_captions)).to(img.device)
-    return {f"val_{k}": v for k, v in caption_recall(img, txt).items()}
+def prepare_pretrain_data(cfg: PretrainConfig) -> PretrainData:
+    """Decode the world's train/val images and cache the locked text tower's features."""
+    from aligner.data.images import decode_batch
+    from aligner.retrieval.models import load_retriever
+    from aligner.retrieval.textcache import cached_pooled_features
+    from aligner.world import World
 
-
-def _jsonable(cfg: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in cfg.items() if k not in ("data_ref", "data")}
+    world = World(cfg.world)
+    train = world.corpus(["id", "image", "caption"], split="train")
+    if cfg.max_train_images:
+        train = train.slice(0, cfg.max_train_images)
+    val = world.corpus(["id", "image", "caption"], split="val")
+    t0 = time.time()
+    images = decode_batch(train["image"].to_pylist())
+    val_images = decode_batch(val["image"].to_pylist())
+    captions, val_captions = train["caption"].to_pylist(), val["caption"].to_pylist()
+    log.info("decoded %d train + %d val images in %.1f s", len(images), len(val_images),
+             time.time() - t0)
+    text = val_text = None
+    if cfg.train.text_unlocked_layers == 0:
+        r = load_retriever(cfg.model, device="cpu")
+        if not hasattr(r.model, "text") or not hasattr(r.model.text, "transformer"):
+            raise ValueError("text-feature caching needs an HF text tower (the built-in model)")
+        feats = cached_pooled_features(r.model, r.tokenizer, captions + val_captions)
+        text, val_text = feats[:len(captions)], feats[len(captions):]
+    return PretrainData(images, text, captions, val_images, val_text, val_captions)

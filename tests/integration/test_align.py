@@ -62,10 +62,10 @@ def test_align_two_workers_learns_and_resumes(ray_session, setup, tmp_path):
     out = tmp_path / "aligned"
     common = [f"world={setup / 'world'}", f"preferences={setup / 'prefs.parquet'}",
               f"model.checkpoint={setup / 'start'}", f"output={out}", "num_workers=2",
-              "pairs_per_step=32", "captions_per_step=32", "lr=1e-3", "warmup=2",
-              "eval_every=10", "log_every=5", "checkpoint_every=10", "grad_accum=2",
-              "recall_tolerance=1.0"]
-    assert main([*common, "steps=20"]) == 0
+              "train.pairs_per_step=32", "train.captions_per_step=32", "train.lr=1e-3",
+              "train.warmup=2", "train.eval_every=10", "train.log_every=5",
+              "train.checkpoint_every=10", "train.grad_accum=2", "train.recall_tolerance=1.0"]
+    assert main([*common, "train.steps=20"]) == 0
     hist = _history(out)
     assert [h["step"] for h in hist] == [0, 5, 10, 15, 20], hist
     start, train = hist[0], [h for h in hist if "pref_loss" in h]
@@ -77,7 +77,7 @@ def test_align_two_workers_learns_and_resumes(ray_session, setup, tmp_path):
         start["val_pair_acc"], hist
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["train_pairs_by_source"]["degraded"] > 0 and metrics["val_pairs"] > 0
-    # selection=wise (default): every interpolation was validated; the chosen one is among them
+    # train.selection=wise (default): every interpolation was validated; the chosen one is among them
     alphas = [r["alpha"] for r in metrics["interpolations"]]
     assert alphas == [0.4, 0.6, 0.8, 1.0] and metrics["selected_alpha"] in alphas
     assert all("val_pair_margin" in r and "val_r@10" in r for r in metrics["interpolations"])
@@ -85,11 +85,11 @@ def test_align_two_workers_learns_and_resumes(ray_session, setup, tmp_path):
     after = load_file(str(out / "checkpoint" / "open_clip_model.safetensors"))
     changed = [k for k in before if not np.array_equal(before[k], after[k])]
     assert any(k.startswith("visual.") for k in changed), "the image tower did not change"
-    assert not any(k.startswith("text.") for k in changed), "train=vision changed the text side"
+    assert not any(k.startswith("text.") for k in changed), "towers=vision changed the text side"
     for f in ("train_log.csv", "training.png", "manifest.json", "config.yaml"):
         assert (out / f).is_file(), f
 
     # same output, more steps: resumes at step 20 instead of starting over
-    assert main([*common, "steps=30"]) == 0
+    assert main([*common, "train.steps=30"]) == 0
     steps2 = [h["step"] for h in _history(out)]
     assert steps2 == [0, 5, 10, 15, 20, 25, 30], steps2

@@ -25,9 +25,10 @@ def test_pretrain_two_workers_learns_and_resumes(ray_session, small_world, tmp_p
     from jobs.pretrain import main
 
     out = tmp_path / "base"
-    common = [f"world={small_world}", f"output={out}", "num_workers=2", "batch_size=64",
-              "warmup=5", "lr=2e-3", "eval_every=10", "log_every=5", "checkpoint_every=10"]
-    assert main([*common, "steps=30", "evaluate=false"]) == 0
+    common = [f"world={small_world}", f"output={out}", "num_workers=2", "train.batch_size=64",
+              "train.warmup=5", "train.lr=2e-3", "train.eval_every=10", "train.log_every=5",
+              "train.checkpoint_every=10"]
+    assert main([*common, "train.steps=30", "evaluate=false"]) == 0
     hist = _history(out)
     assert [h["step"] for h in hist] == [5, 10, 15, 20, 25, 30]
     assert hist[-1]["loss"] < hist[0]["loss"] - 0.3, hist
@@ -40,7 +41,7 @@ def test_pretrain_two_workers_learns_and_resumes(ray_session, small_world, tmp_p
     assert (ckpt / "open_clip_model.safetensors").stat().st_size < 12e6
 
     # same output, more steps: resumes at step 30 instead of starting over
-    assert main([*common, "steps=40", "evaluate=true"]) == 0
+    assert main([*common, "train.steps=40", "evaluate=true"]) == 0
     hist2 = _history(out)
     steps2 = [h["step"] for h in hist2]
     assert steps2[:6] == [5, 10, 15, 20, 25, 30] and steps2[6:] == [35, 40], steps2

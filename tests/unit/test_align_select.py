@@ -2,7 +2,7 @@
 
 import torch
 
-from aligner.training.align import better, interpolate_states
+from aligner.training.selection import better, interpolate_states
 
 START = {"val_r@10": 0.80, "val_pair_loss": 0.693, "val_pair_margin": 0.0}
 

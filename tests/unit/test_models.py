@@ -95,7 +95,7 @@ def test_named_open_clip_model_with_local_weights_file(tmp_path):
 
 
 def test_lock_text_tower_unlocks_only_last_layers(builtin):
-    from aligner.training.pretrain import lock_text_tower
+    from aligner.training.loop import lock_text_tower
 
     model = builtin.model
     lock_text_tower(model, 0)

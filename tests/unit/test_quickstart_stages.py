@@ -11,24 +11,25 @@ from aligner.retrieval.shipped import (
     shipped_base_dir,
     shipped_base_fits,
 )
+from aligner.runtime.pipeline import Pipeline
 from aligner.world import WorldSpec, world_fingerprint
-from jobs.quickstart import FLAGS, TEACHERS, Pipeline, QuickstartConfig
+from jobs.quickstart import FLAGS, TEACHERS, QuickstartConfig
 
 
 class Job:
-    """A fake job: counts its runs and writes a manifest (like every real job)."""
+    """A fake job: counts its runs and writes a manifest (like every real job); the first run
+    fails midway when asked to."""
 
     def __init__(self, out, fail_first: bool = False):
-        self.out, self.runs, self.fail_first = out, [], fail_first
+        self.out, self.runs, self.fail_first = out, 0, fail_first
 
-    def __call__(self, argv):
-        self.runs.append(list(argv))
+    def __call__(self):
+        self.runs += 1
         self.out.mkdir(parents=True, exist_ok=True)
         (self.out / "partial.txt").write_text("work so far")
-        if self.fail_first and len(self.runs) == 1:
-            return 1
+        if self.fail_first and self.runs == 1:
+            raise RuntimeError("worker lost")
         (self.out / "manifest.json").write_text("{}")
-        return 0
 
 
 def test_stages_skip_when_done_and_rerun_after_a_change(tmp_path):
@@ -36,18 +37,18 @@ def test_stages_skip_when_done_and_rerun_after_a_change(tmp_path):
 
     def run(arg_a, fresh=False):
         pipe = Pipeline(tmp_path, fresh)
-        pipe.stage("a", a.out, a, [f"x={arg_a}"])
-        pipe.stage("b", b.out, b, ["y=1"])
+        pipe.stage("a", a.out, a, {"x": arg_a})
+        pipe.stage("b", b.out, b, {"y": 1})
         return pipe
 
     run(1)
-    assert (len(a.runs), len(b.runs)) == (1, 1)
+    assert (a.runs, b.runs) == (1, 1)
     pipe = run(1)
-    assert (len(a.runs), len(b.runs)) == (1, 1) and pipe.skipped == ["a", "b"]
+    assert (a.runs, b.runs) == (1, 1) and pipe.skipped == ["a", "b"]
     run(2)  # a's arguments changed: a runs, and b (which depends on it) runs again
-    assert (len(a.runs), len(b.runs)) == (2, 2)
+    assert (a.runs, b.runs) == (2, 2)
     run(2, fresh=True)
-    assert (len(a.runs), len(b.runs)) == (3, 3)
+    assert (a.runs, b.runs) == (3, 3)
 
 
 def test_only_the_stages_that_read_a_redone_output_run_again(tmp_path):
@@ -55,32 +56,50 @@ def test_only_the_stages_that_read_a_redone_output_run_again(tmp_path):
 
     def run(arg_c):
         pipe = Pipeline(tmp_path, False)
-        pipe.stage("a", jobs["a"].out, jobs["a"], ["x=1"])
-        pipe.stage("b", jobs["b"].out, jobs["b"], ["y=1"], after=["a"])
-        pipe.stage("c", jobs["c"].out, jobs["c"], [f"z={arg_c}"], after=["a"])
-        pipe.stage("d", jobs["d"].out, jobs["d"], ["w=1"])  # default: after every earlier stage
+        pipe.stage("a", jobs["a"].out, jobs["a"], {"x": 1})
+        pipe.stage("b", jobs["b"].out, jobs["b"], {"y": 1}, after=["a"])
+        pipe.stage("c", jobs["c"].out, jobs["c"], {"z": arg_c}, after=["a"])
+        pipe.stage("d", jobs["d"].out, jobs["d"], {"w": 1})  # default: after every earlier stage
         return pipe
 
     run(1)
     pipe = run(2)  # c changed: b does not read c and is skipped; d reads everything
-    assert [len(jobs[n].runs) for n in "abcd"] == [1, 1, 2, 2]
+    assert [jobs[n].runs for n in "abcd"] == [1, 1, 2, 2]
     assert pipe.skipped == ["a", "b"] and set(pipe.timings) == {"c", "d"}
     with pytest.raises(ValueError, match="not declared"):
-        Pipeline(tmp_path, False).stage("e", tmp_path / "e", Job(tmp_path / "e"), [],
+        Pipeline(tmp_path, False).stage("e", tmp_path / "e", Job(tmp_path / "e"), {},
                                         after=["nope"])
 
 
 def test_an_unfinished_stage_is_resumed_not_wiped(tmp_path):
     job = Job(tmp_path / "a", fail_first=True)
-    with pytest.raises(SystemExit, match="stage a failed"):
-        Pipeline(tmp_path, False).stage("a", job.out, job, ["x=1"])
+    with pytest.raises(SystemExit, match="stage a failed: RuntimeError: worker lost"):
+        Pipeline(tmp_path, False).stage("a", job.out, job, {"x": 1})
     marker = json.loads((job.out / "quickstart_stage.json").read_text())
     assert marker["complete"] is False
     (job.out / "checkpoint.txt").write_text("resume from me")
-    Pipeline(tmp_path, False).stage("a", job.out, job, ["x=1"])
+    Pipeline(tmp_path, False).stage("a", job.out, job, {"x": 1})
     assert (job.out / "checkpoint.txt").is_file(), "same arguments: the job resumes its output"
-    Pipeline(tmp_path, False).stage("a", job.out, job, ["x=2"])
+    Pipeline(tmp_path, False).stage("a", job.out, job, {"x": 2})
     assert not (job.out / "checkpoint.txt").exists(), "other arguments: stale output removed"
+
+
+def test_a_stage_identity_is_its_resolved_config(tmp_path):
+    """A dataclass config is compared with every default resolved: changing a default redoes
+    the stage even where the caller did not set it."""
+    from dataclasses import dataclass
+
+    @dataclass
+    class Cfg:
+        out: str = "o"
+        lr: float = 1e-3
+
+    job = Job(tmp_path / "a")
+    Pipeline(tmp_path, False).stage("a", job.out, job, Cfg())
+    Pipeline(tmp_path, False).stage("a", job.out, job, Cfg())
+    assert job.runs == 1
+    Pipeline(tmp_path, False).stage("a", job.out, job, Cfg(lr=2e-3))
+    assert job.runs == 2
 
 
 def test_flags_and_config_checks():
