@@ -19,29 +19,24 @@ checkpoint; ``max_failures`` restarts a crashed worker group from it. The config
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
-from aligner.runtime.config import dump_yaml, load_config
-from aligner.runtime.logs import setup_logging
+from aligner.runtime.job import job_main
 from aligner.training.config import AlignConfig
 
-log = logging.getLogger("jobs.align")
 DEFAULT_YAML = Path(__file__).parent / "configs" / "align.yaml"
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m jobs.align [--config FILE] [key=value ...]``."""
+    """``python -m jobs.align [--config FILE] [key=value ...]``; 2 on bad input."""
     from aligner.training.runs import run_align
 
-    setup_logging()
-    cfg = load_config(AlignConfig, argv, DEFAULT_YAML, prog="python -m jobs.align")
-    log.info("config:\n%s", dump_yaml(cfg))
-    metrics = run_align(cfg)
-    out = Path(cfg.output)
-    print(f"aligned checkpoint: {out / 'checkpoint'} (step {metrics['selected_step']}, alpha "
-          f"{metrics['selected_alpha']})\nlog: {out / 'train_log.csv'}")
-    return 0
+    def report(cfg: AlignConfig, metrics: dict) -> str:
+        out = Path(cfg.output)
+        return (f"aligned checkpoint: {out / 'checkpoint'} (step {metrics['selected_step']}, "
+                f"alpha {metrics['selected_alpha']})\nlog: {out / 'train_log.csv'}")
+
+    return job_main(AlignConfig, argv, DEFAULT_YAML, run_align, report, "python -m jobs.align")
 
 
 if __name__ == "__main__":

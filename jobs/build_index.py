@@ -14,17 +14,15 @@ trained template.
 
 from __future__ import annotations
 
-import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from aligner.retrieval.index import SearchIndex
 from aligner.retrieval.index_build import DEFAULT_BATCH_SIZE, DEFAULT_TRAIN_SAMPLE
-from aligner.runtime.config import dump_yaml, load_config, save_config, to_dict
-from aligner.runtime.logs import setup_logging
+from aligner.runtime.config import save_config, to_dict
+from aligner.runtime.job import job_main
 
-log = logging.getLogger("jobs.build_index")
 DEFAULT_YAML = Path(__file__).parent / "configs" / "build_index.yaml"
 
 
@@ -79,20 +77,13 @@ def run(cfg: IndexConfig) -> SearchIndex:
 
 
 def main(argv: list[str] | None = None) -> int:
-    setup_logging()
-    cfg = load_config(IndexConfig, argv, DEFAULT_YAML, prog="python -m jobs.build_index")
-    started = time.time()
-    log.info("config:\n%s", dump_yaml(cfg))
-    try:
-        index = run(cfg)
-    except (FileNotFoundError, ValueError) as e:
-        log.error("%s", e)
-        return 2
-    m = index.manifest
-    print(f"index: {m.get('factory')} dim {index.dim}, {index.ntotal} vectors in "
-          f"{len(m.get('shards', []))} shard(s), built in {time.time() - started:.1f} s "
-          f"-> {cfg.output}")
-    return 0
+    def report(cfg: IndexConfig, index: SearchIndex) -> str:
+        m = index.manifest
+        return (f"index: {m.get('factory')} dim {index.dim}, {index.ntotal} vectors in "
+                f"{len(m.get('shards', []))} shard(s), built in "
+                f"{(m.get('timings_s') or {}).get('build', 0):.1f} s -> {cfg.output}")
+
+    return job_main(IndexConfig, argv, DEFAULT_YAML, run, report, "python -m jobs.build_index")
 
 
 if __name__ == "__main__":

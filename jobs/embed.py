@@ -8,27 +8,23 @@ The work is :func:`aligner.retrieval.embed.run_embed`; ``--help`` lists every fi
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 from aligner.retrieval.embed import EmbedConfig, run_embed
-from aligner.runtime.config import dump_yaml, load_config
-from aligner.runtime.logs import setup_logging
+from aligner.runtime.job import job_main
 
-log = logging.getLogger("jobs.embed")
 DEFAULT_YAML = Path(__file__).parent / "configs" / "embed.yaml"
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m jobs.embed [--config FILE] [key=value ...]``; returns the exit code."""
-    setup_logging()
-    cfg = load_config(EmbedConfig, argv, DEFAULT_YAML, prog="python -m jobs.embed")
-    log.info("config:\n%s", dump_yaml(cfg))
-    summary = run_embed(cfg)
-    print(f"embed: {summary['shards_processed']} shards processed, "
-          f"{summary['shards_skipped']} skipped; rows out {summary['rows_out']}, "
-          f"failed {summary['rows_failed']} -> {cfg.output}")
-    return 0
+    """``python -m jobs.embed [--config FILE] [key=value ...]``; 2 on bad input."""
+    return job_main(EmbedConfig, argv, DEFAULT_YAML, run_embed, _report, "python -m jobs.embed")
+
+
+def _report(cfg: EmbedConfig, summary: dict) -> str:
+    return (f"embed: {summary['shards_processed']} shards processed, "
+            f"{summary['shards_skipped']} skipped; rows out {summary['rows_out']}, "
+            f"failed {summary['rows_failed']} -> {cfg.output}")
 
 
 if __name__ == "__main__":

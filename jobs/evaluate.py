@@ -16,32 +16,21 @@ precision@K, HPIR agreement, knob sweeps at equal relevance, teacher diagnostics
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 from aligner.evaluation.config import EvaluateConfig
-from aligner.runtime.config import dump_yaml, load_config
-from aligner.runtime.logs import setup_logging
+from aligner.runtime.job import job_main
 
-log = logging.getLogger("jobs.evaluate")
 DEFAULT_YAML = Path(__file__).parent / "configs" / "evaluate.yaml"
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run the evaluation from the command line; 0 on success, 2 on bad inputs."""
-    setup_logging()
-    cfg = load_config(EvaluateConfig, argv, DEFAULT_YAML, prog="python -m jobs.evaluate")
     from aligner.evaluation.run import evaluate
 
-    log.info("config:\n%s", dump_yaml(cfg))
-    try:
-        res = evaluate(cfg)
-    except (FileNotFoundError, ValueError, KeyError) as e:
-        log.error("%s: %s", type(e).__name__, e)
-        return 2
-    print(res.table)
-    print(f"report: {res.paths['report']}\nmetrics: {res.paths['metrics']}")
-    return 0
+    return job_main(EvaluateConfig, argv, DEFAULT_YAML, evaluate,
+                    lambda cfg, res: f"{res.table}\nreport: {res.paths['report']}\n"
+                                     f"metrics: {res.paths['metrics']}", "python -m jobs.evaluate")
 
 
 if __name__ == "__main__":

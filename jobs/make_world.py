@@ -5,17 +5,15 @@
 
 from __future__ import annotations
 
-import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from aligner.runtime.config import dump_yaml, load_config, save_config, to_dict
-from aligner.runtime.logs import setup_logging
+from aligner.runtime.config import save_config, to_dict
+from aligner.runtime.job import job_main
 from aligner.runtime.manifest import write_manifest
 from aligner.world import WorldSpec
 
-log = logging.getLogger("jobs.make_world")
 DEFAULT_YAML = Path(__file__).parent / "configs" / "make_world.yaml"
 
 
@@ -45,13 +43,9 @@ def run(cfg: MakeWorldConfig) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    setup_logging()
-    cfg = load_config(MakeWorldConfig, argv, DEFAULT_YAML, prog="python -m jobs.make_world")
-    log.info("config:\n%s", dump_yaml(cfg))
-    summary = run(cfg)
-    print(f"world: {summary['images']} images {summary['splits']}, queries {summary['queries']} "
-          f"-> {cfg.output}")
-    return 0
+    return job_main(MakeWorldConfig, argv, DEFAULT_YAML, run,
+                    lambda cfg, s: f"world: {s['images']} images {s['splits']}, queries "
+                                   f"{s['queries']} -> {cfg.output}", "python -m jobs.make_world")
 
 
 if __name__ == "__main__":

@@ -20,8 +20,8 @@ import logging
 from functools import partial
 from pathlib import Path
 
-from aligner.runtime.config import dump_yaml, load_config, to_dict
-from aligner.runtime.logs import setup_logging
+from aligner.runtime.config import to_dict
+from aligner.runtime.job import job_main
 from aligner.training.config import PretrainConfig
 
 log = logging.getLogger("jobs.pretrain")
@@ -65,13 +65,11 @@ def _log_summary(m: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m jobs.pretrain [--config FILE] [key=value ...]``."""
-    setup_logging()
-    cfg = load_config(PretrainConfig, argv, DEFAULT_YAML, prog="python -m jobs.pretrain")
-    log.info("config:\n%s", dump_yaml(cfg))
-    final = run(cfg)
-    print(f"pre-trained checkpoint: {final}\nmetrics: {Path(cfg.output) / 'metrics.json'}")
-    return 0
+    """``python -m jobs.pretrain [--config FILE] [key=value ...]``; 2 on bad input."""
+    return job_main(PretrainConfig, argv, DEFAULT_YAML, run,
+                    lambda cfg, final: f"pre-trained checkpoint: {final}\n"
+                                       f"metrics: {Path(cfg.output) / 'metrics.json'}",
+                    "python -m jobs.pretrain")
 
 
 if __name__ == "__main__":

@@ -10,27 +10,24 @@ The work is :func:`aligner.rephrase.run.run_rephrase`; ``--help`` lists every fi
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 from aligner.rephrase.run import RephraseConfig, run_rephrase
-from aligner.runtime.config import dump_yaml, load_config
-from aligner.runtime.logs import setup_logging
+from aligner.runtime.job import job_main
 
-log = logging.getLogger("jobs.rephrase")
 DEFAULT_YAML = Path(__file__).parent / "configs" / "rephrase.yaml"
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m jobs.rephrase [--config FILE] [key=value ...]``; returns the exit code."""
-    setup_logging()
-    cfg = load_config(RephraseConfig, argv, DEFAULT_YAML, prog="python -m jobs.rephrase")
-    log.info("config:\n%s", dump_yaml(cfg))
-    m = run_rephrase(cfg)
-    print(f"rephrase: {m['rows_out']} queries -> {Path(cfg.output) / 'queries.parquet'}; "
-          f"fallbacks {m['fallbacks']} {m['fallbacks_by_reason']}"
-          + (" (already complete, skipped)" if m.get("skipped") else ""))
-    return 0
+    """``python -m jobs.rephrase [--config FILE] [key=value ...]``; 2 on bad input."""
+    return job_main(RephraseConfig, argv, DEFAULT_YAML, run_rephrase, _report,
+                    "python -m jobs.rephrase")
+
+
+def _report(cfg: RephraseConfig, m: dict) -> str:
+    return (f"rephrase: {m['rows_out']} queries -> {Path(cfg.output) / 'queries.parquet'}; "
+            f"fallbacks {m['fallbacks']} {m['fallbacks_by_reason']}"
+            + (" (already complete, skipped)" if m.get("skipped") else ""))
 
 
 if __name__ == "__main__":

@@ -13,17 +13,15 @@ from the corpus recorded there; ``model.name=ViT-B-32 model.pretrained=...`` /
 from __future__ import annotations
 
 import json
-import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from aligner.retrieval.models import ModelSpec
-from aligner.runtime.config import dump_yaml, load_config, save_config, to_dict
-from aligner.runtime.logs import setup_logging
+from aligner.runtime.config import save_config, to_dict
+from aligner.runtime.job import job_main
 from aligner.runtime.manifest import write_manifest
 
-log = logging.getLogger("jobs.search")
 DEFAULT_YAML = Path(__file__).parent / "configs" / "search.yaml"
 
 
@@ -91,16 +89,9 @@ def run(cfg: SearchConfig) -> dict[str, Path]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    setup_logging()
-    cfg = load_config(SearchConfig, argv, DEFAULT_YAML, prog="python -m jobs.search")
-    log.debug("config:\n%s", dump_yaml(cfg))
-    try:
-        paths = run(cfg)
-    except (FileNotFoundError, ValueError) as e:
-        log.error("%s", e)
-        return 2
-    print(f"\ngrid: {paths['png']}\npage: {paths['html']}")
-    return 0
+    return job_main(SearchConfig, argv, DEFAULT_YAML, run,
+                    lambda cfg, paths: f"\ngrid: {paths['png']}\npage: {paths['html']}",
+                    "python -m jobs.search")
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
+import re
 import tarfile
 from pathlib import Path
 
@@ -175,16 +176,18 @@ def test_resume_redoes_only_unfinished_shards(embedded, parquet_corpus, tmp_path
     assert len(pq.read_table(out / "failures")) == 1
 
 
-def test_resume_refuses_another_model_or_input(embedded, parquet_corpus, tmp_path):
+def test_resume_refuses_another_model_or_input(embedded, parquet_corpus, tmp_path, capsys):
     from jobs.embed import main
 
-    with pytest.raises(ValueError, match="started with model"):
-        main(job_args(parquet_corpus, embedded, "rows_per_shard=100", "model.image_size=32"))
-    with pytest.raises(ValueError, match="not part of this input"):
-        main(job_args(parquet_corpus, embedded, "rows_per_shard=50"))
+    assert main(job_args(parquet_corpus, embedded, "rows_per_shard=100", "model.image_size=32")) == 2
+    err = capsys.readouterr().err
+    assert "ValueError" in err and re.search("started with model", err)
+    assert main(job_args(parquet_corpus, embedded, "rows_per_shard=50")) == 2
+    err = capsys.readouterr().err
+    assert "ValueError" in err and re.search("not part of this input", err)
 
 
-def test_resume_refuses_changed_weights(embedded, parquet_corpus, tmp_path):
+def test_resume_refuses_changed_weights(embedded, parquet_corpus, tmp_path, capsys):
     """Same spec, other weights (a checkpoint retrained in place): caught on the driver."""
     import shutil
 
@@ -196,15 +199,17 @@ def test_resume_refuses_changed_weights(embedded, parquet_corpus, tmp_path):
     plan = json.loads((out / "shards.json").read_text())
     plan["checkpoint_hash"] = "0123456789abcdef"
     (out / "shards.json").write_text(json.dumps(plan))
-    with pytest.raises(ValueError, match="checkpoint changed"):
-        main(job_args(parquet_corpus, out, "rows_per_shard=100"))
+    assert main(job_args(parquet_corpus, out, "rows_per_shard=100")) == 2
+    err = capsys.readouterr().err
+    assert "ValueError" in err and re.search("checkpoint changed", err)
 
 
-def test_missing_input_fails_before_ray_work(tmp_path):
+def test_missing_input_fails_before_ray_work(tmp_path, capsys):
     from jobs.embed import main
 
-    with pytest.raises(FileNotFoundError, match="does not exist"):
-        main(job_args(tmp_path / "nope", tmp_path / "out"))
+    assert main(job_args(tmp_path / "nope", tmp_path / "out")) == 2
+    err = capsys.readouterr().err
+    assert "FileNotFoundError" in err and re.search("does not exist", err)
     assert not (tmp_path / "out").exists()
 
 

@@ -9,6 +9,7 @@ first request of each query, then 200), ``garbage`` (200 with a body that is not
 from __future__ import annotations
 
 import json
+import re
 import threading
 from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -225,27 +226,33 @@ def test_job_resumes_from_finished_parts(ray_session, tmp_path):
     assert got[4:] == TemplateRephraser("repeat").rephrase_batch(t["query"].to_pylist()[4:])
 
 
-def test_job_rejects_wrong_schema(tmp_path):
+def test_job_rejects_wrong_schema(tmp_path, capsys):
     bad = tmp_path / "bad.parquet"
     pq.write_table(pa.table({"id": ["a"], "text": ["a cat"]}), bad)
-    with pytest.raises(ValueError, match=r"needs columns \['query_id', 'query'\]"):
-        main([f"input={bad}", f"output={tmp_path / 'o'}"])
-    with pytest.raises(FileNotFoundError):
-        main([f"input={tmp_path / 'missing.parquet'}", f"output={tmp_path / 'o'}"])
+    assert main([f"input={bad}", f"output={tmp_path / 'o'}"]) == 2
+    err = capsys.readouterr().err
+    assert "ValueError" in err and re.search(r"needs columns \['query_id', 'query'\]", err)
+    assert main([f"input={tmp_path / 'missing.parquet'}", f"output={tmp_path / 'o'}"]) == 2
+    err = capsys.readouterr().err
+    assert "FileNotFoundError" in err
     ok = tmp_path / "ok.parquet"
     pq.write_table(pa.table({"query_id": ["a"], "query": ["x"]}), ok)
-    with pytest.raises(ValueError, match="no 'kind' column"):
-        main([f"input={ok}", f"output={tmp_path / 'o'}", "kinds=[content]"])
+    assert main([f"input={ok}", f"output={tmp_path / 'o'}", "kinds=[content]"]) == 2
+    err = capsys.readouterr().err
+    assert "ValueError" in err and re.search("no 'kind' column", err)
     num = tmp_path / "num.parquet"
     pq.write_table(pa.table({"query_id": [1], "query": ["x"]}), num)
-    with pytest.raises(ValueError, match="'query_id' must be a string"):
-        main([f"input={num}", f"output={tmp_path / 'o'}"])
+    assert main([f"input={num}", f"output={tmp_path / 'o'}"]) == 2
+    err = capsys.readouterr().err
+    assert "ValueError" in err and re.search("'query_id' must be a string", err)
     dup = tmp_path / "dup.parquet"
     pq.write_table(pa.table({"query_id": ["a", "a"], "query": ["x", "y"]}), dup)
-    with pytest.raises(ValueError, match="not unique"):
-        main([f"input={dup}", f"output={tmp_path / 'o'}"])
-    with pytest.raises(ValueError, match="openai.base_url"):
-        main([f"input={ok}", f"output={tmp_path / 'o'}", "backend=openai"])
+    assert main([f"input={dup}", f"output={tmp_path / 'o'}"]) == 2
+    err = capsys.readouterr().err
+    assert "ValueError" in err and re.search("not unique", err)
+    assert main([f"input={ok}", f"output={tmp_path / 'o'}", "backend=openai"]) == 2
+    err = capsys.readouterr().err
+    assert "ConfigError" in err and re.search("openai.base_url", err)
 
 
 def test_job_openai_backend_against_fake_server(ray_session, tmp_path):
