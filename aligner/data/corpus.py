@@ -56,7 +56,7 @@ def check_corpus_schema(schema: pa.Schema, where: str) -> None:
 def _dataset(path: str | Path):
     import pyarrow.dataset as ds
 
-    from aligner.data.corpus_shards import resolve
+    from aligner.data.corpus_plan import resolve
 
     if "://" not in str(path) and not Path(path).exists():
         raise FileNotFoundError(f"corpus {path} does not exist")
@@ -131,7 +131,7 @@ def fetch_images(corpus: str, ids: Sequence[str]) -> dict[str, bytes]:
     members whose key is an id (a scan of the tars). Ids that cannot be found are left out of
     the result.
     """
-    from aligner.data.corpus_shards import detect_format, resolve
+    from aligner.data.corpus_plan import detect_format, resolve
 
     wanted = list(dict.fromkeys(i for i in ids if i))
     if not wanted:
@@ -170,7 +170,8 @@ def fetch_images(corpus: str, ids: Sequence[str]) -> dict[str, bytes]:
             except OSError as e:
                 log.warning("cannot read %s/%s: %s", corpus, i, e)
     else:
-        from aligner.data.corpus_shards import plan_webdataset, split_key
+        from aligner.data.corpus_plan import plan_webdataset
+        from aligner.data.corpus_shards import split_key
 
         want = set(wanted)
         fs, _ = resolve(corpus)

@@ -49,7 +49,7 @@ from aligner.data.io import (
 )
 
 if TYPE_CHECKING:
-    from aligner.data.corpus_shards import Shard
+    from aligner.data.corpus_plan import Shard
 
 log = logging.getLogger(__name__)
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from aligner.data.corpus_shards import CorpusPlan
+from aligner.data.corpus_plan import CorpusPlan
 from aligner.data.images import DEFAULT_MAX_PIXELS
 from aligner.data.io import FAILURES_DIR
 from aligner.retrieval.models import ModelSpec
@@ -115,7 +115,7 @@ def run_embed(cfg: EmbedConfig) -> dict[str, Any]:
     """
     from aligner.aesthetics.scorer import make_scorer
     from aligner.data import embeddings as E
-    from aligner.data.corpus_shards import plan_corpus
+    from aligner.data.corpus_plan import plan_corpus
     from aligner.retrieval.embed_pipeline import build_pipeline
     from aligner.runtime.logs import RateLog, throughput
     from aligner.runtime.manifest import write_manifest

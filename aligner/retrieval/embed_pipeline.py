@@ -47,7 +47,7 @@ if TYPE_CHECKING:
     import pyarrow as pa
     import ray.data
 
-    from aligner.data.corpus_shards import Shard
+    from aligner.data.corpus_plan import Shard
     from aligner.runtime.raycluster import ActorPlan
 
 log = logging.getLogger(__name__)

@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image, ImageDraw
 
-from aligner.data.corpus_shards import plan_shards
+from aligner.data.corpus_plan import plan_shards
 from aligner.data.embeddings import (
     ShardWriter,
     embedding_matrix,

@@ -15,14 +15,8 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from aligner.data.corpus_shards import (
-    Shard,
-    detect_format,
-    iter_shard,
-    plan_shards,
-    read_shard_columns,
-    split_key,
-)
+from aligner.data.corpus_plan import Shard, detect_format, plan_shards
+from aligner.data.corpus_shards import iter_shard, read_shard_columns, split_key
 from aligner.data.images import ImageError, decode_image, image_info, to_uint8
 
 
@@ -330,7 +324,7 @@ def test_webdataset_bad_samples_and_bad_tars(tmp_path):
 
 
 def test_every_file_of_an_odd_folder_is_planned_or_skipped_with_a_reason(tmp_path):
-    from aligner.data.corpus_shards import plan_corpus
+    from aligner.data.corpus_plan import plan_corpus
     from tests.helpers.odd_folder import BROKEN, CAPTIONS, GOOD, SKIPPED, write_odd_folder
 
     root = write_odd_folder(tmp_path / "odd")
