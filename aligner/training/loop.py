@@ -31,6 +31,7 @@ helpers (:func:`report`, :func:`fit_torch_trainer`, worker threads). No Ray at i
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 import json
 import logging
@@ -172,7 +173,7 @@ class Worker:
         return module, ray.train.torch.prepare_model(module)
 
 
-class LoopSteps:
+class LoopSteps(abc.ABC):
     """What a training loop adds to :func:`run_loop` (the defaults do nothing).
 
     Attributes:
@@ -190,35 +191,35 @@ class LoopSteps:
     model: torch.nn.Module
     groups: list[dict[str, Any]]
 
+    @abc.abstractmethod
     def train_step(self, step: int) -> tuple[dict[str, float], int]:
         """Forward and backward of optimizer step ``step``; returns (values, samples seen)."""
-        raise NotImplementedError
 
     def clip_parameters(self) -> Iterable[torch.nn.Parameter]:
         """Parameters whose gradient norm is clipped, in summation order (default: groups)."""
         return [p for g in self.groups for p in g["params"]]
 
-    def after_update(self) -> None:
+    def after_update(self) -> None:  # noqa: B027 - an optional hook
         """After the optimizer step (e.g. clamp the temperature)."""
 
     def validate(self) -> dict[str, float]:
         """Validation metrics (rank 0, every ``eval_every`` steps and at the end)."""
         return {}
 
-    def begin(self, history: list[dict[str, Any]]) -> None:
+    def begin(self, history: list[dict[str, Any]]) -> None:  # noqa: B027 - an optional hook
         """Rank 0, before the first step of this (possibly resumed) run."""
 
-    def select(self, metrics: dict[str, Any], evaluated: bool, last: bool) -> None:
+    def select(self, metrics: dict[str, Any], evaluated: bool, last: bool) -> None:  # noqa: B027 - an optional hook
         """Rank 0, after each logged step's metrics (and validation) are known."""
 
     def state(self) -> dict[str, Any]:
         """Extra train state saved with every checkpoint."""
         return {}
 
-    def restore(self, extra: dict[str, Any]) -> None:
+    def restore(self, extra: dict[str, Any]) -> None:  # noqa: B027 - an optional hook
         """Take back :meth:`state` from the checkpoint a run resumes from."""
 
-    def save_extra(self, directory: Path, write: Callable[..., None]) -> None:
+    def save_extra(self, directory: Path, write: Callable[..., None]) -> None:  # noqa: B027 - an optional hook
         """Add files to a checkpoint; ``write(model, directory, **meta)`` saves a model."""
 
 
