@@ -9,9 +9,11 @@ model, so the reference never runs inside the training loop.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -26,6 +28,16 @@ from aligner.training.align import AlignData, PairSet
 log = logging.getLogger(__name__)
 
 PREF_COLUMNS = ("query_id", "query", "chosen_id", "rejected_id", "source", "weight")
+
+
+def degrade_seed_of(preferences: str | Path) -> int:
+    """The seed the preference builder made its degraded copies with (its manifest's
+    ``degrade.seed``; 0 when there is no manifest), so the trainer materialises the same
+    pixels the builder meant, whatever the training seed."""
+    m = Path(preferences) / "manifest.json"
+    if Path(preferences).is_dir() and m.is_file():
+        return int((json.loads(m.read_text()).get("degrade") or {}).get("seed", 0))
+    return 0
 
 
 def prepare_align_data(preferences: str, corpus: str, queries: str, model: ModelSpec,
@@ -44,6 +56,7 @@ def prepare_align_data(preferences: str, corpus: str, queries: str, model: Model
     if prefs.num_rows == 0:
         raise ValueError(f"preferences {preferences} has no pairs")
     rows = prefs.select(list(PREF_COLUMNS)).to_pylist()
+    degrade_seed = degrade_seed_of(preferences)
     split = query_splits(queries, sorted({r["query_id"] for r in rows}), val_fraction, seed)
     kept = {"train": [], "val": []}
     dropped = 0
@@ -96,7 +109,7 @@ def prepare_align_data(preferences: str, corpus: str, queries: str, model: Model
             if base not in originals:
                 originals[base] = decode_rgb(blobs[base], size)
             arr = originals[base] if base == image_id else materialise(originals[base],
-                                                                       image_id, seed)
+                                                                       image_id, degrade_seed)
             row_of[image_id] = len(pixels)
             pixels.append(arr)
         return row_of[image_id]

@@ -179,3 +179,14 @@ def test_kind_helpers():
     assert parse_strengths(None)["noise"] == DEFAULT_STRENGTH
     with pytest.raises(ValueError):
         parse_strengths({"blur": 0})
+
+
+def test_the_trainer_takes_the_degrade_seed_from_the_preferences_manifest(tmp_path):
+    """Degraded pixels are the builder's, whatever the training seed."""
+    import json
+
+    from aligner.training.align_data import degrade_seed_of
+
+    assert degrade_seed_of(tmp_path / "missing") == 0
+    (tmp_path / "manifest.json").write_text(json.dumps({"degrade": {"seed": 3}}))
+    assert degrade_seed_of(tmp_path) == 3
