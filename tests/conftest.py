@@ -29,9 +29,15 @@ RAY_ENV = {
 }
 
 
+from tests.helpers.net import free_port  # noqa: E402
+
+METRICS_PORT = free_port()
+
+
 @pytest.fixture(scope="session")
 def ray_session():
-    """One local Ray for the whole test session (started on first use)."""
+    """One local Ray for the whole test session (started on first use); its Prometheus
+    metrics are on 127.0.0.1:METRICS_PORT (``metrics_port``)."""
     os.environ.update(RAY_ENV)
     import ray
 
@@ -44,6 +50,7 @@ def ray_session():
         log_to_driver=False,
         _temp_dir=tmp,
         runtime_env={"env_vars": {"PYTHONPATH": str(REPO), **RAY_ENV}},
+        _metrics_export_port=METRICS_PORT,
     )
     try:
         from ray.data import DataContext
@@ -52,7 +59,19 @@ def ray_session():
     except Exception:  # noqa: BLE001 - progress bars are cosmetic
         pass
     yield ray
+    try:
+        from ray import serve
+
+        serve.shutdown()
+    except Exception:  # noqa: BLE001 - Serve was never started
+        pass
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def metrics_port(ray_session) -> int:
+    """The port of the session Ray's Prometheus metrics endpoint."""
+    return METRICS_PORT
 
 
 def pytest_collection_modifyitems(config, items):

@@ -29,18 +29,11 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from aligner.retrieval.metrics import topk
+from aligner.retrieval.metrics import aesthetic_direction, normalise, topk
 
 log = logging.getLogger(__name__)
 
 EncodeTexts = Callable[[list[str]], np.ndarray]
-
-
-def normalise(x: np.ndarray) -> np.ndarray:
-    """Rows scaled to unit L2 norm (zero rows stay zero)."""
-    x = np.asarray(x, np.float32)
-    n = np.linalg.norm(x, axis=-1, keepdims=True)
-    return x / np.maximum(n, 1e-12)
 
 
 class CachedEncoder:
@@ -212,18 +205,6 @@ class CascadeSystem(System):
     def describe(self) -> dict:
         return {**super().describe(), "inner": self.inner.name, "n": self.n,
                 "weight": self.weight}
-
-
-def aesthetic_direction(gallery: np.ndarray, aesthetic: np.ndarray,
-                        quantile: float = 0.1) -> np.ndarray:
-    """Normalised mean embedding ``[D]`` of the top ``quantile`` of images by aesthetic score."""
-    a = np.asarray(aesthetic, np.float64)
-    ok = np.isfinite(a)
-    if not ok.any():
-        raise ValueError("no aesthetic scores: cannot build the query-shift direction")
-    cut = np.quantile(a[ok], 1.0 - quantile)
-    sel = ok & (a >= cut)
-    return normalise(np.asarray(gallery, np.float32)[sel].mean(0))
 
 
 class QueryShiftSystem(System):

@@ -254,6 +254,48 @@ class SearchIndex:
         """The ``ids.parquet`` rows (id, aesthetic, caption if present) at positions."""
         return self.table.take(pa.array(np.asarray(positions, np.int64))).to_pylist()
 
+    def positions_of(self, ids: Sequence[str]) -> np.ndarray:
+        """Positions of ids (``-1`` for an id the index does not hold); the id map is built
+        on first use (one dict over ``ids.parquet``)."""
+        if not hasattr(self, "_pos"):
+            self._pos = {i: p for p, i in enumerate(self._ids.to_pylist())}
+        return np.array([self._pos.get(i, -1) for i in ids], np.int64)
+
+    def _locate(self, position: int) -> tuple[int, int] | None:
+        """(index into ``self.shards``, local faiss id) of a position, None if not loaded."""
+        n = len(self.manifest["shards"])
+        if self.manifest.get("shard_mode") == "round_robin":
+            number, local = position % n, position // n
+        else:
+            number = next((s for s, m in enumerate(self.manifest["shards"])
+                           if m["offset"] <= position < m["offset"] + m["ntotal"]), -1)
+            local = position - self.manifest["shards"][number]["offset"] if number >= 0 else -1
+        if number not in self.shard_numbers:
+            return None
+        return self.shard_numbers.index(number), int(local)
+
+    def vectors_at(self, positions: Sequence[int]) -> np.ndarray | None:
+        """The stored vectors at positions, ``[n, D]`` float32 (approximate for PQ codes), or
+        None when the index type cannot reconstruct them (or a position is not loaded)."""
+        out = np.zeros((len(positions), self.dim), np.float32)
+        for i, p in enumerate(np.asarray(positions, np.int64)):
+            where = self._locate(int(p)) if p >= 0 else None
+            if where is None:
+                return None
+            shard = self.shards[where[0]]
+            try:
+                out[i] = shard.reconstruct(where[1])
+            except RuntimeError:
+                ivf = _faiss().try_extract_index_ivf(shard)
+                if ivf is None:
+                    return None
+                ivf.make_direct_map()
+                try:
+                    out[i] = shard.reconstruct(where[1])
+                except RuntimeError:
+                    return None
+        return out
+
 
 # ----------------------------------------------------------------------------- exact search
 

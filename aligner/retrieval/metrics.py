@@ -83,3 +83,27 @@ def neighbour_recall(found: np.ndarray, truth: np.ndarray) -> float:
         hits += len(np.intersect1d(f[f >= 0], t))
         total += len(t)
     return hits / total if total else 1.0
+
+
+def normalise(x: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit L2 norm (zero rows stay zero)."""
+    x = np.asarray(x, np.float32)
+    n = np.linalg.norm(x, axis=-1, keepdims=True)
+    return x / np.maximum(n, 1e-12)
+
+
+def aesthetic_direction(vectors: np.ndarray, aesthetic: np.ndarray,
+                        quantile: float = 0.1) -> np.ndarray:
+    """Normalised mean embedding ``[D]`` of the top ``quantile`` of images by aesthetic score
+    (clip-retrieval's aesthetic query shift adds ``w`` times it to a query).
+
+    Raises:
+        ValueError: no finite aesthetic score.
+    """
+    a = np.asarray(aesthetic, np.float64)
+    ok = np.isfinite(a)
+    if not ok.any():
+        raise ValueError("no aesthetic scores: cannot build the query-shift direction")
+    cut = np.quantile(a[ok], 1.0 - quantile)
+    sel = ok & (a >= cut)
+    return normalise(np.asarray(vectors, np.float32)[sel].mean(0))

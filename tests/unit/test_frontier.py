@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from aligner.evaluation.sweeps import Point, best_at_equal_relevance, frontier_rows, qualifies
-from aligner.evaluation.systems import EncoderSystem, RephraseSystem, normalise
+from aligner.evaluation.systems import EncoderSystem, RephraseSystem
+from aligner.retrieval.metrics import normalise
 
 
 def _pt(fam, w, aes, prec, rec=None):

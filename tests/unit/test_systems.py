@@ -9,13 +9,11 @@ from aligner.evaluation.systems import (
     EncoderSystem,
     QueryShiftSystem,
     RephraseSystem,
-    aesthetic_direction,
     cascade_scores,
-    normalise,
     rephrase_texts,
     system_recall_hits,
 )
-from aligner.retrieval.metrics import caption_recall_hits
+from aligner.retrieval.metrics import aesthetic_direction, caption_recall_hits, normalise
 
 
 def lookup_encoder(table: dict[str, np.ndarray], calls: list | None = None):

@@ -1,0 +1,164 @@
+"""Search through Serve over HTTP vs the same search in-process: latency and throughput.
+
+    python bench/bench_serve.py --workdir out          # after python -m jobs.quickstart
+    python bench/bench_serve.py --workdir out --seconds 20 --concurrency 1,8,32
+
+Deploys ``serving.app:build_app`` on a local Ray (Serve's proxy on 127.0.0.1) over the
+quickstart's models and indexes, then sends ``POST /v1/search`` requests (the world's queries,
+in turn) from C client threads, each with its own keep-alive connection, for ``--seconds``
+per setting: plain search, + rerank, + rephrase (template back end). Prints p50 / p99
+latency, throughput and errors per setting, and the in-process reference (the library's
+:class:`aligner.retrieval.service.SearchService`: encode + search of one query on one thread),
+with the overhead ratio p50(HTTP, C=1) / p50(in-process). Writes ``bench/serve_results.json``.
+Ratios, not absolute times, are what carries over to another machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import socket
+import sys
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def pct(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(q * len(xs)))] if xs else float("nan")
+
+
+def load(port: int, queries: list[str], conc: int, seconds: float, extra: dict) -> dict:
+    """C threads, each on its own keep-alive connection, for ``seconds``."""
+    lat: list[float] = []
+    errors = [0]
+    stop = time.perf_counter() + seconds
+    lock = threading.Lock()
+
+    def worker(w: int) -> None:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        i = w
+        mine: list[float] = []
+        while time.perf_counter() < stop:
+            body = json.dumps({"text": queries[i % len(queries)], "k": 10, **extra})
+            t0 = time.perf_counter()
+            try:
+                conn.request("POST", "/v1/search", body, {"content-type": "application/json"})
+                r = conn.getresponse()
+                r.read()
+                ok = r.status == 200
+            except (OSError, http.client.HTTPException):
+                ok = False
+                conn.close()
+                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+            mine.append(1000 * (time.perf_counter() - t0))
+            if not ok:
+                with lock:
+                    errors[0] += 1
+            i += conc
+        with lock:
+            lat.extend(mine)
+
+    threads = [threading.Thread(target=worker, args=(w,)) for w in range(conc)]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+    return {"concurrency": conc, "requests": len(lat), "errors": errors[0],
+            "p50_ms": round(pct(lat, 0.5), 2), "p99_ms": round(pct(lat, 0.99), 2),
+            "per_s": round(len(lat) / wall, 1)}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--workdir", default="out", help="the quickstart's output directory")
+    p.add_argument("--seconds", type=float, default=15.0)
+    p.add_argument("--concurrency", default="1,8,32")
+    p.add_argument("--out", default=str(REPO / "bench" / "serve_results.json"))
+    a = p.parse_args()
+    work = Path(a.workdir).resolve()
+    env = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled",
+           "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "ALIGNER_API_KEY": "bench"}
+    os.environ.update(env)
+    import ray
+    from ray import serve
+
+    from aligner.data.queries import read_queries
+    from aligner.retrieval.models import ModelSpec
+    from aligner.retrieval.service import SearchService
+    from serving.app import build_app
+
+    queries = read_queries(work / "world" / "queries" / "queries.parquet")["query"].to_pylist()
+    # the in-process reference: encode + search, one query at a time
+    svc = SearchService.open(ModelSpec(checkpoint=str(work / "aligned" / "checkpoint")),
+                             {"hnsw": str(work / "index_aligned")})
+    for q in queries[:20]:
+        svc.search(svc.encode_texts([q])[0], 10)
+    ref: list[float] = []
+    stop = time.perf_counter() + a.seconds
+    i = 0
+    while time.perf_counter() < stop:
+        t0 = time.perf_counter()
+        svc.search(svc.encode_texts([queries[i % len(queries)]])[0], 10)
+        ref.append(1000 * (time.perf_counter() - t0))
+        i += 1
+    inproc = {"requests": len(ref), "p50_ms": round(pct(ref, 0.5), 2),
+              "p99_ms": round(pct(ref, 0.99), 2), "per_s": round(len(ref) / a.seconds, 1)}
+    del svc
+
+    ray.init(include_dashboard=False, logging_level="WARNING", log_to_driver=False,
+             runtime_env={"env_vars": {"PYTHONPATH": str(REPO), **env}})
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port},
+                logging_config={"enable_access_log": False, "log_level": "WARNING"})
+    args = {"corpus": str(work / "world" / "corpus"), "data_dir": str(work / "serving"),
+            "models": {"base": {"checkpoint": str(work / "base" / "checkpoint"),
+                                "indexes": {"hnsw": str(work / "index")}},
+                       "aligned": {"checkpoint": str(work / "aligned" / "checkpoint"),
+                                   "indexes": {"hnsw": str(work / "index_aligned")}}},
+            "log_requests": False,
+            "limits": {"rate_per_s": 1e6, "rate_burst": 1_000_000}}
+    serve.run(build_app(args), name="aligner", route_prefix="/")
+    load(port, queries, 8, 3.0, {})  # warm every replica
+    rows = []
+    for name, extra in (("search", {}), ("+ rerank", {"rerank": True}),
+                        ("+ rephrase", {"rephrase": True})):
+        for conc in [int(c) for c in a.concurrency.split(",")]:
+            if name != "search" and conc not in (1, 32):
+                continue
+            r = {"setting": name, **load(port, queries, conc, a.seconds, extra)}
+            rows.append(r)
+            print(json.dumps(r), flush=True)
+    serve.shutdown()
+    ray.shutdown()
+    c1 = next(r for r in rows if r["setting"] == "search" and r["concurrency"] == 1)
+    result = {"machine": {"cpus": os.cpu_count()}, "in_process": inproc, "http": rows,
+              "overhead_p50_ratio": round(c1["p50_ms"] / inproc["p50_ms"], 2)}
+    Path(a.out).write_text(json.dumps(result, indent=2))
+    print(f"\n{'setting':<12} {'C':>3} {'p50 ms':>8} {'p99 ms':>8} {'req/s':>8} {'errors':>6}")
+    print(f"{'in-process':<12} {1:>3} {inproc['p50_ms']:>8} {inproc['p99_ms']:>8} "
+          f"{inproc['per_s']:>8} {0:>6}")
+    for r in rows:
+        print(f"{r['setting']:<12} {r['concurrency']:>3} {r['p50_ms']:>8} {r['p99_ms']:>8} "
+              f"{r['per_s']:>8} {r['errors']:>6}")
+    print(f"\nHTTP overhead (p50, C=1 vs in-process): {result['overhead_p50_ratio']}x; "
+          f"results: {a.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,53 @@
+"""``build_app(args)``: the Serve application (``import_path: serving.app:build_app``).
+
+    serve run serving/config.yaml                     # local, foreground
+    serve deploy serving/config.yaml                  # onto a running cluster
+    serve status
+
+One deployment per model: ``retriever_<name>`` for every entry of ``models``, the
+``reranker``, the ``rephraser``, the ``judge`` (whose proxy uses ``judge.model``'s retriever)
+and the ``ingress`` (the HTTP API and the page). ``args`` are validated by
+:class:`serving.config.AppArgs` (unknown keys are errors) and the checkpoints and indexes must
+exist, so a typo or a missing path fails here, at start-up, with the field named.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from ray.serve import Application
+
+from serving.config import AppArgs
+from serving.deployments import Judge, Rephraser, Reranker, Retriever
+from serving.ingress import Ingress
+
+log = logging.getLogger("serving")
+
+
+def build_app(args: dict[str, Any]) -> Application:
+    """The application graph from its ``args`` (see :class:`serving.config.AppArgs`).
+
+    Raises:
+        pydantic.ValidationError: an unknown key or a bad value (the field is named).
+        FileNotFoundError: a missing checkpoint, index or corpus.
+        ValueError: a protected API without a key.
+    """
+    cfg = AppArgs(**args).resolved()
+    cfg.check_paths()
+    if cfg.auth.protect != "none" and not cfg.auth.key():
+        raise ValueError(f"auth.protect={cfg.auth.protect} needs an API key: set the "
+                         f"environment variable {cfg.auth.api_key_env} (or auth.api_key), or "
+                         "auth.protect=none on a trusted network")
+    retrievers = {name: Retriever.options(name=f"retriever_{name}").bind(
+        name, m.model_dump(), cfg.limits.max_image_pixels) for name, m in cfg.models.items()}
+    reranker = Reranker.options(name="reranker").bind(cfg.reranker.n, cfg.reranker.weight,
+                                                      cfg.reranker.scorer)
+    rephraser = Rephraser.options(name="rephraser").bind(cfg.rephraser.backend,
+                                                        cfg.rephraser.style,
+                                                        cfg.rephraser.options)
+    judge = Judge.options(name="judge").bind(retrievers[cfg.judge.model], cfg.judge.margin)
+    log.info("serving models %s (default %s), compare %s", sorted(cfg.models),
+             cfg.default_model, cfg.compare)
+    return Ingress.options(name="ingress").bind(cfg.model_dump(mode="json"), retrievers,
+                                                reranker, rephraser, judge)

@@ -1,0 +1,157 @@
+"""The application's arguments, validated: a typo is an error at start-up, not a silent default.
+
+Ray Serve's own config schema ignores unknown keys inside ``args``; every section here is a
+pydantic model that forbids extra fields, so ``serve run serving/config.yaml`` with a misspelt
+key fails at ``build_app`` with the field named. The same model documents every argument
+(``docs/serving.md``).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelArgs(_Strict):
+    """One retriever and the indexes built from its embeddings."""
+
+    checkpoint: str | None = Field(None, description="checkpoint dir (jobs.pretrain / align)")
+    name: str = Field("builtin", description="open_clip name when there is no checkpoint")
+    pretrained: str | None = Field(None, description="open_clip pretrained tag or weights file")
+    indexes: dict[str, str] = Field(..., description="index name -> index dir; first = default")
+    mmap: bool = Field(False, description="memory-map the index files")
+    nprobe: int | None = Field(None, ge=1, description="IVF lists to visit")
+    ef_search: int | None = Field(None, ge=1, description="HNSW search breadth")
+
+    @field_validator("indexes")
+    @classmethod
+    def _some(cls, v: dict[str, str]) -> dict[str, str]:
+        if not v:
+            raise ValueError("a model needs at least one index")
+        return v
+
+
+class RephraserArgs(_Strict):
+    backend: Literal["template", "local", "openai", "vllm"] = "template"
+    style: str = Field("detail", description="prompt template (aligner/rephrase/prompts)")
+    timeout_s: float = Field(3.0, gt=0, description="past this, search without rephrasing")
+    options: dict = Field(default_factory=dict,
+                          description="back-end options (base_url, model, api_key_env ...)")
+
+
+class RerankerArgs(_Strict):
+    scorer: str = Field("lowlevel", description="the scores in the index (the embed job's)")
+    n: int = Field(50, ge=2, le=10_000, description="candidates re-ranked")
+    weight: float = Field(1.0, ge=0, description="final = z(sim) + weight * z(aesthetic)")
+    timeout_s: float = Field(2.0, gt=0)
+
+
+class JudgeArgs(_Strict):
+    kind: Literal["proxy"] = Field("proxy", description="proxy: scorer + base similarity")
+    model: str = Field("base", description="whose similarity judges accuracy")
+    margin: float = Field(0.02, ge=0, description="differences below this are 'similar'")
+    timeout_s: float = Field(5.0, gt=0)
+
+
+class VotesArgs(_Strict):
+    database_url: str = Field("", description="SQLAlchemy URL; '' = sqlite under data_dir")
+
+
+class AuthArgs(_Strict):
+    api_key: str | None = Field(None, description="the bearer token (prefer api_key_env)")
+    api_key_env: str = Field("ALIGNER_API_KEY", description="env var holding the token")
+    protect: Literal["none", "writes", "all"] = Field(
+        "writes", description="writes: votes, exports, admin; all: every /v1 route")
+
+    def key(self) -> str | None:
+        """The token: ``api_key`` or the environment variable (None: no token set)."""
+        return self.api_key or os.environ.get(self.api_key_env) or None
+
+
+class LimitArgs(_Strict):
+    max_query_chars: int = Field(500, ge=1)
+    max_k: int = Field(10_000, ge=1)
+    max_page_size: int = Field(200, ge=1)
+    max_body_bytes: int = Field(8 << 20, ge=1024)
+    max_image_pixels: int = Field(40_000_000, ge=1)
+    max_metadata_ids: int = Field(1000, ge=1)
+    rate_per_s: float = Field(100.0, gt=0, description="requests per second per client")
+    rate_burst: int = Field(200, ge=1)
+    request_timeout_s: float = Field(20.0, gt=0)
+    image_url_timeout_s: float = Field(5.0, gt=0)
+    image_url_max_bytes: int = Field(8 << 20, ge=1)
+    allow_private_image_urls: bool = Field(
+        False, description="let image_url reach loopback / private addresses (tests, LANs)")
+
+
+class AppArgs(_Strict):
+    """Everything ``build_app`` takes (``args:`` of an application in serving/config.yaml)."""
+
+    corpus: str = Field(..., description="the corpus the indexes were built from (images)")
+    models: dict[str, ModelArgs] = Field(..., description="model name -> model and indexes")
+    default_model: str = "aligned"
+    compare: tuple[str, str] = Field(("base", "aligned"),
+                                     description="the two models a comparison shows")
+    data_dir: str = Field("out/serving", description="votes database, exports")
+    rephraser: RephraserArgs = Field(default_factory=RephraserArgs)
+    reranker: RerankerArgs = Field(default_factory=RerankerArgs)
+    judge: JudgeArgs = Field(default_factory=JudgeArgs)
+    votes: VotesArgs = Field(default_factory=VotesArgs)
+    auth: AuthArgs = Field(default_factory=AuthArgs)
+    limits: LimitArgs = Field(default_factory=LimitArgs)
+    log_requests: bool = True
+    image_cache: int = Field(2048, ge=0, description="corpus images kept in memory")
+
+    @model_validator(mode="after")
+    def _check(self) -> AppArgs:
+        if not self.models:
+            raise ValueError("models: at least one model is needed")
+        for name in (self.default_model, *self.compare, self.judge.model):
+            if name not in self.models:
+                raise ValueError(f"model {name!r} is named but not in models "
+                                 f"{sorted(self.models)}")
+        if self.compare[0] == self.compare[1]:
+            raise ValueError("compare needs two different models")
+        return self
+
+    def database_url(self) -> str:
+        """The votes database URL (SQLite in ``data_dir`` unless set)."""
+        return self.votes.database_url or \
+            f"sqlite:///{Path(self.data_dir).resolve() / 'votes.db'}"
+
+    def resolved(self) -> AppArgs:
+        """A copy with local relative paths made absolute (against this process's working
+        directory: replicas do not share it)."""
+        def fix(p: str) -> str:
+            return p if "://" in p or Path(p).is_absolute() else str(Path(p).resolve())
+
+        data = self.model_dump()
+        data["corpus"], data["data_dir"] = fix(self.corpus), fix(self.data_dir)
+        for m in data["models"].values():
+            if m["checkpoint"]:
+                m["checkpoint"] = fix(m["checkpoint"])
+            m["indexes"] = {k: fix(v) for k, v in m["indexes"].items()}
+        return AppArgs(**data)
+
+    def check_paths(self) -> None:
+        """Fail at start-up, naming the path, when a checkpoint or an index is missing.
+
+        Raises:
+            FileNotFoundError: a missing checkpoint or index directory.
+        """
+        for name, m in self.models.items():
+            if m.checkpoint and not Path(m.checkpoint).is_dir():
+                raise FileNotFoundError(f"models.{name}.checkpoint {m.checkpoint} does not exist")
+            for iname, path in m.indexes.items():
+                if not (Path(path) / "manifest.json").is_file():
+                    raise FileNotFoundError(f"models.{name}.indexes.{iname}: {path} is not a "
+                                            "finished index (no manifest.json)")
+        if "://" not in self.corpus and not Path(self.corpus).exists():
+            raise FileNotFoundError(f"corpus {self.corpus} does not exist")

@@ -1,0 +1,265 @@
+"""The model deployments: one per model, each a thin wrapper over library code.
+
+* :class:`Retriever` - a query encoder (text and image, each batched with ``@serve.batch``)
+  and its faiss indexes (:class:`aligner.retrieval.service.SearchService`); one deployment per
+  model (``retriever_base``, ``retriever_aligned`` ...).
+* :class:`Reranker` - the cascade re-ranker over retrieved candidates: ``z(sim) + w
+  z(aesthetic)`` in the top N (the aesthetic scorer now; a learned reward model later).
+* :class:`Rephraser` - the rephrase back ends (template, local LLM, OpenAI-compatible
+  endpoint, vLLM), batched.
+* :class:`Judge` - pairwise judging of two rows, order-consistent; a proxy judge named as such
+  (:mod:`aligner.evaluation.judge`).
+
+Expected failures (a bad image, an unknown index) come back as ``{"error": {"status": ...,
+"detail": ...}}`` rather than as exceptions, so the ingress answers 4xx with a readable message.
+Every step records its time in the ``aligner_step_ms`` histogram (tag ``step``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+import numpy as np
+from ray import serve
+from ray.serve.metrics import Histogram
+
+log = logging.getLogger("serving")
+STEP_MS_BOUNDARIES = [0.5, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000]
+
+
+def step_histogram() -> Histogram:
+    """``aligner_step_ms{step=...}``: milliseconds per step of a request."""
+    return Histogram("aligner_step_ms", description="milliseconds per step of a request",
+                     boundaries=STEP_MS_BOUNDARIES, tag_keys=("step",))
+
+
+def error(status: int, detail: str) -> dict[str, Any]:
+    """The error value a deployment returns for an expected failure."""
+    return {"error": {"status": status, "detail": detail}}
+
+
+class _Timed:
+    """Records ``aligner_step_ms`` for a step."""
+
+    def __init__(self, hist: Histogram, step: str) -> None:
+        self.hist, self.step = hist, step
+
+    def __enter__(self) -> _Timed:
+        self.t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.ms = 1000 * (time.perf_counter() - self.t0)
+        self.hist.observe(self.ms, tags={"step": self.step})
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=64,
+                  health_check_period_s=10)
+class Retriever:
+    """One model and its indexes (see the module docstring).
+
+    Args:
+        name: the model's name in the API (``base``, ``aligned``).
+        model: :class:`serving.config.ModelArgs` as a dict.
+        max_image_pixels: bigger query images are refused.
+    """
+
+    def __init__(self, name: str, model: dict[str, Any], max_image_pixels: int) -> None:
+        from aligner.retrieval.models import ModelSpec
+        from aligner.retrieval.service import SearchService
+
+        spec = ModelSpec(name=model.get("name") or "builtin", pretrained=model.get("pretrained"),
+                         checkpoint=model.get("checkpoint"))
+        self.name = name
+        self.service = SearchService.open(spec, model["indexes"], max_image_pixels,
+                                          mmap=model.get("mmap", False),
+                                          nprobe=model.get("nprobe"),
+                                          ef_search=model.get("ef_search"))
+        self.hist = step_histogram()
+
+    def check_health(self) -> None:
+        """Unhealthy (the replica is replaced) when an index lost its vectors."""
+        for name, index in self.service.indexes.items():
+            if index.ntotal <= 0:
+                raise RuntimeError(f"index {name} holds no vectors")
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name, "dim": self.service.dim, **self.service.describe()}
+
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.002)
+    async def _encode_texts(self, texts: list[str]) -> list[np.ndarray]:
+        with _Timed(self.hist, "encode_text"):
+            return list(await asyncio.to_thread(self.service.encode_texts, texts))
+
+    async def encode_text(self, text: str) -> list[float]:
+        """One query text -> its normalised vector (batched with concurrent requests)."""
+        return (await self._encode_texts(text)).tolist()
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.002)
+    async def _encode_images(self, blobs: list[bytes]) -> list[Any]:
+        from aligner.data.images import ImageError
+
+        def one(b: bytes) -> Any:
+            try:  # decode one by one: a bad image must not fail its batch neighbours
+                return self.service.encode_images([b])[0].tolist()
+            except ImageError as e:
+                return error(400, f"image: {e}")
+
+        with _Timed(self.hist, "encode_image"):
+            return await asyncio.to_thread(lambda: [one(b) for b in blobs])
+
+    async def encode_image(self, data: bytes) -> Any:
+        """Encoded image bytes -> its vector, or an error value (bad or too large image)."""
+        return await self._encode_images(data)
+
+    async def search(self, vector: list[float], k: int, index: str | None = None,
+                     aesthetic_weight: float = 0.0, dedup_threshold: float | None = None,
+                     page: tuple[int, int] | None = None) -> dict[str, Any]:
+        """Top ``k`` for a query vector: ids, scores and aesthetics of all, and the rows
+        (caption ...) of ``page = (offset, size)``; or an error value."""
+        try:
+            with _Timed(self.hist, "knn"):
+                r = await asyncio.to_thread(self.service.search, np.asarray(vector, np.float32),
+                                            k, index, aesthetic_weight, dedup_threshold)
+            idx = self.service.index(index)
+            aes = idx.table.column("aesthetic").take(r.positions).to_numpy(zero_copy_only=False)
+            out: dict[str, Any] = {
+                "index": index or self.service.default_index, "ids": r.ids,
+                "scores": r.scores.tolist(),
+                "aesthetic": [None if not np.isfinite(a) else float(a) for a in aes],
+                "removed": len(r.removed), "timings_ms": r.timings_ms}
+            if "dedup" in r.timings_ms:
+                self.hist.observe(r.timings_ms["dedup"], tags={"step": "dedup"})
+            if page is not None:
+                with _Timed(self.hist, "metadata") as t:
+                    lo, size = page
+                    out["rows"] = self.service.rows(r.positions[lo:lo + size], index)
+                out["timings_ms"]["metadata"] = t.ms
+            return out
+        except KeyError as e:
+            return error(400, str(e).strip("'\""))
+        except ValueError as e:
+            return error(422, str(e))
+
+    async def metadata(self, ids: list[str], index: str | None = None) -> Any:
+        """Rows for ids (None for an unknown id), or an error value."""
+        try:
+            with _Timed(self.hist, "metadata"):
+                return await asyncio.to_thread(self.service.metadata, ids, index)
+        except KeyError as e:
+            return error(400, str(e).strip("'\""))
+
+    async def view(self, query: list[float], ids: list[str], index: str | None = None) -> Any:
+        """What a judge sees of a row: each image's similarity to the query, its aesthetic
+        score and its vector; or an error value."""
+        try:
+            idx = self.service.index(index)
+        except KeyError as e:
+            return error(400, str(e).strip("'\""))
+        pos = idx.positions_of(ids)
+        if (pos < 0).any():
+            return error(400, f"unknown ids {[i for i, p in zip(ids, pos, strict=True) if p < 0][:5]}")
+        vecs = idx.vectors_at(pos)
+        if vecs is None:
+            return error(422, "this index cannot return its vectors")
+        aes = idx.table.column("aesthetic").take(pos).to_numpy(zero_copy_only=False)
+        return {"similarity": (vecs @ np.asarray(query, np.float32)).tolist(),
+                "aesthetic": aes.astype(np.float64).tolist(), "vectors": vecs.tolist()}
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=64)
+class Reranker:
+    """The cascade re-ranker: ``z(sim) + weight * z(aesthetic)`` within the top ``n``."""
+
+    def __init__(self, n: int = 50, weight: float = 1.0, scorer: str = "lowlevel") -> None:
+        self.n, self.weight, self.scorer = n, weight, scorer
+        self.hist = step_histogram()
+
+    def describe(self) -> dict[str, Any]:
+        return {"kind": "cascade", "scorer": self.scorer, "n": self.n, "weight": self.weight}
+
+    async def rerank(self, scores: list[float], aesthetic: list[float | None],
+                     weight: float | None = None) -> dict[str, list]:
+        """``{"order": [...], "scores": [...]}``: the new order of the candidates (indices into
+        ``scores``; the top ``n`` re-ranked, the rest after them unchanged) and each one's
+        final score in that order (the tail keeps its similarity)."""
+        from aligner.evaluation.systems import cascade_scores
+
+        with _Timed(self.hist, "rerank"):
+            n = min(self.n, len(scores))
+            sim = np.asarray(scores[:n], np.float64)[None, :]
+            aes = np.asarray([np.nan if a is None else a for a in aesthetic[:n]],
+                             np.float64)[None, :]
+            final = cascade_scores(sim, aes, self.weight if weight is None else weight)[0]
+            head = np.argsort(-final, kind="stable").tolist()
+            return {"order": head + list(range(n, len(scores))),
+                    "scores": [float(final[i]) for i in head] + list(scores[n:])}
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=32)
+class Rephraser:
+    """An LLM (or rule) rephraser with explicit aesthetic expectations; faithful or it falls
+    back to the template (:mod:`aligner.rephrase`)."""
+
+    def __init__(self, backend: str = "template", style: str = "detail",
+                 options: dict[str, Any] | None = None) -> None:
+        from aligner.rephrase import make_rephraser
+
+        kw = dict(options or {})
+        kw.setdefault("prompt", style)
+        self.rephraser = make_rephraser(backend, **kw)
+        self.backend = backend
+        self.hist = step_histogram()
+
+    def describe(self) -> dict[str, Any]:
+        return {"backend": self.backend, **self.rephraser.describe()}
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
+    async def _rephrase(self, queries: list[str]) -> list[dict[str, Any]]:
+        with _Timed(self.hist, "rephrase"):
+            rows = await asyncio.to_thread(self.rephraser.rephrase_rows, queries)
+        return [{"text": r.text, "rephraser": r.rephraser, "fallback": bool(r.fallback),
+                 "reason": r.reason} for r in rows]
+
+    async def rephrase(self, query: str) -> dict[str, Any]:
+        """``{text, rephraser, fallback, reason}`` for one query."""
+        return await self._rephrase(query)
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=32)
+class Judge:
+    """Order-consistent pairwise judge of two rows; the proxy judge needs the reference
+    model's retriever (its similarities and vectors)."""
+
+    def __init__(self, retriever: Any, margin: float = 0.02) -> None:
+        from aligner.evaluation.judge import ProxyJudge
+
+        self.retriever = retriever
+        self.judge = ProxyJudge(accuracy_margin=margin)
+        self.hist = step_histogram()
+
+    def describe(self) -> dict[str, Any]:
+        return {"judge": self.judge.name}
+
+    async def compare(self, text: str, left: list[str], right: list[str]) -> dict[str, Any]:
+        """Which row is better for the query: ``{judge, winner, aspects, orders_agree,
+        rationale}`` (winner left / right / similar), or an error value."""
+        from aligner.evaluation.judge import RowView, order_consistent
+
+        with _Timed(self.hist, "judge"):
+            q = await self.retriever.encode_text.remote(text)
+            views = await asyncio.gather(self.retriever.view.remote(q, left),
+                                         self.retriever.view.remote(q, right))
+            for v in views:
+                if "error" in v:
+                    return v
+            rows = [RowView(np.asarray(v["similarity"]), np.asarray(v["aesthetic"]),
+                            np.asarray(v["vectors"])) for v in views]
+            j, agree = order_consistent(self.judge, rows[0], rows[1])
+        names = {"a": "left", "b": "right", "similar": "similar"}
+        return {"judge": self.judge.name, "winner": names[j.winner],
+                "aspects": {k: names[v] for k, v in j.aspects.items()},
+                "orders_agree": agree, "rationale": j.rationale}
