@@ -181,6 +181,13 @@ class Reranker:
     def describe(self) -> dict[str, Any]:
         return {"kind": "cascade", "scorer": self.scorer, "n": self.n, "weight": self.weight}
 
+    def check_health(self) -> None:
+        """Re-ranks a fixed probe (pure numpy: fails only if the replica is broken)."""
+        from aligner.evaluation.systems import cascade_scores
+
+        if not np.isfinite(cascade_scores(np.ones((1, 2)), np.zeros((1, 2)), 1.0)).all():
+            raise RuntimeError("the re-ranker returned non-finite scores")
+
     async def rerank(self, scores: list[float], aesthetic: list[float | None],
                      weight: float | None = None) -> dict[str, list]:
         """``{"order": [...], "scores": [...]}``: the new order of the candidates (indices into
@@ -217,6 +224,12 @@ class Rephraser:
     def describe(self) -> dict[str, Any]:
         return {"backend": self.backend, **self.rephraser.describe()}
 
+    def check_health(self) -> None:
+        """The rephraser is loaded (a remote LLM that is down degrades searches, not health:
+        its rows fall back to the template)."""
+        if self.rephraser is None:
+            raise RuntimeError("no rephraser loaded")
+
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
     async def _rephrase(self, queries: list[str]) -> list[dict[str, Any]]:
         with _Timed(self.hist, "rephrase"):
@@ -243,6 +256,11 @@ class Judge:
 
     def describe(self) -> dict[str, Any]:
         return {"judge": self.judge.name}
+
+    def check_health(self) -> None:
+        """The judge is loaded (its retriever has its own health check)."""
+        if self.judge is None or self.retriever is None:
+            raise RuntimeError("the judge is not ready")
 
     async def compare(self, text: str, left: list[str], right: list[str]) -> dict[str, Any]:
         """Which row is better for the query: ``{judge, winner, aspects, orders_agree,
