@@ -6,10 +6,11 @@
 Deploys ``serving.app:build_app`` on a local Ray (Serve's proxy on 127.0.0.1) over the
 quickstart's models and indexes, then sends ``POST /v1/search`` requests (the world's queries,
 in turn) from C client threads, each with its own keep-alive connection, for ``--seconds``
-per setting: plain search, + rerank, + rephrase (template back end). Prints p50 / p99
+per setting: plain search, + rerank, + rephrase (template back end), and Serve's floor (an
+echo deployment behind the same proxy: the cost of any Serve request). Prints p50 / p99
 latency, throughput and errors per setting, and the in-process reference (the library's
 :class:`aligner.retrieval.service.SearchService`: encode + search of one query on one thread),
-with the overhead ratio p50(HTTP, C=1) / p50(in-process). Writes ``bench/serve_results.json``.
+with the overhead ratio p50(HTTP, C=1) / p50(in-process) and the search's ratios to the floor. Writes ``bench/serve_results.json``.
 Ratios, not absolute times, are what carries over to another machine.
 """
 
@@ -40,7 +41,8 @@ def pct(xs: list[float], q: float) -> float:
     return xs[min(len(xs) - 1, int(q * len(xs)))] if xs else float("nan")
 
 
-def load(port: int, queries: list[str], conc: int, seconds: float, extra: dict) -> dict:
+def load(port: int, queries: list[str], conc: int, seconds: float, extra: dict,
+         path: str = "/v1/search") -> dict:
     """C threads, each on its own keep-alive connection, for ``seconds``."""
     lat: list[float] = []
     errors = [0]
@@ -55,7 +57,7 @@ def load(port: int, queries: list[str], conc: int, seconds: float, extra: dict) 
             body = json.dumps({"text": queries[i % len(queries)], "k": 10, **extra})
             t0 = time.perf_counter()
             try:
-                conn.request("POST", "/v1/search", body, {"content-type": "application/json"})
+                conn.request("POST", path, body, {"content-type": "application/json"})
                 r = conn.getresponse()
                 r.read()
                 ok = r.status == 200
@@ -83,6 +85,20 @@ def load(port: int, queries: list[str], conc: int, seconds: float, extra: dict) 
             "per_s": round(len(lat) / wall, 1)}
 
 
+def _echo_deployment():
+    from ray import serve
+
+    @serve.deployment(ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=128)
+    class Echo:
+        """Reads the JSON body and answers a fixed JSON: what any Serve request costs."""
+
+        async def __call__(self, request):  # noqa: ANN001 - a starlette Request
+            body = await request.json()
+            return {"ok": True, "text": body.get("text")}
+
+    return Echo
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--workdir", default="out", help="the quickstart's output directory")
@@ -101,6 +117,8 @@ def main() -> int:
     from aligner.retrieval.models import ModelSpec
     from aligner.retrieval.service import SearchService
     from serving.app import build_app
+
+    Echo = _echo_deployment()  # noqa: N806 - a deployment class
 
     queries = read_queries(work / "world" / "queries" / "queries.parquet")["query"].to_pylist()
     # the in-process reference: encode + search, one query at a time
@@ -133,8 +151,16 @@ def main() -> int:
             "log_requests": False,
             "limits": {"rate_per_s": 1e6, "rate_burst": 1_000_000}}
     serve.run(build_app(args), name="aligner", route_prefix="/")
+    # The floor: Serve's own HTTP path to a replica that only parses the body and answers
+    # (no FastAPI, no model), through the same proxy, measured in the same run.
+    serve.run(Echo.bind(), name="echo", route_prefix="/echo")
     load(port, queries, 8, 3.0, {})  # warm every replica
+    load(port, queries, 8, 2.0, {}, path="/echo")
     rows = []
+    for conc in [int(c) for c in a.concurrency.split(",")]:
+        r = {"setting": "serve floor", **load(port, queries, conc, a.seconds, {}, path="/echo")}
+        rows.append(r)
+        print(json.dumps(r), flush=True)
     for name, extra in (("search", {}), ("+ rerank", {"rerank": True}),
                         ("+ rephrase", {"rephrase": True})):
         for conc in [int(c) for c in a.concurrency.split(",")]:
@@ -146,8 +172,14 @@ def main() -> int:
     serve.shutdown()
     ray.shutdown()
     c1 = next(r for r in rows if r["setting"] == "search" and r["concurrency"] == 1)
+    f1 = next(r for r in rows if r["setting"] == "serve floor" and r["concurrency"] == 1)
+    top = max(int(c) for c in a.concurrency.split(","))
+    ftop = next(r for r in rows if r["setting"] == "serve floor" and r["concurrency"] == top)
+    stop_ = next(r for r in rows if r["setting"] == "search" and r["concurrency"] == top)
     result = {"machine": {"cpus": os.cpu_count()}, "in_process": inproc, "http": rows,
-              "overhead_p50_ratio": round(c1["p50_ms"] / inproc["p50_ms"], 2)}
+              "overhead_p50_ratio": round(c1["p50_ms"] / inproc["p50_ms"], 2),
+              "floor_p50_ratio": round(c1["p50_ms"] / f1["p50_ms"], 2),
+              "floor_throughput_ratio": round(stop_["per_s"] / ftop["per_s"], 2)}
     Path(a.out).write_text(json.dumps(result, indent=2))
     print(f"\n{'setting':<12} {'C':>3} {'p50 ms':>8} {'p99 ms':>8} {'req/s':>8} {'errors':>6}")
     print(f"{'in-process':<12} {1:>3} {inproc['p50_ms']:>8} {inproc['p99_ms']:>8} "
@@ -156,7 +188,8 @@ def main() -> int:
         print(f"{r['setting']:<12} {r['concurrency']:>3} {r['p50_ms']:>8} {r['p99_ms']:>8} "
               f"{r['per_s']:>8} {r['errors']:>6}")
     print(f"\nHTTP overhead (p50, C=1 vs in-process): {result['overhead_p50_ratio']}x; "
-          f"results: {a.out}")
+          f"search vs Serve's floor: p50 {result['floor_p50_ratio']}x at C=1, throughput "
+          f"{result['floor_throughput_ratio']}x at C={top}; results: {a.out}")
     return 0
 
 

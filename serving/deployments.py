@@ -104,33 +104,71 @@ class Retriever:
 
         def one(b: bytes) -> Any:
             try:  # decode one by one: a bad image must not fail its batch neighbours
-                return self.service.encode_images([b])[0].tolist()
+                return self.service.encode_images([b])[0]
             except ImageError as e:
                 return error(400, f"image: {e}")
 
         with _Timed(self.hist, "encode_image"):
             return await asyncio.to_thread(lambda: [one(b) for b in blobs])
 
-    async def encode_image(self, data: bytes) -> Any:
-        """Encoded image bytes -> its vector, or an error value (bad or too large image)."""
-        return await self._encode_images(data)
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
+    async def _text_queries(self, items: list[tuple[str, dict[str, Any]]]) -> list[Any]:
+        """Text searches, batched: one forward pass for every text, then each one's search,
+        all in one worker thread (the common case costs one call into this replica)."""
 
-    async def search(self, vector: list[float], k: int, index: str | None = None,
-                     aesthetic_weight: float = 0.0, dedup_threshold: float | None = None,
-                     page: tuple[int, int] | None = None) -> dict[str, Any]:
-        """Top ``k`` for a query vector: ids, scores and aesthetics of all, and the rows
-        (caption ...) of ``page = (offset, size)``; or an error value."""
+        def run() -> list[Any]:
+            with _Timed(self.hist, "encode_text") as t:
+                vecs = self.service.encode_texts([text for text, _ in items])
+            outs = [self._search_now(v, **kw) for v, (_, kw) in zip(vecs, items, strict=True)]
+            for out in outs:
+                if "timings_ms" in out:
+                    out["timings_ms"]["encode"] = t.ms
+            return outs
+
+        return await asyncio.to_thread(run)
+
+    async def query(self, text: str | None = None, image: bytes | None = None,
+                    embedding: list[float] | None = None, text_weight: float = 1.0,
+                    image_weight: float = 1.0, k: int = 10, index: str | None = None,
+                    aesthetic_weight: float = 0.0, dedup_threshold: float | None = None,
+                    page: tuple[int, int] | None = None) -> dict[str, Any]:
+        """Encode a query (text, encoded image bytes, both weighted, or a raw embedding) and
+        search it: ids, scores and aesthetics of the top ``k``, the rows (caption ...) of
+        ``page = (offset, size)`` and timings; or an error value (a bad image 400, an unknown
+        index 400, a wrong embedding size or a zero query 422)."""
+        kw = {"k": k, "index": index, "aesthetic_weight": aesthetic_weight,
+              "dedup_threshold": dedup_threshold, "page": page}
+        if text and image is None and embedding is None and text_weight > 0:
+            return await self._text_queries((text, kw))
+        t0 = time.perf_counter()
+        tvec = await self._encode_texts(text) if text else None
+        ivec = await self._encode_images(image) if image is not None else None
+        if isinstance(ivec, dict):
+            return ivec
+        encode_ms = 1000 * (time.perf_counter() - t0)
+        try:
+            q = self.service.query_vector(tvec, ivec, embedding, text_weight, image_weight)
+        except ValueError as e:
+            return error(422, str(e))
+        out = await asyncio.to_thread(self._search_now, q, **kw)
+        if "timings_ms" in out:
+            out["timings_ms"]["encode"] = encode_ms
+        return out
+
+    def _search_now(self, vector: np.ndarray, k: int, index: str | None,
+                    aesthetic_weight: float, dedup_threshold: float | None,
+                    page: tuple[int, int] | None) -> dict[str, Any]:
         try:
             with _Timed(self.hist, "knn"):
-                r = await asyncio.to_thread(self.service.search, np.asarray(vector, np.float32),
-                                            k, index, aesthetic_weight, dedup_threshold)
+                r = self.service.search(np.asarray(vector, np.float32), k, index,
+                                        aesthetic_weight, dedup_threshold)
             idx = self.service.index(index)
             aes = idx.table.column("aesthetic").take(r.positions).to_numpy(zero_copy_only=False)
             out: dict[str, Any] = {
                 "index": index or self.service.default_index, "ids": r.ids,
                 "scores": r.scores.tolist(),
                 "aesthetic": [None if not np.isfinite(a) else float(a) for a in aes],
-                "removed": len(r.removed), "timings_ms": r.timings_ms}
+                "removed": len(r.removed), "timings_ms": dict(r.timings_ms)}
             if "dedup" in r.timings_ms:
                 self.hist.observe(r.timings_ms["dedup"], tags={"step": "dedup"})
             if page is not None:

@@ -5,8 +5,9 @@ Routes (the OpenAPI document is ``/openapi.json``; ``/docs`` renders it):
 =============================  ==========================================================
 ``GET  /v1/health``            deployments and the votes database (never protected)
 ``GET  /v1/indexes``           models, their indexes, sizes, factories
-``POST /v1/search``            text, ``image_b64``, ``image_url``, an ``embedding``, or text
-                               + image with weights; ``k`` with paging; ``model``,
+``POST /v1/search``            text, ``image_b64``, ``image_url``, ``like`` (a corpus image
+                               id: more like this), an ``embedding``, or text + image with
+                               weights; ``k`` with paging; ``model``,
                                ``index``, ``rephrase``, ``rerank``, ``deduplicate``,
                                ``aesthetic_weight``
 ``POST /v1/search/image``      the same with an uploaded image (multipart form)
@@ -45,7 +46,6 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from fastapi import FastAPI, File, Form, HTTPException, Request, UploadFile
 from fastapi.responses import FileResponse, HTMLResponse, Response
 from fastapi.staticfiles import StaticFiles
@@ -166,7 +166,6 @@ class Ingress:
         self.key = self.args.auth.key()
         self.store = VoteStore(self.args.database_url())
         self.images: collections.OrderedDict[str, bytes] = collections.OrderedDict()
-        self.dims: dict[str, int] = {}
 
     def check_health(self) -> None:
         self.store.counts()  # the database answers
@@ -205,12 +204,6 @@ class Ingress:
                                      f"{sorted(self.retrievers)}")
         return name, self.retrievers[name]
 
-    async def _dim(self, name: str) -> int:
-        if name not in self.dims:
-            self.dims[name] = (await self._call(self.retrievers[name].describe.remote(),
-                                                "describe"))["dim"]
-        return self.dims[name]
-
     async def _fetch_url(self, url: str) -> bytes:
         lim = self.args.limits
         parts = urllib.parse.urlsplit(url)
@@ -233,6 +226,25 @@ class Ingress:
             return await asyncio.wait_for(asyncio.to_thread(get), lim.image_url_timeout_s + 1)
         except (OSError, ValueError, TimeoutError) as e:
             raise HTTPException(400, f"cannot fetch image_url: {type(e).__name__}: {e}") from None
+
+    async def _corpus_image(self, image_id: str) -> bytes:
+        """The encoded bytes of a corpus image (404 if there is none; an LRU cache)."""
+        _check_id(image_id)
+        data = self.images.get(image_id)
+        if data is not None:
+            self.images.move_to_end(image_id)
+            return data
+        from aligner.data.corpus import fetch_images
+
+        got = await asyncio.to_thread(fetch_images, self.args.corpus, [image_id])
+        data = got.get(image_id)
+        if data is None:
+            raise HTTPException(404, f"no image {image_id!r} in the corpus")
+        if self.args.image_cache:
+            self.images[image_id] = data
+            while len(self.images) > self.args.image_cache:
+                self.images.popitem(last=False)
+        return data
 
     def _limits(self, req: SearchRequest) -> int:
         lim = self.args.limits
@@ -263,6 +275,8 @@ class Ingress:
                 raise HTTPException(400, "image_b64 is not valid base64") from None
         elif req.image_url is not None:
             image = await self._fetch_url(req.image_url)
+        elif req.like is not None:
+            image = await self._corpus_image(req.like)
         t0 = time.perf_counter()
         if req.text and req.rephrase:
             try:
@@ -273,34 +287,14 @@ class Ingress:
             except HTTPException as e:
                 echo.rephrase = "timeout" if e.status_code == 504 else "error"
             timings["rephrase"] = 1000 * (time.perf_counter() - t0)
-        t1 = time.perf_counter()
-        calls = []
-        if req.text:
-            calls.append(self._call(retr.encode_text.remote(echo.searched), "encode"))
-        if image is not None:
-            calls.append(self._call(retr.encode_image.remote(image), "encode"))
-        vecs = await asyncio.gather(*calls)
-        timings["encode"] = 1000 * (time.perf_counter() - t1)
-        if req.embedding is not None:
-            dim = await self._dim(name)
-            if len(req.embedding) != dim:
-                raise HTTPException(422, f"embedding has {len(req.embedding)} values; model "
-                                         f"{name} embeds into {dim}")
-            q = np.asarray(req.embedding, np.float64)
-        else:
-            weights = ([req.text_weight] if req.text else []) + \
-                ([req.image_weight] if image is not None else [])
-            q = sum(w * np.asarray(v, np.float64) for w, v in zip(weights, vecs, strict=True))
-        norm = float(np.linalg.norm(q))
-        if not np.isfinite(q).all() or norm < 1e-8:
-            raise HTTPException(422, "the query vector is zero or not finite (weights?)")
-        q = (q / norm).tolist()
         rerank_n = self.args.reranker.n if req.rerank else 0
-        k = max(req.k, rerank_n)
         window = None if req.rerank else (req.offset, page)
-        res = await self._call(retr.search.remote(
-            q, k, req.index, req.aesthetic_weight,
-            req.dedup_threshold if req.deduplicate else None, window), "search")
+        res = await self._call(retr.query.remote(
+            text=echo.searched if req.text else None, image=image, embedding=req.embedding,
+            text_weight=req.text_weight, image_weight=req.image_weight,
+            k=max(req.k, rerank_n), index=req.index, aesthetic_weight=req.aesthetic_weight,
+            dedup_threshold=req.dedup_threshold if req.deduplicate else None, page=window),
+            "search")
         timings.update(res["timings_ms"])
         ids, scores, aes = res["ids"], res["scores"], res["aesthetic"]
         sims = list(scores)
@@ -412,21 +406,7 @@ class Ingress:
     async def image(self, image_id: str, request: Request) -> Response:
         """A corpus image by id, with its content type and caching headers."""
         self._auth(request, write=False)
-        _check_id(image_id)
-        data = self.images.get(image_id)
-        if data is None:
-            from aligner.data.corpus import fetch_images
-
-            got = await asyncio.to_thread(fetch_images, self.args.corpus, [image_id])
-            data = got.get(image_id)
-            if data is None:
-                raise HTTPException(404, f"no image {image_id!r} in the corpus")
-            if self.args.image_cache:
-                self.images[image_id] = data
-                while len(self.images) > self.args.image_cache:
-                    self.images.popitem(last=False)
-        else:
-            self.images.move_to_end(image_id)
+        data = await self._corpus_image(image_id)
         etag = '"' + hashlib.sha1(data).hexdigest()[:20] + '"'
         headers = {"Cache-Control": "public, max-age=86400, immutable", "ETag": etag}
         if request.headers.get("if-none-match") == etag:

@@ -23,6 +23,8 @@ class SearchRequest(_Strict):
     text: str | None = Field(None, description="the query text")
     image_b64: str | None = Field(None, description="an image, base64-encoded (JPEG/PNG/...)")
     image_url: str | None = Field(None, description="an http(s) image URL, fetched by the server")
+    like: str | None = Field(None, max_length=512,
+                             description="an image id of the corpus: more like this image")
     embedding: list[float] | None = Field(None, description="a raw query vector of the model")
     text_weight: float = Field(1.0, ge=0, le=100)
     image_weight: float = Field(1.0, ge=0, le=100)
@@ -42,13 +44,14 @@ class SearchRequest(_Strict):
     @model_validator(mode="after")
     def _something(self) -> SearchRequest:
         if not any(v is not None and v != "" for v in
-                   (self.text, self.image_b64, self.image_url, self.embedding)):
-            raise ValueError("give text, image_b64, image_url or embedding")
+                   (self.text, self.image_b64, self.image_url, self.like, self.embedding)):
+            raise ValueError("give text, image_b64, image_url, like or embedding")
         if self.text is not None and not self.text.strip():
             raise ValueError("text is empty")
-        if self.image_b64 is not None and self.image_url is not None:
-            raise ValueError("give image_b64 or image_url, not both")
-        if self.embedding is not None and (self.text or self.image_b64 or self.image_url):
+        if sum(v is not None for v in (self.image_b64, self.image_url, self.like)) > 1:
+            raise ValueError("give one of image_b64, image_url and like")
+        if self.embedding is not None and (self.text or self.image_b64 or self.image_url
+                                           or self.like):
             raise ValueError("an embedding is searched alone")
         return self
 

@@ -146,6 +146,7 @@ class Retriever:
         self.spec = spec
         self.device = device
         self.checkpoint_hash = checkpoint_hash
+        self._pad_id = trimmable_pad_id(model)
 
     @property
     def embed_dim(self) -> int:
@@ -209,12 +210,39 @@ class Retriever:
         self.model.eval()
         with torch.no_grad(), self._autocast():
             for i in range(0, len(texts), batch_size):
-                tokens = self.tokenizer(list(texts[i:i + batch_size])).to(self.device)
+                tokens = trim_padding(self.tokenizer(list(texts[i:i + batch_size])),
+                                      self._pad_id).to(self.device)
                 f = self.model.encode_text(tokens, normalize=True)
                 out.append(f.float().cpu().numpy())
         if not out:
             return np.zeros((0, self.embed_dim), np.float32)
         return np.concatenate(out).astype(np.float32, copy=False)
+
+
+def trimmable_pad_id(model: Any) -> int | None:
+    """The pad token id whose trailing columns can be cut from a batch of tokens without
+    changing the text features, or None where cutting would change them.
+
+    That holds for a Hugging Face text tower (open_clip's ``HFTextEncoder``): it masks padding
+    out of attention and its mean or CLS pooler ignores it. It does not hold for open_clip's
+    own text transformer (a fixed-size positional embedding and causal mask) or a max pooler.
+    """
+    text = getattr(model, "text", None)
+    if type(text).__name__ != "HFTextEncoder" or type(getattr(text, "pooler", None)).__name__ \
+            not in ("MeanPooler", "ClsPooler", "ClsLastHiddenStatePooler"):
+        return None
+    pad = getattr(getattr(text, "config", None), "pad_token_id", None)
+    return None if pad is None else int(pad)
+
+
+def trim_padding(tokens: torch.Tensor, pad_id: int | None) -> torch.Tensor:
+    """``[B, L]`` tokens without the trailing columns that are padding in every row (a
+    tokenizer pads to the full context; short queries then cost a quarter of the compute)."""
+    if pad_id is None or tokens.ndim != 2 or tokens.shape[1] <= 1:
+        return tokens
+    used = (tokens != pad_id).any(dim=0).nonzero()
+    last = int(used.max()) + 1 if used.numel() else 1
+    return tokens[:, :last] if last < tokens.shape[1] else tokens
 
 
 def to_pixels(batch_u8: np.ndarray | torch.Tensor, mean, std, flip: torch.Tensor | None = None):

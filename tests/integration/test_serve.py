@@ -115,6 +115,8 @@ def test_search_by_image_url_upload_embedding_and_combined(served):
     by_url = call(served, "POST", "/v1/search",
                   {"image_url": f"{served.url}/v1/images/{first}", "k": 5})[1]
     assert by_url["ids"] == by_b64["ids"]
+    by_like = call(served, "POST", "/v1/search", {"like": first, "k": 5})[1]
+    assert by_like["ids"] == by_b64["ids"]  # more like this: the corpus image by id
     boundary = "xyzBOUNDARY"
     form = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"q.png\""
             f"\r\nContent-Type: image/png\r\n\r\n").encode() + img + \
@@ -167,6 +169,10 @@ BAD = [
     ("image_url not http", "POST", "/v1/search", {"image_url": "file:///etc/passwd"}, 400),
     ("embedding wrong size", "POST", "/v1/search", {"embedding": [0.1, 0.2, 0.3]}, 422),
     ("embedding and text", "POST", "/v1/search", {"embedding": [0.1], "text": "a"}, 422),
+    ("like unknown image", "POST", "/v1/search", {"like": "no-such-image"}, 404),
+    ("like traversal", "POST", "/v1/search", {"like": "../../etc/passwd"}, 400),
+    ("like and image_url", "POST", "/v1/search",
+     {"like": "a", "image_url": "http://127.0.0.1:9/x.png"}, 422),
     ("path traversal id", "GET", "/v1/images/../../etc/passwd", None, 400),
     ("encoded traversal", "GET", "/v1/images/%2e%2e/%2e%2e/etc/passwd", None, 400),
     ("absolute id", "GET", "/v1/images//etc/passwd", None, 400),

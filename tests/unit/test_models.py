@@ -107,3 +107,24 @@ def test_lock_text_tower_unlocks_only_last_layers(builtin):
     assert not any(p.requires_grad for p in layers[-2].parameters())
     assert not any(p.requires_grad for p in model.text.transformer.embeddings.parameters())
     lock_text_tower(model, 0)
+
+
+def test_trailing_padding_is_cut_without_changing_text_features(builtin):
+    from aligner.retrieval.models import trim_padding, trimmable_pad_id
+
+    pad = trimmable_pad_id(builtin.model)
+    assert pad == 0  # the built-in tower is a Hugging Face encoder with a mean pooler
+    texts = ["a cat", "two red circles on a green lawn at dusk, crisp and well lit", "sky"]
+    tokens = builtin.tokenizer(texts)
+    cut = trim_padding(tokens, pad)
+    assert cut.shape[1] < tokens.shape[1] and torch.equal(cut, tokens[:, :cut.shape[1]])
+    assert (cut[:, -1] != pad).any()  # the longest text keeps every one of its tokens
+    with torch.no_grad():
+        full = builtin.model.encode_text(tokens, normalize=True)
+        short = builtin.model.encode_text(cut, normalize=True)
+    np.testing.assert_allclose(short.numpy(), full.numpy(), atol=1e-5)
+    np.testing.assert_allclose(builtin.encode_texts(texts), full.numpy(), atol=1e-5)
+    # where cutting would change the features (no HF tower), nothing is cut
+    assert trimmable_pad_id(torch.nn.Linear(2, 2)) is None
+    assert torch.equal(trim_padding(tokens, None), tokens)
+    assert trim_padding(torch.zeros((2, 5), dtype=torch.long), 0).shape == (2, 1)
