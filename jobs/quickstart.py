@@ -33,6 +33,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from aligner.preferences.teacher import ABLATION_PRESETS
 from aligner.preferences.teacher import TEACHER_PRESETS as TEACHERS
 from aligner.runtime.config import dump_yaml, load_config, save_config, to_dict
 from aligner.runtime.logs import setup_logging
@@ -64,6 +65,10 @@ class QuickstartConfig:
         "help": "teacher of the aligned model: " + " | ".join(TEACHERS)})
     compare_teachers: bool = field(default=False, metadata={
         "help": "also fine-tune one model per other teacher and evaluate them (slower)"})
+    ablation: bool = field(default=False, metadata={
+        "help": "also fine-tune with the oracle-aware teacher (negatives and degraded copies "
+                "written knowing the built-in world's hidden taste) and evaluate it, named "
+                "ablation_oracle_aware"})
     control: bool = field(default=True, metadata={
         "help": "train the contrastive-only control (same steps and data, no preference loss)"})
     num_workers: int = field(default=2, metadata={"help": "Ray Train workers of the fine-tune"})
@@ -172,9 +177,12 @@ def main(argv: list[str] | None = None) -> int:
     pipe.stage("rephrase", p["rephrased"], lambda: run_rephrase(rc), rc, after=["world"])
 
     # the aligned model's teacher first: comparing teachers later does not redo it
-    teachers = [cfg.teacher, *(t for t in TEACHERS if t != cfg.teacher and cfg.compare_teachers)]
-    diag = [t for t in TEACHERS if t not in teachers]  # tables built for diagnostics only
-    pref_dirs = {t: p["preferences"] / t.replace("+", "_") for t in TEACHERS}
+    used = [t for t in TEACHERS if t not in ABLATION_PRESETS or cfg.ablation or t == cfg.teacher]
+    teachers = [cfg.teacher, *(t for t in used if t != cfg.teacher and (
+        (cfg.compare_teachers and t not in ABLATION_PRESETS)
+        or (cfg.ablation and t in ABLATION_PRESETS)))]
+    diag = [t for t in used if t not in teachers]  # tables built for diagnostics only
+    pref_dirs = {t: p["preferences"] / t.replace("+", "_").replace(":", "_") for t in used}
     for t in [*teachers, *diag]:
         bc = BuildPreferencesConfig(embeddings=str(p["embeddings"]), queries=str(p["rephrased"]),
                                     output=str(pref_dirs[t]), splits=["train", "val"],
@@ -190,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
                                      eval_every=cfg.eval_every))
     trained: dict[str, Path] = {}
     for t in teachers:
-        name = "aligned" if t == cfg.teacher else f"teacher_{t.replace('+', '_')}"
+        name = "aligned" if t == cfg.teacher else model_name(t)
         out = p["aligned"] if t == cfg.teacher else work / name
         ac = replace(ac0, preferences=str(pref_dirs[t]), output=str(out))
         pipe.stage(name, out, lambda ac=ac: run_align(ac), ac,
@@ -216,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
                         models=[f"{n}={c}" for n, c in trained.items()],
                         embeddings=[f"aligned={p['embeddings_aligned']}"],
                         rephrased=str(p["rephrased"]),
-                        preferences=[f"{t}={pref_dirs[t]}" for t in TEACHERS])
+                        preferences=[f"{t}={pref_dirs[t]}" for t in used])
     pipe.stage("evaluate", p["evaluate"], lambda: evaluate(vc), vc)
     sc = replace(search.SearchConfig(), index=str(p["index_aligned"]), output=str(p["search"]),
                  k=cfg.k, query=list(cfg.queries))
@@ -227,6 +235,14 @@ def main(argv: list[str] | None = None) -> int:
                    skipped=pipe.skipped, summary=summary)
     _print(summary, pipe.timings, time.time() - started, p)
     return 0
+
+
+def model_name(teacher: str) -> str:
+    """The evaluated name of a model fine-tuned with another ``teacher`` than the aligned
+    model's (ablations say so: ``ablation_oracle_aware``)."""
+    if teacher in ABLATION_PRESETS:
+        return "ablation_" + teacher.partition(":")[2]
+    return "teacher_" + teacher.replace("+", "_")
 
 
 def _read(path: Path) -> dict:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from aligner.evaluation.gallery import GALLERY_VIEWS
 from aligner.evaluation.phases import EvalState
 
 
@@ -45,7 +46,8 @@ def compare(st: EvalState) -> None:
                 c["recall@10_diff"] = paired_difference(hits[aligned]["r@10"].astype(float),
                                                         hits[other]["r@10"].astype(float))
             if aligned in st.agree:
-                c["hpir_diff"] = paired_difference(st.agree[aligned], st.agree[other])
+                c["hpir_diff"] = paired_difference(st.agree[aligned], st.agree[other],
+                                                   st.hpir_pairs_query)
             st.comparisons[other] = c
     else:
         st.notes.append(f"no system named {aligned!r}: no comparisons (models=NAME=CKPT, "
@@ -67,7 +69,8 @@ def teacher_diagnostics(path: str, ev) -> dict:
     w = np.asarray(t["weight"].to_pylist(), np.float64)
     src = t["source"].to_pylist()
     return diagnose(t["chosen_id"].to_pylist(), t["rejected_id"].to_pylist(),
-                    np.nan_to_num(w, nan=1.0), [s or "" for s in src], ev.beauty_of)
+                    np.nan_to_num(w, nan=1.0), [s or "" for s in src], ev.beauty_of,
+                    t["query_id"].to_pylist())
 
 
 def teacher_and_premise(st: EvalState) -> None:
@@ -92,14 +95,22 @@ def assemble(st: EvalState) -> None:
     rec = st.rec_info
     metrics = {
         "title": f"{aligned} vs the alternatives",
-        "setup": (f"Gallery: {len(gallery.ids)} images ({gallery.source}, gallery={cfg.gallery}); "
+        "setup": (f"Gallery: {len(gallery.ids)} images ({gallery.source}, gallery={cfg.gallery}: "
+                  f"{GALLERY_VIEWS[cfg.gallery]}); "
                   f"{len(st.qids)} held-out queries (split={cfg.query_split}, "
                   f"kind={cfg.query_kind}); recall among the {rec['gallery']} "
-                  f"({rec['gallery_size']} images)."),
+                  f"({rec['gallery_size']} images)."
+                  + (f" Baseline knob settings chosen on {len(st.sel_qids)} {st.sel_split} "
+                     f"queries, reported on the {cfg.query_split} queries."
+                     if st.equal_relevance else "")),
         "k": cfg.k, "also_ks": [k for k in st.ks if k != cfg.k], "primary": primary,
         "base_name": cfg.base_name, "aligned_name": aligned, "oracle": st.ev is not None,
-        "gallery": {"source": gallery.source, "which": cfg.gallery, "images": len(gallery.ids)},
-        "queries": {"split": cfg.query_split, "kind": cfg.query_kind, "n": len(st.qids)},
+        "gallery": {"source": gallery.source, "which": cfg.gallery,
+                    "view": GALLERY_VIEWS[cfg.gallery], "images": len(gallery.ids)},
+        "queries": {"split": cfg.query_split, "kind": cfg.query_kind, "n": len(st.qids),
+                    "selection": {"split": st.sel_split, "n": len(st.sel_qids),
+                                  "fallback": st.sel_fallback}},
+        "teacher_rerank": st.built.info.get("teacher_rerank"),
         "recall": rec, "hpir": st.hpir_info, "systems": st.out_systems,
         "comparisons": st.comparisons, "pairwise": {primary: st.pairwise},
         "teacher": st.teacher or {}, "premise": st.premise,
@@ -111,6 +122,10 @@ def assemble(st: EvalState) -> None:
     if reph is not None and reph.missing:
         st.notes.append(f"rephrase: {len(reph.missing)} queries had no rephrasing "
                         "and were searched with their plain text")
+    tr = st.systems.get("teacher_rerank")
+    if tr is not None and tr.missing:
+        st.notes.append(f"teacher_rerank: {len(tr.missing)} queries had no rephrasing; the "
+                        "teacher used the query itself as its good side (as the builder does)")
     st.metrics = metrics
 
 
@@ -119,7 +134,8 @@ def grids(st: EvalState) -> None:
     cfg, ev, qids = st.cfg, st.ev, st.qids
     if cfg.grid_queries <= 0:
         return
-    names = cfg.grid_systems or [cfg.base_name, cfg.aligned_name, "cascade", "rephrase"]
+    names = cfg.grid_systems or [cfg.base_name, cfg.aligned_name, "cascade", "teacher_rerank",
+                                 "rephrase"]
     names = [n for n in dict.fromkeys(names) if n in st.systems]
     rng = np.random.default_rng([cfg.seed, 11])
     chosen = np.sort(rng.choice(len(qids), min(cfg.grid_queries, len(qids)), replace=False))

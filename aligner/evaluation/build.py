@@ -1,5 +1,5 @@
 """Build the retrieval systems over a gallery: the base, any checkpoint, and the query-time
-baselines (cascade, query shift, rephrase).
+baselines (cascade, query shift, rephrase, the training teacher as a re-ranker).
 
 Everything here takes explicit arguments (a gallery, checkpoint directories, embeddings
 directories, :class:`~aligner.evaluation.config.BaselineSettings`, a rephrasing table), so a
@@ -33,7 +33,9 @@ from aligner.evaluation.systems import (
     QueryShiftSystem,
     RephraseSystem,
     System,
+    TeacherRerankSystem,
 )
+from aligner.evaluation.teacher_spec import TeacherSpec
 
 log = logging.getLogger(__name__)
 
@@ -152,6 +154,18 @@ def rephrase_system(base: System, table: Mapping[str, str], settings: BaselineSe
     return RephraseSystem(name, base, dict(table), settings.rephrase_missing, mix=mix)
 
 
+def teacher_rerank_system(base: System, aesthetic: np.ndarray, table: Mapping[str, str],
+                          teacher: TeacherSpec, settings: BaselineSettings,
+                          name: str = "teacher_rerank",
+                          weight: float | None = None) -> TeacherRerankSystem:
+    """The base's top ``cascade_n`` re-ranked by the training teacher's score at query time
+    (``weight`` overrides the settings' ``teacher_weight``)."""
+    w = settings.teacher_weight if weight is None else weight
+    return TeacherRerankSystem(name, base, aesthetic, dict(table), teacher.aesthetic,
+                               teacher.weights, teacher.bad_rephrase(), settings.cascade_n, w,
+                               settings.rephrase_missing)
+
+
 @dataclass
 class BuiltSystems:
     """What :func:`build_systems` returns.
@@ -183,7 +197,9 @@ def build_systems(gallery: Gallery, base_checkpoint: str | Path,
                   settings: BaselineSettings | None = None,
                   baselines: Sequence[str] = BASELINES,
                   rephrasings: Rephrasings | None = None, base_name: str = "base",
-                  base_embeddings: str | Path = "", batch_size: int = 256) -> BuiltSystems:
+                  base_embeddings: str | Path = "", batch_size: int = 256,
+                  teacher: TeacherSpec | None = None,
+                  teacher_rephrasings: Rephrasings | None = None) -> BuiltSystems:
     """The base, the query-time baselines over it and the trained models, over one gallery.
 
     Args:
@@ -193,13 +209,18 @@ def build_systems(gallery: Gallery, base_checkpoint: str | Path,
         embeddings: ``{name: jobs.embed output}`` of the base or a model over the gallery
             (others are embedded in-process).
         settings: the baselines' knobs and the scorer (default :class:`BaselineSettings`).
-        baselines: which of ``cascade``, ``query_shift``, ``rephrase`` to build.
+        baselines: which of ``cascade``, ``query_shift``, ``rephrase``, ``teacher_rerank`` to
+            build.
         rephrasings: the rephrase system's table (None: the rephrase system is skipped, with
             a note).
         base_name: the base system's name.
         base_embeddings: the base's embeddings output (wins over ``embeddings[base_name]``);
             its ``aesthetic`` column gives the scorer's scores when the scorer matches.
         batch_size: encoder batch size.
+        teacher: the training teacher (:mod:`aligner.evaluation.teacher_spec`; None:
+            ``teacher_rerank`` is skipped, with a note).
+        teacher_rephrasings: the teacher's rephrasings (default ``rephrasings``; neither: the
+            teacher's good side is the query itself, with a note).
 
     Raises:
         ValueError: an unknown baseline, or a model named like the base or a baseline.
@@ -233,6 +254,20 @@ def build_systems(gallery: Gallery, base_checkpoint: str | Path,
             info["rephrase"] = {"table": rephrasings.source, **rephrasings.counts}
         else:
             notes.append("rephrase system skipped: no rephrased queries given (rephrased=DIR)")
+    if "teacher_rerank" in baselines:
+        if teacher is None:
+            notes.append("teacher_rerank skipped: the training teacher is unknown "
+                         "(baseline.teacher_preferences=DIR or baseline.teacher_aesthetic)")
+        else:
+            treph = teacher_rephrasings or rephrasings
+            systems["teacher_rerank"] = teacher_rerank_system(
+                base, aes, treph.table if treph is not None else {}, teacher, settings)
+            info["teacher_rerank"] = {**teacher.describe(),
+                                      "rephrasings": treph.source if treph else None,
+                                      "scorer": settings.scorer}
+            if treph is None and teacher.needs_rephrase:
+                notes.append(f"teacher_rerank: no rephrasings (rephrased=DIR): the teacher "
+                             f"{teacher.name} uses each query as its own rephrasing")
     for name, ckpt in models.items():
         m = load_model_system(name, ckpt, gallery, emb_dirs.get(name, ""), settings.scorer,
                               batch_size)

@@ -1,8 +1,8 @@
 """What an evaluation is told: :class:`EvaluateConfig` and the settings groups it nests.
 
 :class:`BaselineSettings` holds the knobs of the query-time systems (cascade, query shift,
-rephrase) and the aesthetic scorer; it is all a caller outside the evaluation (a search
-service) needs to build the same systems (:mod:`aligner.evaluation.build`). On the command
+rephrase, teacher re-rank) and the aesthetic scorer; it is all a caller outside the evaluation
+(a search service) needs to build the same systems (:mod:`aligner.evaluation.build`). On the command
 line the groups are dotted keys: ``baseline.cascade_weight=2``, ``sweep.enabled=false``,
 ``hpir.pool=20``.
 """
@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from aligner.evaluation.sweeps import DEFAULT_SWEEPS
 
-BASELINES = ("cascade", "query_shift", "rephrase")
+BASELINES = ("cascade", "query_shift", "rephrase", "teacher_rerank")
 
 
 def parse_named(items: list[str], what: str) -> dict[str, str]:
@@ -42,15 +42,47 @@ class BaselineSettings:
         "help": "query shift: q' = normalise(q + w e) (clip-retrieval's aesthetic_weight)"})
     rephrase_missing: str = field(default="plain", metadata={
         "help": "a query without rephrasing: plain (keep it, counted) | error"})
-    scorer: str = field(default="lowlevel", metadata={"help": "aesthetic scorer (cascade, shift)"})
+    scorer: str = field(default="lowlevel", metadata={
+        "help": "aesthetic scorer (cascade, shift; the teacher's 'scorer' component)"})
+    teacher_weight: float = field(default=1.0, metadata={
+        "help": "teacher_rerank: final = z(sim) + w * z(teacher) in the cascade's top N "
+                "(inf: teacher sort)"})
+    teacher_preferences: str = field(default="", metadata={
+        "help": "teacher_rerank: preferences dir whose manifest names the teacher ('': the "
+                "aligned model's, via its align manifest)"})
+    teacher_aesthetic: list[str] = field(default_factory=list, metadata={
+        "help": "teacher_rerank when no preferences manifest is found: components (scorer, "
+                "rephrase, contrast; []: skip)"})
+    teacher_aesthetic_weights: list[float] = field(default_factory=list, metadata={
+        "help": "one weight per teacher_aesthetic component ([]: 1 each)"})
+    teacher_bad_template: str = field(default="", metadata={
+        "help": "with teacher_aesthetic: the bad rephrase's {q} template ('': the builder's "
+                "default)"})
+    teacher_bad_rephraser: str = field(default="", metadata={
+        "help": "with teacher_aesthetic: '' (the template) | template:<style>"})
 
     def __post_init__(self) -> None:
+        from aligner.preferences.teacher import TEACHER_COMPONENTS
+
         if self.cascade_n < 1:
             raise ValueError("cascade_n must be >= 1")
-        if not 0 < self.shift_quantile < 1 or self.shift_weight < 0 or self.cascade_weight < 0:
-            raise ValueError("shift_quantile in (0, 1); shift_weight, cascade_weight >= 0")
+        if not 0 < self.shift_quantile < 1 or self.shift_weight < 0 or self.cascade_weight < 0 \
+                or self.teacher_weight < 0:
+            raise ValueError("shift_quantile in (0, 1); shift_weight, cascade_weight, "
+                             "teacher_weight >= 0")
         if self.rephrase_missing not in ("plain", "error"):
             raise ValueError("rephrase_missing must be 'plain' or 'error'")
+        unknown = [c for c in self.teacher_aesthetic if c not in TEACHER_COMPONENTS]
+        if unknown:
+            raise ValueError(f"teacher_aesthetic {unknown}: known {list(TEACHER_COMPONENTS)}")
+        if self.teacher_aesthetic_weights and \
+                len(self.teacher_aesthetic_weights) != len(self.teacher_aesthetic):
+            raise ValueError("teacher_aesthetic_weights needs one weight per teacher_aesthetic "
+                             "component")
+        if self.teacher_bad_template and "{q}" not in self.teacher_bad_template:
+            raise ValueError("teacher_bad_template needs a {q} placeholder")
+        if self.teacher_bad_rephraser and not self.teacher_bad_rephraser.startswith("template:"):
+            raise ValueError("teacher_bad_rephraser: '' or 'template:<style>'")
 
 
 @dataclass
@@ -65,6 +97,11 @@ class SweepSettings:
         DEFAULT_SWEEPS["query_shift"]), metadata={"help": "query shift weights"})
     rephrase_mixes: list[float] = field(default_factory=lambda: list(
         DEFAULT_SWEEPS["rephrase"]), metadata={"help": "share of the rephrased query"})
+    teacher_weights: list[float] = field(default_factory=lambda: list(
+        DEFAULT_SWEEPS["teacher_rerank"]), metadata={"help": "teacher_rerank weights (.inf ok)"})
+    select_split: str = field(default="val", metadata={
+        "help": "query split each baseline's setting is chosen on (then reported on "
+                "query_split); none there: chosen on query_split, with a warning"})
     equal_relevance_slack: float = field(default=0.01, metadata={
         "help": "a baseline setting within this much (absolute) of the aligned model's "
                 "precision and recall counts as equally relevant"})
@@ -72,7 +109,8 @@ class SweepSettings:
     def __post_init__(self) -> None:
         if not 0 <= self.equal_relevance_slack < 0.5:
             raise ValueError("equal_relevance_slack must be in [0, 0.5)")
-        if any(w < 0 for w in self.cascade_weights + self.shift_weights) or \
+        if any(w < 0 for w in self.cascade_weights + self.shift_weights
+               + self.teacher_weights) or \
                 any(not 0 <= m <= 1 for m in self.rephrase_mixes):
             raise ValueError("sweep weights must be >= 0 and rephrase_mixes in [0, 1]")
 
@@ -108,7 +146,7 @@ class EvaluateConfig:
     aligned_name: str = field(default="aligned", metadata={
         "help": "which system is 'the aligned model' in comparisons and the verdict"})
     base_checkpoint: str = field(default="out/base/checkpoint", metadata={
-        "help": "the base retriever (also the first stage of cascade/query_shift/rephrase)"})
+        "help": "the base retriever (also the first stage of the baselines)"})
     base_embeddings: str = field(default="", metadata={
         "help": "jobs.embed output of the base over the gallery (reused if ids and checkpoint "
                 "match; its 'aesthetic' column gives the scorer's scores)"})
@@ -117,7 +155,8 @@ class EvaluateConfig:
     embeddings: list[str] = field(default_factory=list, metadata={
         "help": "precomputed gallery embeddings, name=embeddings_dir (else embedded in-process)"})
     baselines: list[str] = field(default_factory=lambda: list(BASELINES), metadata={
-        "help": "query-time systems over the base: cascade, query_shift, rephrase"})
+        "help": "query-time systems over the base: cascade, query_shift, rephrase, "
+                "teacher_rerank"})
     baseline: BaselineSettings = field(default_factory=BaselineSettings, metadata={
         "help": "the query-time systems' knobs"})
     sweep: SweepSettings = field(default_factory=SweepSettings, metadata={
@@ -125,8 +164,9 @@ class EvaluateConfig:
     rephrased: str = field(default="", metadata={
         "help": "rephrase: dir with queries.parquet (query_id, query, rephrased) or a file; "
                 "'' skips the rephrase system"})
-    gallery: str = field(default="all", metadata={
-        "help": "gallery every system searches: all (the whole corpus) | test"})
+    gallery: str = field(default="test", metadata={
+        "help": "gallery every system searches: test (the held-out test-split images no "
+                "model trained on) | all (the deployment view: the whole corpus)"})
     query_split: str = field(default="test", metadata={"help": "held-out query split"})
     query_kind: str = field(default="content", metadata={"help": "query kind (content queries)"})
     k: int = field(default=10, metadata={"help": "K of aesthetic@K and precision@K (main)"})
@@ -141,7 +181,8 @@ class EvaluateConfig:
     grid_queries: int = field(default=4, metadata={"help": "queries shown as image grids"})
     grid_k: int = field(default=5, metadata={"help": "results per system in a grid"})
     grid_systems: list[str] = field(default_factory=list, metadata={
-        "help": "systems in the grids ([]: base, aligned, cascade, rephrase where present)"})
+        "help": "systems in the grids ([]: base, aligned, cascade, teacher_rerank, rephrase "
+                "where present)"})
     max_recall_queries: int = field(default=0, metadata={
         "help": "corpus without splits: caption queries for recall (0: 2000)"})
     batch_size: int = field(default=256, metadata={"help": "encoder batch size"})

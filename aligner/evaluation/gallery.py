@@ -26,6 +26,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 GALLERIES = ("all", "test")
+#: What each gallery means, in every output that names it.
+GALLERY_VIEWS = {"test": "held out: test-split images no model trained on",
+                 "all": "deployment view: the whole corpus, training images included"}
 
 
 @dataclass

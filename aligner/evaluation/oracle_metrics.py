@@ -20,7 +20,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from aligner.evaluation.stats import ci_dict, weighted_bootstrap_ci
+from aligner.evaluation.stats import ci_dict, cluster_ci_dict, weighted_bootstrap_ci
 
 BY_CONSTRUCTION = "by construction"
 
@@ -36,10 +36,15 @@ def aesthetic_at_k(values: np.ndarray, top: np.ndarray, k: int) -> np.ndarray:
         return np.where(n > 0, np.nansum(v, 1) / np.maximum(n, 1), np.nan)
 
 
-def paired_difference(a: np.ndarray, b: np.ndarray, **kw) -> dict[str, float]:
-    """Mean of ``a - b`` paired over queries with a bootstrap CI (pairs with a NaN are dropped)."""
+def paired_difference(a: np.ndarray, b: np.ndarray, groups: np.ndarray | None = None,
+                      **kw) -> dict[str, float]:
+    """Mean of ``a - b`` paired over rows with a bootstrap CI (rows with a NaN are dropped);
+    with ``groups`` (each row's query) the CI resamples queries, not rows."""
     d = np.asarray(a, np.float64) - np.asarray(b, np.float64)
-    return ci_dict(d[np.isfinite(d)], **kw)
+    ok = np.isfinite(d)
+    if groups is not None:
+        return cluster_ci_dict(d[ok], np.asarray(groups)[ok], **kw)
+    return ci_dict(d[ok], **kw)
 
 
 class RowPairs(NamedTuple):
@@ -113,14 +118,16 @@ def pair_agreement(pairs: RowPairs, scores: np.ndarray) -> np.ndarray:
 
 
 def hpir_agreement(pairs: RowPairs, scores: np.ndarray, **kw) -> dict[str, float]:
-    """:func:`pair_agreement` as a bootstrap CI dict, with the pair counts."""
+    """:func:`pair_agreement` as a bootstrap CI dict (queries resampled), with the pair
+    counts."""
     agree = pair_agreement(pairs, scores)
-    return {**ci_dict(agree, **kw), "pairs_drawn": pairs.drawn,
+    return {**cluster_ci_dict(agree, pairs.query, **kw), "pairs_drawn": pairs.drawn,
             "ties_dropped": pairs.drawn - len(agree)}
 
 
 def preference_agreement(chosen: Sequence[str], rejected: Sequence[str], weights: np.ndarray,
-                         beauty_of: Callable[[list[str]], np.ndarray]) -> dict:
+                         beauty_of: Callable[[list[str]], np.ndarray],
+                         queries: Sequence[str] | None = None) -> dict:
     """How often a preference table's chosen image is more beautiful than the rejected one.
 
     Pairs with a degraded copy (an id ``"<id>~<kind>"``, not in the oracle) agree by
@@ -131,7 +138,9 @@ def preference_agreement(chosen: Sequence[str], rejected: Sequence[str], weights
     Returns:
         ``pairs``, ``oracle_pairs``, ``degraded_pairs`` (+ ``degraded_agreement``: "by
         construction"), ``unknown_ids``, ``ties``, ``agreement`` and ``agreement_weighted``
-        (bootstrap CIs over the oracle pairs), ``beauty_margin`` (chosen minus rejected).
+        (bootstrap CIs over the oracle pairs; with ``queries``, each pair's query id, the
+        CIs resample queries, since one query's pairs are correlated), ``beauty_margin``
+        (chosen minus rejected).
     """
     chosen, rejected = list(chosen), list(rejected)
     w = np.asarray(weights, np.float64)
@@ -147,6 +156,11 @@ def preference_agreement(chosen: Sequence[str], rejected: Sequence[str], weights
            "agreement": ci_dict(agree),
            "agreement_weighted": weighted_bootstrap_ci(agree, w[known]),
            "beauty_margin": ci_dict(bc[known] - br[known])}
+    if queries is not None:
+        g = np.asarray(list(queries), object)[known]
+        out["agreement"] = cluster_ci_dict(agree, g)
+        out["agreement_weighted"] = cluster_ci_dict(agree, g, w[known])
+        out["beauty_margin"] = cluster_ci_dict(bc[known] - br[known], g)
     if degraded.any():
         out["degraded_agreement"] = BY_CONSTRUCTION
     return out
@@ -154,15 +168,18 @@ def preference_agreement(chosen: Sequence[str], rejected: Sequence[str], weights
 
 def teacher_diagnostics(chosen: Sequence[str], rejected: Sequence[str], weights: np.ndarray,
                         sources: Sequence[str],
-                        beauty_of: Callable[[list[str]], np.ndarray]) -> dict:
-    """:func:`preference_agreement` over all pairs (``all``) and per ``source``."""
+                        beauty_of: Callable[[list[str]], np.ndarray],
+                        queries: Sequence[str] | None = None) -> dict:
+    """:func:`preference_agreement` over all pairs (``all``) and per ``source`` (with
+    ``queries``, CIs resample queries)."""
     src = np.asarray(list(sources), object)
     chosen, rejected = np.asarray(list(chosen), object), np.asarray(list(rejected), object)
     w = np.asarray(weights, np.float64)
-    out = {"all": preference_agreement(list(chosen), list(rejected), w, beauty_of),
+    q = None if queries is None else np.asarray(list(queries), object)
+    out = {"all": preference_agreement(list(chosen), list(rejected), w, beauty_of, q),
            "by_source": {}}
     for s in sorted(set(src.tolist())):
         m = src == s
-        out["by_source"][str(s)] = preference_agreement(list(chosen[m]), list(rejected[m]), w[m],
-                                                        beauty_of)
+        out["by_source"][str(s)] = preference_agreement(
+            list(chosen[m]), list(rejected[m]), w[m], beauty_of, None if q is None else q[m])
     return out

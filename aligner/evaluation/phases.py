@@ -4,13 +4,18 @@
 what earlier ones wrote, and the systems' text-encoder caches carry from one phase to the
 next, so the order is part of the result):
 
-1. :func:`load_inputs` - the world (oracle) or corpus, the gallery and the held-out queries;
-2. :func:`build` - base, baselines and trained models (:mod:`aligner.evaluation.build`);
+1. :func:`load_inputs` - the world (oracle) or corpus, the gallery, the held-out queries
+   (reported on) and the selection queries (``sweep.select_split``: knob settings are chosen
+   on them);
+2. :func:`build` - base, baselines (the training teacher found through the aligned model's
+   manifests, :mod:`aligner.evaluation.teacher_spec`) and trained models
+   (:mod:`aligner.evaluation.build`);
 3. :func:`search_and_time` - every system's top results, timed with cleared caches;
 4. :func:`per_query_metrics` - aesthetic@K (oracle and scorer), precision@K per query;
 5. :func:`caption_recall` - recall of held-out captions, the no-regression check;
 6. :func:`hpir` - HPIR-style row agreement with the oracle;
-7. :func:`aligner.evaluation.equal_relevance.sweep_baselines` - knob sweeps, equal relevance;
+7. :func:`aligner.evaluation.equal_relevance.sweep_baselines` - knob sweeps, equal relevance
+   (chosen on the selection queries, reported on the held-out ones);
 8. :mod:`aligner.evaluation.assemble` - comparisons, teacher diagnostics and the premise,
    the metrics with their verdict, image grids.
 """
@@ -45,7 +50,9 @@ class EvalState:
     """Everything the phases share: inputs, systems, per-query arrays, assembled metrics.
 
     Per-query arrays are ``[Q]`` over the held-out queries; recall hits are ``[C]`` over the
-    held-out captions.
+    held-out captions. ``sel_qids`` / ``sel_texts`` are the queries knob settings are chosen
+    on (``sel_split``; the held-out queries themselves, with ``sel_fallback`` saying why,
+    when that split has none).
     """
 
     cfg: EvaluateConfig
@@ -53,6 +60,10 @@ class EvalState:
     gallery: Gallery | None = None
     qids: list[str] = field(default_factory=list)
     texts: list[str] = field(default_factory=list)
+    sel_qids: list[str] = field(default_factory=list)
+    sel_texts: list[str] = field(default_factory=list)
+    sel_split: str = ""
+    sel_fallback: str | None = None
     built: BuiltSystems | None = None
     ev: WorldEval | None = None
     load_s: float = 0.0
@@ -71,6 +82,7 @@ class EvalState:
     agree: dict[str, np.ndarray] = field(default_factory=dict)
     hpir: dict[str, dict] = field(default_factory=dict)
     hpir_info: dict[str, Any] = field(default_factory=dict)
+    hpir_pairs_query: np.ndarray | None = None
     frontier: dict[str, list[dict]] = field(default_factory=dict)
     equal_relevance: dict[str, Any] = field(default_factory=dict)
     out_systems: dict[str, dict] = field(default_factory=dict)
@@ -128,20 +140,110 @@ def load_inputs(st: EvalState) -> None:
                                          kind=cfg.query_kind)
     log.info("gallery: %d images (%s); %d held-out queries", len(st.gallery.ids),
              st.gallery.source, len(st.qids))
+    selection_queries(st)
+
+
+def selection_queries(st: EvalState) -> None:
+    """The queries each baseline's knob setting is chosen on: ``sweep.select_split`` (same
+    kind), never the held-out queries it is reported on. Without such queries (no split
+    column, none of that split, or the split is the held-out one) the choice falls back to the
+    held-out queries, with a warning and a note in the outputs."""
+    from aligner.evaluation.gallery import load_queries
+
+    cfg = st.cfg
+    want = cfg.sweep.select_split
+    st.sel_qids, st.sel_texts, st.sel_split = st.qids, st.texts, cfg.query_split
+    if not cfg.sweep.enabled:
+        return
+    why = None
+    if want == cfg.query_split:
+        why = f"sweep.select_split={want} is the held-out split itself"
+    elif st.world is None and not _has_split_column(cfg.queries):
+        why = f"the queries table {cfg.queries} has no split column"
+    else:
+        try:
+            if st.world is not None:
+                ids, texts = load_queries(world=cfg.world, split=want, kind=cfg.query_kind)
+            else:
+                ids, texts = load_queries(queries=cfg.queries, split=want, kind=cfg.query_kind)
+        except ValueError:
+            ids, texts = [], []
+        overlap = set(ids) & set(st.qids)
+        if not ids:
+            why = f"no {want} queries (kind={cfg.query_kind})"
+        elif overlap:
+            why = f"{len(overlap)} {want} query ids are also {cfg.query_split} queries"
+        else:
+            st.sel_qids, st.sel_texts, st.sel_split = ids, texts, want
+            log.info("knob settings are chosen on %d %s queries, reported on %d %s queries",
+                     len(ids), want, len(st.qids), cfg.query_split)
+            return
+    st.sel_fallback = (f"{why}: knob settings are chosen on the {cfg.query_split} queries they "
+                       "are reported on (optimistic for the baselines)")
+    log.warning("%s", st.sel_fallback)
+    st.notes.append(st.sel_fallback)
+
+
+def _has_split_column(path: str) -> bool:
+    from aligner.data.queries import read_queries
+
+    try:
+        return "split" in read_queries(path).column_names
+    except (FileNotFoundError, ValueError):
+        return False
+
+
+def _other_queries(st: EvalState) -> tuple[list[str], list[str]]:
+    """The selection queries that are not held-out queries (their rephrasings are looked up
+    too)."""
+    held = set(st.qids)
+    pairs = [(q, t) for q, t in zip(st.sel_qids, st.sel_texts, strict=True) if q not in held]
+    return [q for q, _ in pairs], [t for _, t in pairs]
+
+
+def _rephrasings(path: str, st: EvalState):
+    """The rephrasings of the held-out queries (their counts are reported) plus those of the
+    selection queries (counted apart)."""
+    from aligner.evaluation.build import load_rephrasings
+
+    reph = load_rephrasings(path, st.qids, st.texts)
+    ids, texts = _other_queries(st)
+    if ids:
+        sel = load_rephrasings(path, ids, texts)
+        reph.table.update(sel.table)
+        reph.counts["selection_queries"] = {"split": st.sel_split, "used": sel.counts["used"],
+                                            "missing": sel.counts["missing"]}
+    return reph
 
 
 def build(st: EvalState) -> None:
     """Build every system; set up the oracle's view of the gallery (the base's embeddings)."""
-    from aligner.evaluation.build import build_systems, load_rephrasings
+    from aligner.evaluation.build import build_systems
 
     cfg = st.cfg
-    reph = None
-    if "rephrase" in cfg.baselines and cfg.rephrased:
-        reph = load_rephrasings(cfg.rephrased, st.qids, st.texts)
+    reph = treph = teacher = None
+    if cfg.rephrased and {"rephrase", "teacher_rerank"} & set(cfg.baselines):
+        reph = _rephrasings(cfg.rephrased, st)
+    if "teacher_rerank" in cfg.baselines:
+        from aligner.evaluation.teacher_spec import resolve_teacher
+
+        teacher, notes = resolve_teacher(cfg.baseline, cfg.model_dirs().get(cfg.aligned_name))
+        st.notes += [n for n in notes if not n.startswith("teacher_rerank skipped")]
+        if teacher is not None and teacher.needs_rephrase and reph is None and teacher.queries:
+            try:  # the builder's own rephrasings, when the evaluation was given none
+                treph = _rephrasings(teacher.queries, st)
+                st.notes.append(f"teacher_rerank: rephrasings from the builder's queries "
+                                f"{teacher.queries} (rephrased= not given)")
+            except (FileNotFoundError, ValueError) as e:
+                st.notes.append(f"teacher_rerank: the builder's queries {teacher.queries} "
+                                f"unusable ({e})")
     st.built = build_systems(st.gallery, cfg.base_checkpoint, cfg.model_dirs(),
                              cfg.embedding_dirs(), cfg.baseline, cfg.baselines, reph,
-                             cfg.base_name, cfg.base_embeddings, cfg.batch_size)
+                             cfg.base_name, cfg.base_embeddings, cfg.batch_size, teacher, treph)
     st.notes += st.built.notes
+    if teacher is not None and "teacher_rerank" in st.systems:
+        for n in teacher.notes:
+            st.notes.append(f"teacher_rerank: {n}")
     st.load_s = time.time() - st.load_s
     st.ks = sorted({cfg.k, *cfg.also_ks})
     st.kmax = max(st.ks + [cfg.grid_k, 10])
@@ -169,6 +271,13 @@ def search_and_time(st: EvalState) -> None:
                            "queries": n}
     if "rephrase" in st.timing:
         st.timing["rephrase"]["note"] = "lookup of precomputed rephrasings; LLM time not included"
+    tr = st.systems.get("teacher_rerank")
+    if tr is not None:
+        extra = [w for w, need in (("rephrasing", tr.need_reph), ("bad rephrase", tr.need_bad))
+                 if need]
+        st.timing["teacher_rerank"]["note"] = (
+            f"includes encoding each query{''.join(f' and its {w}' for w in extra)} and "
+            "scoring the top N with the teacher; rephrasings looked up, LLM time not included")
     log.info("searched %d queries with %d systems: %s", n, len(st.systems),
              ", ".join(f"{k} {t['ms_per_query']:.1f} ms/query" for k, t in st.timing.items()))
 
@@ -229,6 +338,7 @@ def hpir(st: EvalState) -> None:
     _, pool = st.base.search(st.texts, h.pool, ids=st.qids)
     util = ev.content_matches(st.qids, pool) * ev.utility_beauty()[pool]
     pairs = draw_row_pairs(util, h.pairs_per_query, h.row_size, h.tie, cfg.seed)
+    st.hpir_pairs_query = pairs.query  # CIs of agreement resample queries, not pairs
     st.hpir_info = {"pool": f"{cfg.base_name} top {h.pool}", "pairs": len(pairs.query),
                     "pairs_drawn": pairs.drawn, "row_size": h.row_size}
     for name, s in st.systems.items():

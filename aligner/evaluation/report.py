@@ -112,6 +112,9 @@ def verdict_sentences(metrics: Mapping[str, Any], recall_tolerance: float = 0.02
             out.append(f"{aligned} loses recall@10 against {other}: {_points(r)}, more than the "
                        f"{recall_tolerance * 100:.1f}-point tolerance.")
     out += equal_relevance_sentences(metrics)
+    lat = latency_sentence(metrics)
+    if lat:
+        out.append(lat)
     head = f"{aligned} wins on {primary} against {len(wins)} of {len(wins) + len(rest)} systems"
     head += f" ({', '.join(wins)})" if wins else ""
     head += f"; it does NOT win against {', '.join(rest)}." if rest else "."
@@ -122,31 +125,53 @@ def verdict_sentences(metrics: Mapping[str, Any], recall_tolerance: float = 0.02
 
 def equal_relevance_sentences(metrics: Mapping[str, Any]) -> list[str]:
     """One sentence per swept baseline family: the aligned model against the family's best
-    setting whose relevance is at least the aligned model's (:mod:`aligner.evaluation.sweeps`)."""
+    setting whose relevance is at least the aligned model's, chosen on the selection queries
+    and compared on the held-out ones (:mod:`aligner.evaluation.sweeps`)."""
     eq = metrics.get("equal_relevance") or {}
     fams = eq.get("families") or {}
     if not fams:
         return []
     aligned, primary, k = (metrics.get("aligned_name", "aligned"), metrics.get("primary", ""),
                            metrics.get("k", 10))
-    target = eq.get("aligned") or {}
+    target = eq.get("aligned_selection") or eq.get("aligned") or {}
     rec, slack = target.get("recall@10"), float(eq.get("slack") or 0.0)
+    chosen, reported = eq.get("chosen_on"), eq.get("reported_on")
+    where = (f" on the {chosen} queries" if chosen else "")
     cond = (f"precision@{k} >= {target.get(f'precision@{k}', float('nan')) - slack:.3f}"
             + (f" and recall@10 >= {rec - slack:.3f}" if _finite(rec) else ""))
     out = []
     for fam, r in fams.items():
         if not r.get("setting"):
-            out.append(f"At equal or better relevance ({cond}) no {fam} setting qualifies: "
-                       f"every swept {fam} setting is less relevant than {aligned}.")
+            out.append(f"At equal or better relevance{where} ({cond}) no {fam} setting "
+                       f"qualifies: every swept {fam} setting is less relevant than {aligned}.")
             continue
         d = r.get(f"{primary}_diff") or {}
         verb = ("beats" if _finite(d.get("ci_low")) and d["ci_low"] > 0 else
                 "is WORSE than" if _finite(d.get("ci_high")) and d["ci_high"] < 0 else
                 "does NOT beat")
-        out.append(f"At equal or better relevance ({cond}), {aligned} {verb} the best {fam} "
-                   f"setting ({r['setting']}, {primary} {fmt_ci(r.get(primary))}) by "
-                   f"{fmt_ci(d, signed=True)}.")
+        on = f" on the {reported} queries" if reported and reported != chosen else ""
+        out.append(f"At equal or better relevance{where} ({cond}), {aligned} {verb} the best "
+                   f"{fam} setting ({r['setting']}, chosen there){on}: {primary} "
+                   f"{fmt_ci(r.get(primary))}, difference {fmt_ci(d, signed=True)}.")
+    if eq.get("fallback"):
+        out.append(f"Caution: {eq['fallback']}.")
     return out
+
+
+def latency_sentence(metrics: Mapping[str, Any]) -> str:
+    """Milliseconds per query of the base, the aligned model and the re-rankers."""
+    systems = metrics.get("systems") or {}
+    names = [metrics.get("aligned_name", "aligned"), metrics.get("base_name", "base"),
+             "teacher_rerank", "cascade", "rephrase"]
+    parts = [f"{n} {systems[n]['timing']['ms_per_query']:.2f}" for n in dict.fromkeys(names)
+             if n in systems and _finite((systems[n].get("timing") or {}).get("ms_per_query"))]
+    if len(parts) < 2:
+        return ""
+    return ("Latency (ms per query, encode + search, caches cleared): " + ", ".join(parts)
+            + "; teacher_rerank pays at query time for the teacher's extra text encodings "
+              "and the scoring of its top N, the aligned model only for its query."
+            if "teacher_rerank" in systems else
+            "Latency (ms per query, encode + search, caches cleared): " + ", ".join(parts) + ".")
 
 
 def frontier_html(metrics: Mapping[str, Any]) -> str:
@@ -155,20 +180,54 @@ def frontier_html(metrics: Mapping[str, Any]) -> str:
     if not front:
         return "<p class='note'>No baseline sweep (sweep=false or no oracle).</p>"
     k, primary = metrics.get("k", 10), metrics.get("primary", "")
-    best = {r.get("setting") for r in ((metrics.get("equal_relevance") or {}).get("families")
-                                       or {}).values()}
-    rows = [f"<table><tr><th>setting</th><th>{html.escape(primary)}</th>"
-            f"<th>precision@{k}</th><th>recall@10</th></tr>"]
+    eq = metrics.get("equal_relevance") or {}
+    best = {r.get("setting") for r in (eq.get("families") or {}).values()}
+    chosen = html.escape(str(eq.get("chosen_on") or "selection"))
+    reported = html.escape(str(eq.get("reported_on") or "held-out"))
+    rows = [f"<table><tr><th>setting</th><th>{html.escape(primary)} ({reported})</th>"
+            f"<th>precision@{k} ({reported})</th><th>recall@10 ({reported})</th>"
+            f"<th>{html.escape(primary)} ({chosen})</th><th>precision@{k} ({chosen})</th>"
+            f"<th>recall@10 ({chosen})</th></tr>"]
+
+    def num(x: Any) -> str:
+        return f"{x:.3f}" if _finite(x) else "n/a"
+
     for fam_rows in front.values():
         for r in fam_rows:
             mark = " class='win'" if r["setting"] in best else ""
             rec = r.get("recall@10")
+            sel = r.get("selection") or {}
+            srec = sel.get("recall@10")
             rows.append(f"<tr><td{mark}>{html.escape(r['setting'])}</td>{_cell(r.get(primary))}"
                         f"<td>{r.get(f'precision@{k}', float('nan')):.3f}</td>"
-                        f"<td>{'inner model' if rec is None else f'{rec:.3f}'}</td></tr>")
+                        f"<td>{'inner model' if rec is None else f'{rec:.3f}'}</td>"
+                        f"<td>{num(sel.get(primary))}</td><td>{num(sel.get(f'precision@{k}'))}"
+                        f"</td><td>{'inner model' if srec is None and sel else num(srec)}</td>"
+                        "</tr>")
+    sel_info = eq.get("selection") or {}
     rows.append("</table><p class='note'>Bold green: the family's best setting at equal or "
-                "better relevance than the aligned model, which the verdict compares it with.</p>")
+                f"better relevance than the aligned model, chosen on the {chosen} queries "
+                f"({sel_info.get('queries', '?')} queries; recall on "
+                f"{html.escape(str(sel_info.get('recall', '')))}) and reported on the "
+                f"{reported} queries, where the verdict compares it with the aligned model."
+                + (f" <b>{html.escape(str(eq['fallback']))}</b>." if eq.get("fallback") else "")
+                + "</p>")
     return "".join(rows)
+
+
+def teacher_rerank_html(metrics: Mapping[str, Any]) -> str:
+    """Which teacher the teacher_rerank baseline applies, and where it was read."""
+    t = metrics.get("teacher_rerank")
+    if not t:
+        return ("<p class='note'>teacher_rerank not evaluated (the training teacher is unknown "
+                "or the baseline was not asked for; see the notes).</p>")
+    notes = "".join(f"<li>{html.escape(str(n))}</li>" for n in t.get("notes") or [])
+    name = html.escape(str(t.get("teacher")))
+    return (f"<p class='note'>teacher_rerank applies the teacher <b>{name}</b> at query time "
+            f"(bad rephrase: {html.escape(str(t.get('bad_rephrase')))}; "
+            f"rephrasings: {html.escape(str(t.get('rephrasings')))}; scorer: "
+            f"{html.escape(str(t.get('scorer')))}). Read from: "
+            f"{html.escape(str(t.get('source')))}.</p>" + (f"<ul>{notes}</ul>" if notes else ""))
 
 
 def systems_table_html(metrics: Mapping[str, Any]) -> str:
@@ -402,9 +461,11 @@ def write_report(out_dir: str | Path, metrics: Mapping[str, Any],
              pairwise_html(metrics),
              "<h2 id='plots'>Plots</h2>", f"<img src='{_png_uri(summary)}' style='width:100%'>",
              "<h2 id='frontier'>At equal relevance: the baselines' knobs swept</h2>",
-             "<p class='note'>A cascade, a query shift or a query-time rephrase can always buy "
-             "aesthetics with relevance. Each is swept over its knob; the verdict compares the "
-             "aligned model with each family's best setting that is at least as relevant.</p>",
+             "<p class='note'>A cascade, a query shift, a query-time rephrase or the training "
+             "teacher applied at query time (teacher_rerank) can always buy aesthetics with "
+             "relevance. Each is swept over its knob; its best setting at least as relevant as "
+             "the aligned model is chosen on validation queries and compared with the aligned "
+             "model on the held-out test queries.</p>", teacher_rerank_html(metrics),
              (f"<img src='{_png_uri(frontier_png)}' style='width:100%'>" if frontier_png
               else ""), frontier_html(metrics),
              "<h2 id='teacher'>Teacher diagnostics</h2>", teacher_html(metrics.get("teacher", {})),

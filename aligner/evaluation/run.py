@@ -1,14 +1,16 @@
 """Evaluate the aligned retriever against the systems a user would otherwise pick.
 
-Systems (all search the same gallery: the whole world corpus by default, as a deployed search
-would): the base; ``cascade`` (base top-N re-ranked by the low-level aesthetic scorer);
+Systems (all search the same gallery: by default the held-out test-split images, which no
+model trained on; ``gallery=all`` is the deployment view, the whole corpus): the base; ``cascade`` (base top-N re-ranked by the low-level aesthetic scorer);
 ``query_shift`` (clip-retrieval's aesthetic query shift); ``rephrase`` (the base with the LLM
-rephrasing of each query, from a table); and every ``models`` entry (aligned, control,
-teacher variants). Metrics over the held-out content queries, with bootstrap 95% CIs: recall
+rephrasing of each query, from a table); ``teacher_rerank`` (the base's top-N re-ranked at
+query time by the teacher that trained the aligned model); and every ``models`` entry
+(aligned, control, teacher variants). Metrics over the held-out content queries, with bootstrap 95% CIs: recall
 of held-out captions (the no-regression check), oracle aesthetic@K and its paired difference
 against the base and between systems, content precision@K, the scorer's aesthetic@K,
-HPIR-style row agreement with the oracle, timing; each baseline's knob swept and compared at
-equal relevance; teacher diagnostics for preference tables; the rephrasing premise.
+HPIR-style row agreement with the oracle, timing; each baseline's knob swept, its setting
+chosen on validation queries and compared at equal relevance on the held-out ones; teacher
+diagnostics for preference tables; the rephrasing premise.
 
 The oracle is read only through :mod:`aligner.evaluation.oracle` and only for the built-in
 world (``world``). With ``corpus`` (+ ``queries``) instead, only the metrics that need no

@@ -24,6 +24,38 @@ def ci_dict(values: np.ndarray, **kw) -> dict[str, float]:
     return {"mean": m, "ci_low": lo, "ci_high": hi, "n": int(np.asarray(values).size)}
 
 
+def cluster_ci_dict(values: np.ndarray, groups: np.ndarray, weights: np.ndarray | None = None,
+                    n_boot: int = 2000, alpha: float = 0.05, seed: int = 0) -> dict:
+    """(Weighted) mean of ``values`` with a percentile bootstrap CI that resamples whole
+    ``groups`` (queries), not rows: rows of one query are correlated (row pairs drawn from the
+    same pool, pairs of one grid), so resampling rows gives intervals that are too narrow.
+
+    Returns:
+        ``{"mean", "ci_low", "ci_high", "n", "clusters", "resampled": "clusters"}`` (NaN
+        when there are no rows or the weights sum to 0).
+    """
+    v = np.asarray(values, np.float64)
+    w = np.ones_like(v) if weights is None else np.asarray(weights, np.float64)
+    g = np.asarray(groups)
+    nan = {"mean": float("nan"), "ci_low": float("nan"), "ci_high": float("nan"),
+           "n": int(v.size), "clusters": 0, "resampled": "clusters"}
+    if v.size == 0 or w.sum() <= 0:
+        return nan
+    if g.shape != v.shape:
+        raise ValueError(f"groups {g.shape} and values {v.shape} differ")
+    _, inv = np.unique(g, return_inverse=True)
+    n_g = int(inv.max()) + 1
+    ws = np.bincount(inv, weights=w, minlength=n_g)
+    wv = np.bincount(inv, weights=w * v, minlength=n_g)
+    idx = np.random.default_rng(seed).integers(0, n_g, (n_boot, n_g))
+    den = ws[idx].sum(1)
+    means = np.where(den > 0, wv[idx].sum(1) / np.maximum(den, 1e-300), np.nan)
+    means = means[np.isfinite(means)]
+    return {"mean": float(wv.sum() / ws.sum()), "ci_low": float(np.quantile(means, alpha / 2)),
+            "ci_high": float(np.quantile(means, 1 - alpha / 2)), "n": int(v.size),
+            "clusters": n_g, "resampled": "clusters"}
+
+
 def spearman(a: np.ndarray, b: np.ndarray) -> float:
     """Spearman rank correlation (average ranks for ties)."""
     def ranks(x):

@@ -1,14 +1,16 @@
 """Operating points of the query-time baselines, and comparisons at equal relevance.
 
-A cascade re-ranker, a query shift and a query-time rephrase each trade relevance for
-aesthetics through one knob (the cascade's aesthetic weight, the shift weight, how much of
-the rephrased query is mixed in). One default setting of each says little next to the aligned
-model: a larger weight always buys more aesthetics with less relevance. So each baseline is
-swept over its knob (a *frontier*), and the aligned model is compared with it *at equal or
-better relevance*: against the setting with the highest aesthetic@K among those whose content
-precision@K on the same held-out queries, and caption recall@10, are at least the aligned
-model's. Picking the best qualifying setting after the fact favours the baseline, so a win
-there is conservative.
+A cascade re-ranker, a query shift, a query-time rephrase and the training teacher applied at
+query time each trade relevance for aesthetics through one knob (the cascade's or the
+teacher's weight, the shift weight, how much of the rephrased query is mixed in). One default
+setting of each says little next to the aligned model: a larger weight always buys more
+aesthetics with less relevance. So each baseline is swept over its knob (a *frontier*), and
+the aligned model is compared with it *at equal or better relevance*: against the setting with
+the highest aesthetic@K among those whose content precision@K, and caption recall@10, are at
+least the aligned model's. The setting is *chosen* on validation queries (the aligned model's
+precision measured on the same queries) and *reported* on the held-out test queries
+(:func:`choose_and_report`), so the choice does not see the queries it is judged on. Picking
+the best qualifying setting favours the baseline, so a win there is conservative.
 
 Pure numpy over per-query arrays; the evaluation job computes them.
 """
@@ -26,8 +28,9 @@ DEFAULT_SWEEPS: dict[str, tuple[float, ...]] = {
     "cascade": (0.1, 0.25, 0.5, 1.0, 2.0, 100.0),  # 100: in effect an aesthetic re-sort
     "query_shift": (0.05, 0.1, 0.2, 0.35, 0.5, 0.75, 1.0),
     "rephrase": (0.1, 0.25, 0.5, 0.75, 1.0),
+    "teacher_rerank": (0.1, 0.25, 0.5, 1.0, 2.0, 100.0),  # the cascade's grid, teacher score
 }
-KNOB = {"cascade": "w", "query_shift": "w", "rephrase": "mix"}
+KNOB = {"cascade": "w", "query_shift": "w", "rephrase": "mix", "teacher_rerank": "w"}
 
 
 @dataclass
@@ -90,6 +93,34 @@ def best_at_equal_relevance(points: Sequence[Point], primary: str, precision_key
     if not ok:
         return None
     return max(ok, key=lambda p: (p.mean(primary), p.mean(precision_key)))
+
+
+def choose_and_report(chosen_on: Sequence[Point], reported_on: Sequence[Point], primary: str,
+                      precision_key: str, precision: float, recall: float | None = None,
+                      inner_recall: float | None = None,
+                      slack: float = 0.0) -> tuple[Point, Point] | None:
+    """The best setting at equal relevance chosen on one query set, with its results on another.
+
+    Args:
+        chosen_on: each setting's results on the selection (validation) queries.
+        reported_on: the same settings, in the same order, on the report (test) queries.
+        precision, recall, inner_recall: the targets, measured on the selection queries (and
+            the selection captions) like ``chosen_on``.
+
+    Returns:
+        (the chosen setting on the selection queries, the same setting on the report
+        queries), or None when no setting is as relevant as the target.
+
+    Raises:
+        ValueError: the two lists do not hold the same settings.
+    """
+    if [(p.family, p.param) for p in chosen_on] != [(p.family, p.param) for p in reported_on]:
+        raise ValueError("chosen_on and reported_on must hold the same settings in order")
+    best = best_at_equal_relevance(chosen_on, primary, precision_key, precision, recall,
+                                   inner_recall, slack)
+    if best is None:
+        return None
+    return best, reported_on[next(i for i, p in enumerate(chosen_on) if p is best)]
 
 
 def frontier_rows(points: Sequence[Point], primary: str, precision_key: str,

@@ -15,6 +15,12 @@ them, so the evaluation can compare systems on the same results:
 * :class:`RephraseSystem` - the LLM rephrase at query time: each query text is replaced by its
   rephrasing from a table keyed by ``query_id`` (the LLM's generation time is not part of the
   system's measured latency: the table is computed offline).
+* :class:`TeacherRerankSystem` - the preference *teacher* that trained the aligned model,
+  applied at query time: the inner system's top ``n`` re-ranked by
+  ``z(sim) + w * z(teacher aesthetic)``, the teacher's score computed per query exactly as the
+  preference builder computes it (:mod:`aligner.preferences.teacher`), the top ``n`` playing
+  the role of the builder's pool. Its latency includes the teacher's extra text encodings
+  (the good and the bad rephrase of every query).
 
 Systems are pure numpy over precomputed gallery embeddings plus an ``encode(texts) -> [Q, D]``
 callable, so they are cheap to test with hand-made vectors.
@@ -29,6 +35,14 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
+from aligner.preferences.teacher import (
+    TEACHER_COMPONENTS,
+    RephraseBatch,
+    aesthetic_score,
+    teacher_components,
+    teacher_name,
+    template_rephraser,
+)
 from aligner.retrieval.metrics import aesthetic_direction, normalise, topk
 
 log = logging.getLogger(__name__)
@@ -69,7 +83,7 @@ class System:
 
     Attributes:
         name: shown in metrics and the report.
-        kind: ``model``, ``cascade``, ``query_shift`` or ``rephrase``.
+        kind: ``model``, ``cascade``, ``query_shift``, ``rephrase`` or ``teacher_rerank``.
         gallery: ``[N, D]`` image embeddings the system searches.
         caption_transform: how caption recall is measured: ``same`` (the system as it is),
             ``rerank`` / ``shift`` (the system's transform applied to caption queries) or
@@ -86,7 +100,9 @@ class System:
         self.gallery = np.asarray(gallery, np.float32)
 
     def encode(self, texts: Sequence[str], ids: Sequence[str] | None = None) -> np.ndarray:
-        """Query texts -> ``[Q, D]`` the embeddings the system searches with."""
+        """Query texts -> ``[Q, D]`` the embeddings the system searches with (a system may
+        stack several vectors per query, e.g. :class:`TeacherRerankSystem`'s ``[Q, 3D]``: only
+        its own :meth:`search_embeddings` and :meth:`score` read them)."""
         raise NotImplementedError
 
     def score(self, q: np.ndarray, cand: np.ndarray) -> np.ndarray:
@@ -304,6 +320,167 @@ class RephraseSystem(System):
     def describe(self) -> dict:
         return {**super().describe(), "inner": self.inner.name, "rephrasings": len(self.table),
                 "missing": len(self.missing), "mix": self.mix}
+
+
+def _pool_zscore(x: np.ndarray, pool: np.ndarray) -> np.ndarray:
+    """:func:`aligner.preferences.teacher.zscore` of ``x`` with the statistics of ``pool``
+    (the teacher's z-score of the pool itself when ``x`` is ``pool``): the mean and standard
+    deviation of the pool's finite entries; NaN -> 0; fewer than two finite entries or a
+    constant pool -> zeros."""
+    pool = np.asarray(pool, np.float64)
+    x = np.asarray(x, np.float64)
+    ok = np.isfinite(pool)
+    out = np.zeros(x.shape, np.float64)
+    if ok.sum() >= 2:
+        sd = pool[ok].std()
+        if sd > 1e-12:
+            fin = np.isfinite(x)
+            out[fin] = (x[fin] - pool[ok].mean()) / sd
+    return out.astype(np.float32)
+
+
+class TeacherRerankSystem(System):
+    """The training teacher at query time: the inner system's top ``n`` re-ranked by
+    ``z(sim) + weight * z(teacher aesthetic)`` (:func:`cascade_scores`).
+
+    The teacher aesthetic of each of a query's top ``n`` is
+    :func:`aligner.preferences.teacher.aesthetic_score` of
+    :func:`aligner.preferences.teacher.teacher_components` over that top ``n`` (the builder's
+    pool): ``scorer`` (the gallery's aesthetic column), ``rephrase`` and ``contrast`` from the
+    query's rephrasing (looked up by query id; the query itself where there is none, as in the
+    builder) and its bad rephrase (``bad_rephrase`` of the original query text).
+
+    :meth:`encode` returns ``[Q, 3D]``: the query, the rephrasing and the bad rephrase
+    encoded by the inner system, side by side (a component that needs neither leaves the
+    query's own vector in their place, encoding nothing). Every text is encoded at query
+    time through the inner system's (cached) encoder, so a timed search with cleared caches
+    pays for the two extra encodings per query; the rephrasing itself is a table lookup (the
+    LLM's time is not counted, as for :class:`RephraseSystem`). Caption queries (no ids) have
+    no rephrasing: the caption is its own good side.
+
+    Args:
+        name: system name.
+        inner: the first stage (the base model, an :class:`EncoderSystem`).
+        aesthetic: ``[N]`` the gallery's aesthetic column (NaN: unknown).
+        table: ``query_id -> rephrased``.
+        components, component_weights: the teacher's components and weights.
+        bad_rephrase: texts -> bad rephrases (default the builder's,
+            ``template_rephraser()``).
+        n: candidates re-ranked per query (the teacher's pool).
+        weight: teacher weight (``inf``: a pure teacher sort of the top n).
+        on_missing: a query id without a rephrasing: ``plain`` (its own text) | ``error``.
+    """
+
+    kind = "teacher_rerank"
+    caption_transform = "rerank"
+    needs_ids = True
+
+    def __init__(self, name: str, inner: System, aesthetic: np.ndarray,
+                 table: dict[str, str], components: Sequence[str],
+                 component_weights: Sequence[float], bad_rephrase: RephraseBatch | None = None,
+                 n: int = 50, weight: float = 1.0, on_missing: str = "plain") -> None:
+        super().__init__(name, inner.gallery)
+        if len(aesthetic) != len(inner.gallery):
+            raise ValueError(f"{len(aesthetic)} aesthetic scores for {len(inner.gallery)} images")
+        unknown = [c for c in components if c not in TEACHER_COMPONENTS]
+        if unknown or not components:
+            raise ValueError(f"teacher components {list(components)}: one or more of "
+                             f"{list(TEACHER_COMPONENTS)}")
+        if len(components) != len(component_weights):
+            raise ValueError(f"{len(components)} teacher components but "
+                             f"{len(component_weights)} weights")
+        if on_missing not in ("plain", "error"):
+            raise ValueError("on_missing must be 'plain' or 'error'")
+        self.inner = inner
+        self.aesthetic = np.asarray(aesthetic, np.float64)
+        self.table = table
+        self.components = list(components)
+        self.component_weights = [float(w) for w in component_weights]
+        self.bad_rephrase = bad_rephrase or template_rephraser()
+        self.n = int(n)
+        self.weight = float(weight)
+        self.on_missing = on_missing
+        self.need_reph = bool({"rephrase", "contrast"} & set(self.components))
+        self.need_bad = "contrast" in self.components
+        self.missing: set[str] = set()
+
+    @property
+    def teacher(self) -> str:
+        return teacher_name(self.components, self.component_weights)
+
+    def reweighted(self, weight: float, name: str | None = None) -> TeacherRerankSystem:
+        """The same teacher and pool with another weight (a sweep's setting)."""
+        return TeacherRerankSystem(name or self.name, self.inner, self.aesthetic, self.table,
+                                   self.components, self.component_weights, self.bad_rephrase,
+                                   self.n, weight, self.on_missing)
+
+    def encode(self, texts: Sequence[str], ids: Sequence[str] | None = None) -> np.ndarray:
+        texts = list(texts)
+        q = self.inner.encode(texts, ids)
+        q_reph = q_bad = q
+        if self.need_reph and ids is not None:
+            reph, missing = rephrase_texts(ids, texts, self.table, self.on_missing)
+            self.missing.update(missing)
+            if reph != texts:  # as the builder: no rephrasing anywhere, no second encoding
+                q_reph = self.inner.encode(reph, ids)
+        if self.need_bad:
+            q_bad = self.inner.encode(list(self.bad_rephrase(texts)), ids)
+        return np.concatenate([q, q_reph, q_bad], axis=1).astype(np.float32)
+
+    @staticmethod
+    def split(qq: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``[Q, 3D]`` from :meth:`encode` -> (query, rephrasing, bad rephrase) ``[Q, D]``."""
+        d = qq.shape[1] // 3
+        return qq[:, :d], qq[:, d:2 * d], qq[:, 2 * d:]
+
+    def _components(self, q: np.ndarray, q_reph: np.ndarray, q_bad: np.ndarray,
+                    cand: np.ndarray) -> dict[str, np.ndarray]:
+        comps = teacher_components(
+            self.gallery[cand], q, q_reph if self.need_reph else None,
+            q_bad if self.need_bad else None,
+            self.aesthetic[cand] if "scorer" in self.components else None)
+        comps.pop("sem")
+        return comps
+
+    def teacher_scores(self, qq: np.ndarray, pool: np.ndarray) -> np.ndarray:
+        """The teacher's aesthetic of each query's pool ``[Q, M]`` (gallery indices), z-scored
+        within the pool as the builder does: ``[Q, M]``."""
+        q, q_reph, q_bad = self.split(qq)
+        out = np.zeros(pool.shape, np.float32)
+        for b in range(len(pool)):
+            comps = self._components(q[b], q_reph[b], q_bad[b], pool[b])
+            out[b] = aesthetic_score(comps, self.components, self.component_weights)
+        return out
+
+    def search_embeddings(self, q: np.ndarray, k: int,
+                          subset: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        sim, idx = self.inner.search_embeddings(self.split(q)[0], max(self.n, k), subset)
+        final = cascade_scores(sim, self.teacher_scores(q, idx), self.weight)
+        order = np.argsort(-final, axis=1, kind="stable")[:, :k]
+        return np.take_along_axis(final, order, 1), np.take_along_axis(idx, order, 1)
+
+    def score(self, q: np.ndarray, cand: np.ndarray) -> np.ndarray:
+        """Final scores of any candidates ``[Q, M]``: each teacher component z-scored with the
+        statistics of the query's top ``n`` (the pool), then both terms z-scored with the top
+        n's statistics, as :meth:`search_embeddings` ranks them (equal on the top n)."""
+        qo, q_reph, q_bad = self.split(q)
+        ref_sim, ref_idx = self.inner.search_embeddings(qo, self.n)
+        ref_aes = self.teacher_scores(q, ref_idx)
+        aes = np.zeros(cand.shape, np.float32)
+        for b in range(len(cand)):
+            pool = self._components(qo[b], q_reph[b], q_bad[b], ref_idx[b])
+            mine = self._components(qo[b], q_reph[b], q_bad[b], cand[b])
+            total = None
+            for name, w in zip(self.components, self.component_weights, strict=True):
+                z = float(w) * _pool_zscore(mine[name], pool[name])
+                total = z if total is None else total + z
+            aes[b] = total
+        return cascade_scores(self.inner.score(qo, cand), aes, self.weight, ref_sim, ref_aes)
+
+    def describe(self) -> dict:
+        return {**super().describe(), "inner": self.inner.name, "n": self.n,
+                "weight": self.weight, "teacher": self.teacher,
+                "rephrasings": len(self.table), "missing": len(self.missing)}
 
 
 def system_recall_hits(system: System, texts: Sequence[str], targets: np.ndarray,

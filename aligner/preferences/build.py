@@ -71,10 +71,14 @@ class BuildPreferencesConfig(PairSettings):
     output: str = field(default="out/preferences", metadata={"help": "output directory"})
     index: str = field(default="", metadata={"help": "faiss index dir (jobs.build_index) for "
                                                     "retrieval; '' = exact over the embeddings"})
-    corpus: str = field(default="", metadata={"help": "corpus for the example PNGs ('' = the "
+    corpus: str = field(default="", metadata={"help": "corpus: its split column decides pool_splits; example PNGs ('' = the "
                                                      "embeddings manifest's input)"})
     splits: list[str] = field(default_factory=lambda: ["train"],
                               metadata={"help": "query splits to build pairs for"})
+    pool_splits: list[str] = field(default_factory=lambda: ["train"], metadata={
+        "help": "corpus splits whose images may be candidates or appear in extra tables "
+                "(held-out images never reach a preferences table); [] = every image; a "
+                "corpus without a split column holds nothing out (logged)"})
     model: ModelSpec | None = field(default=None, metadata={
         "help": "query encoder; unset = the model that embedded the corpus (its manifest)"})
     bad_template: str = field(default=DEFAULT_BAD_TEMPLATE, metadata={
@@ -108,10 +112,39 @@ class BuildPreferencesConfig(PairSettings):
         parse_source_weights(self.source_weights)
 
 
-def load_extra(paths: list[str], all_queries: pa.Table,
-               splits: list[str]) -> tuple[pa.Table | None, dict[str, Any]]:
+def allowed_images(corpus: str, pool_splits: list[str]) -> tuple[set[str] | None, dict]:
+    """The ids of the corpus images of ``pool_splits`` (None: every image may be used) and
+    what was held out, for the manifest."""
+    from aligner.data.corpus import corpus_columns, read_corpus
+
+    if not pool_splits:
+        return None, {"pool_splits": [], "held_out": "nothing (pool_splits=[])"}
+    try:
+        has_split = bool(corpus) and "split" in corpus_columns(corpus)
+    except (OSError, ValueError):
+        has_split = False
+    if not has_split:
+        log.warning("corpus %r has no split column: every image may be a candidate (nothing "
+                    "is held out)", corpus)
+        return None, {"pool_splits": pool_splits, "held_out": "nothing (no split column)"}
+    t = read_corpus(corpus, ["id", "split"])
+    splits = t.column("split").to_pylist()
+    allowed = {i for i, sp in zip(t.column("id").to_pylist(), splits, strict=True)
+               if sp in pool_splits}
+    held = {sp: splits.count(sp) for sp in sorted(set(splits) - set(pool_splits), key=str)}
+    log.info("candidate images: %d of %d (splits %s); held out %s", len(allowed), len(splits),
+             pool_splits, held)
+    return allowed, {"pool_splits": pool_splits, "candidates": len(allowed),
+                     "held_out": held}
+
+
+def load_extra(paths: list[str], all_queries: pa.Table, splits: list[str],
+               allowed: set[str] | None = None) -> tuple[pa.Table | None, dict[str, Any]]:
     """Extra preference tables, minus rows of queries that belong to other splits (a test
-    query's human votes must not train). Returns (table or None, per-file counts)."""
+    query's human votes must not train) and rows naming an image outside ``allowed`` (a
+    held-out image). Returns (table or None, per-file counts)."""
+    from aligner.preferences.degrade import original_id
+
     if not paths:
         return None, {}
     split_of = (dict(zip(all_queries.column("query_id").to_pylist(),
@@ -123,10 +156,18 @@ def load_extra(paths: list[str], all_queries: pa.Table,
         # queries unknown to the queries table are kept: their split cannot be checked
         keep = np.array([q not in split_of or split_of[q] in splits
                          for q in t.column("query_id").to_pylist()], bool)
-        counts[path] = {"rows": t.num_rows, "dropped_other_split": int((~keep).sum())}
-        tables.append(t.filter(pa.array(keep)))
-        log.info("extra table %s: %d rows, %d dropped (queries of other splits)", path,
-                 t.num_rows, int((~keep).sum()))
+        held = np.zeros(t.num_rows, bool)
+        if allowed is not None:
+            held = np.array([original_id(a) not in allowed or original_id(b) not in allowed
+                             for a, b in zip(t.column("chosen_id").to_pylist(),
+                                             t.column("rejected_id").to_pylist(), strict=True)],
+                            bool)
+        counts[path] = {"rows": t.num_rows, "dropped_other_split": int((~keep).sum()),
+                        "dropped_held_out_images": int((held & keep).sum())}
+        tables.append(t.filter(pa.array(keep & ~held)))
+        log.info("extra table %s: %d rows, %d dropped (queries of other splits), %d dropped "
+                 "(held-out images)", path, t.num_rows, int((~keep).sum()),
+                 int((held & keep).sum()))
     return pa.concat_tables(tables), counts
 
 
@@ -168,7 +209,10 @@ def build_preferences(cfg: BuildPreferencesConfig) -> dict[str, Any]:
                 f"{cfg.retrieve_with} / aesthetic={cfg.aesthetic}: run jobs.rephrase first, or "
                 "set fallback_to_original=true (or aesthetic=[scorer] with retrieve_with=original)")
         log.warning("queries have no 'rephrased' column: using the original queries instead")
-    extra, extra_counts = load_extra(cfg.extra_tables, all_queries, cfg.splits)
+    emb_manifest = read_manifest(emb_dir)
+    corpus = cfg.corpus or emb_manifest.get("input") or ""
+    allowed, held_out = allowed_images(corpus, cfg.pool_splits)
+    extra, extra_counts = load_extra(cfg.extra_tables, all_queries, cfg.splits, allowed)
     reph = queries.column("rephrased").to_pylist() if has_reph else [None] * queries.num_rows
     qtexts = [QueryText(qid, q, r if r and str(r).strip() else None) for qid, q, r in zip(
         queries.column("query_id").to_pylist(), queries.column("query").to_pylist(), reph,
@@ -179,7 +223,6 @@ def build_preferences(cfg: BuildPreferencesConfig) -> dict[str, Any]:
     log.info("%d queries in splits %s (%d without a rephrase, %d rephraser fallbacks)",
              len(qtexts), cfg.splits, n_no_reph, n_fallback)
 
-    emb_manifest = read_manifest(emb_dir)
     spec = cfg.model or ModelSpec.from_record(emb_manifest.get("model") or {},
                                               f"{emb_dir}/manifest.json")
     t0 = time.time()
@@ -192,9 +235,9 @@ def build_preferences(cfg: BuildPreferencesConfig) -> dict[str, Any]:
     if cfg.index:
         from aligner.retrieval.index import SearchIndex
 
-        candidates: Any = IndexCandidates(SearchIndex.load(cfg.index), emb_dir)
+        candidates: Any = IndexCandidates(SearchIndex.load(cfg.index), emb_dir, allowed)
     else:
-        candidates = MatrixCandidates.from_embeddings(emb_dir)
+        candidates = MatrixCandidates.from_embeddings(emb_dir, allowed)
     if candidates.dim != retriever.embed_dim:
         raise ValueError(f"the query model embeds into {retriever.embed_dim} dims but the "
                          f"corpus vectors have {candidates.dim}: use the model that embedded it")
@@ -219,7 +262,6 @@ def build_preferences(cfg: BuildPreferencesConfig) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     write_preferences(table, out)
     per_query = np.array(list(count_by(table, "query_id").values()) or [0])
-    corpus = cfg.corpus or emb_manifest.get("input") or ""
     pngs: list[str] = []
     if cfg.examples and corpus:
         try:
@@ -239,7 +281,12 @@ def build_preferences(cfg: BuildPreferencesConfig) -> dict[str, Any]:
                    inputs={"embeddings": str(emb_dir), "index": cfg.index or None,
                            "queries": cfg.queries, "corpus": corpus or None,
                            "extra_tables": extra_counts},
-                   model=retriever.describe(), teacher=settings.teacher,
+                   model=retriever.describe(), teacher=settings.teacher, held_out=held_out,
+                   teacher_spec={"name": settings.teacher, "aesthetic": list(cfg.aesthetic),
+                                 "aesthetic_weights": [float(w) for w in
+                                                       cfg.aesthetic_weights],
+                                 "bad_template": cfg.bad_template,
+                                 "bad_rephraser": cfg.bad_rephraser, "queries": cfg.queries},
                    grid={"k": cfg.k, "u": cfg.u, "v": cfg.v, "stride": cfg.stride,
                          "retrieve_with": cfg.retrieve_with, "weighting": cfg.weighting},
                    degrade={"kinds": settings.degrade_kinds,

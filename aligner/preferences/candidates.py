@@ -1,5 +1,6 @@
 """Candidate pools (step 1 of building pairs): each query's top K images, with their
-embeddings and scorer values.
+embeddings and scorer values. Both kinds take ``allowed`` ids: images outside it (held-out
+evaluation images) are never candidates, so they never reach a preferences table.
 
 :class:`MatrixCandidates` searches an in-memory embedding matrix exactly;
 :class:`IndexCandidates` searches a faiss index (corpora too large for memory) and reads the
@@ -66,11 +67,21 @@ class MatrixCandidates:
         return Candidates(ids, emb, aes)
 
     @classmethod
-    def from_embeddings(cls, embeddings_dir: str | Path) -> MatrixCandidates:
-        """Load an embed job's output (``id``, ``embedding``, ``aesthetic``) into memory."""
+    def from_embeddings(cls, embeddings_dir: str | Path,
+                        allowed: set[str] | None = None) -> MatrixCandidates:
+        """Load an embed job's output (``id``, ``embedding``, ``aesthetic``) into memory;
+        with ``allowed``, only those ids (the rest can never be a candidate)."""
+        import pyarrow as pa
+
         from aligner.data.embeddings import embedding_matrix, read_embeddings
 
         t = read_embeddings(embeddings_dir, ["id", "embedding", "aesthetic"])
+        if allowed is not None:
+            keep = np.fromiter((i in allowed for i in t.column("id").to_pylist()), bool,
+                               t.num_rows)
+            t = t.filter(pa.array(keep))
+        if t.num_rows == 0:
+            raise ValueError(f"no candidate images left in {embeddings_dir} (pool splits?)")
         aes = t.column("aesthetic").to_numpy(zero_copy_only=False).astype(np.float32)
         return cls(t.column("id").to_pylist(), embedding_matrix(t), aes)
 
@@ -82,9 +93,11 @@ class IndexCandidates:
     approximate vectors), so semantic and teacher scores are exact.
     """
 
-    def __init__(self, index: Any, embeddings_dir: str | Path) -> None:
+    def __init__(self, index: Any, embeddings_dir: str | Path,
+                 allowed: set[str] | None = None) -> None:
         self.index = index
         self.embeddings_dir = Path(embeddings_dir)
+        self.allowed = allowed
 
     @property
     def dim(self) -> int:
@@ -98,12 +111,27 @@ class IndexCandidates:
         a = t.column("aesthetic").to_numpy(zero_copy_only=False).astype(np.float32)
         return {i: (m[r], float(a[r])) for r, i in enumerate(t.column("id").to_pylist())}
 
+    def _search_ids(self, vectors: np.ndarray, k: int) -> list[list[str]]:
+        """Each query's top ``k`` ids among the allowed ones: the index is searched wider
+        (by the share of allowed ids) and widened again while a row comes up short."""
+        total = int(self.index.ntotal)
+        if self.allowed is None:
+            rows = self.index.search(vectors, k).ids
+            return [[i for i in row if i is not None] for row in rows]
+        n = min(total, int(np.ceil(k * total / max(1, len(self.allowed)) * 1.3)) + 10)
+        while True:
+            rows = [[i for i in row if i is not None and i in self.allowed][:k]
+                    for row in self.index.search(vectors, n).ids]
+            if n >= total or all(len(r) >= k for r in rows):
+                return rows
+            n = min(total, 2 * n)
+
     def search(self, vectors: np.ndarray, k: int) -> Candidates:
-        res = self.index.search(np.asarray(vectors, np.float32), k)
-        found = self._lookup({i for row in res.ids for i in row if i is not None})
+        rows = self._search_ids(np.asarray(vectors, np.float32), k)
+        found = self._lookup({i for row in rows for i in row})
         ids, emb, aes = [], [], []
-        for row in res.ids:
-            keep = [i for i in row if i is not None and i in found]
+        for row in rows:
+            keep = [i for i in row if i in found]
             ids.append(keep)
             emb.append(np.stack([found[i][0] for i in keep]) if keep
                        else np.zeros((0, self.dim), np.float32))

@@ -28,11 +28,25 @@ kind          what it does
 ``washed``    flat, washed-out colour: keeps ``1 - 0.85 s`` of the chroma and compresses
               the luma towards the highlights (p99) to ``1 - 0.6 s`` of its range (lifted,
               milky shadows); sensor noise kept
-``tint``      a sickly green colour cast (RGB gains ``1 + s * (-0.20, +0.15, -0.22)``)
 ``crop``      bad framing: a window of ``1 - 0.5 s`` of each side, flush with a random corner,
               resized back (bicubic) - the image's centre moves towards the frame's edge and
               a centred subject is cut off. The resize also softens the image a little.
+``hue``       colour jitter in a *random* direction (a bad white balance / colour grade): RGB
+              gains ``1 + 0.35 s cos(theta - c)`` (``c`` = 0, 120, 240 degrees for R, G, B)
+              toward a random hue angle ``theta``, then the chroma scaled by
+              ``exp(+-0.9 s u)`` (random sign, ``u`` uniform in [0.5, 1]: over- or
+              under-saturated), then the mean luma brought back to the original's
+``tint``      *oracle-aware ablation, not a default*: a fixed sickly green colour cast (RGB
+              gains ``1 + s * (-0.20, +0.15, -0.22)``). It was written knowing the built-in
+              world's hidden colour rule and reproduces its renderer's bad cast; use it only
+              to measure what that knowledge is worth (:data:`ORACLE_AWARE_DEGRADE_KINDS`)
 ============  ==============================================================================
+
+:data:`DEFAULT_DEGRADE_KINDS` (what :class:`aligner.preferences.pairs.PairSettings` cycles by
+default) are generic photographic flaws a user would name for real photographs without knowing
+any world's taste: blur, noise, jpeg, dark, bright, washed, crop and hue. The former
+defaults, chosen knowing the built-in world's hidden look factors (with ``tint``, without
+``jpeg``), are kept as :data:`ORACLE_AWARE_DEGRADE_KINDS`, for the ablation only.
 
 "Sensor noise kept": blur, haze and exposure happen in front of the sensor, so the copy gets
 back the noise the operation smoothed away (:func:`_keep_noise`); otherwise a low-level
@@ -40,8 +54,10 @@ scorer would rate a blurred or flattened noisy photo *higher* for its lost noise
 
 What the low-level scorer sees (200 rendered world images, default strength, fraction of
 copies it scores lower than the original): blur .96, noise .99, dark 1.0, bright .95, washed
-.92; it is blind to tint (.23-.30: a cast raises its colourfulness), crop (.45: it measures no
-composition) and jpeg (.27-.36: quantisation smooths noise, which it rewards).
+.92; it is blind to crop (.45: it measures no composition), jpeg (.27-.36: quantisation
+smooths noise, which it rewards), hue (.41-.48 over two image sets x two seeds: an
+over-saturated copy raises its colourfulness, an under-saturated one lowers it) and tint
+(.23-.30: a cast raises its colourfulness).
 
 The default strength (:data:`DEFAULT_STRENGTH`) is 0.6 for every kind.
 """
@@ -55,8 +71,18 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-DEGRADE_KINDS: tuple[str, ...] = ("blur", "noise", "jpeg", "dark", "bright", "washed", "tint",
-                                   "crop")
+#: Every known kind (``tint`` is known so that ablation ids parse, not a default).
+DEGRADE_KINDS: tuple[str, ...] = ("blur", "noise", "jpeg", "dark", "bright", "washed", "crop",
+                                   "hue", "tint")
+#: The default kinds: generic photographic flaws, written without knowledge of any world's
+#: hidden taste (no fixed colour cast: ``hue`` jitters toward a random hue per image).
+DEFAULT_DEGRADE_KINDS: tuple[str, ...] = ("blur", "noise", "jpeg", "dark", "bright", "washed",
+                                          "crop", "hue")
+#: ABLATION ONLY. The former defaults, chosen knowing the built-in world's hidden look factors:
+#: ``tint`` reproduces the world renderer's exact bad colour cast (and ``jpeg`` was left out).
+#: Use them only to measure what that knowledge is worth, never as a default.
+ORACLE_AWARE_DEGRADE_KINDS: tuple[str, ...] = ("blur", "noise", "dark", "bright", "washed",
+                                               "tint", "crop")
 DEFAULT_STRENGTH = 0.6
 SEPARATOR = "~"
 
@@ -232,7 +258,29 @@ def _washed(img: np.ndarray, s: float, rng: np.random.Generator) -> np.ndarray:
     return _keep_noise(img, _to_uint8(x), rng)
 
 
+def _hue(img: np.ndarray, s: float, rng: np.random.Generator) -> np.ndarray:
+    """Colour jitter toward a random hue: white-balance gains, then a random saturation change.
+
+    The direction (``theta``) and the saturation's sign and size come from ``rng``, so each
+    image id gets its own cast; the mean luma is kept, so this is a colour flaw, not exposure.
+    """
+    x = img.astype(np.float32)
+    theta = rng.uniform(0.0, 2.0 * np.pi)
+    log_sat = (1.0 if rng.random() < 0.5 else -1.0) * 0.9 * s * rng.uniform(0.5, 1.0)
+    phases = np.array([0.0, 2.0 * np.pi / 3.0, 4.0 * np.pi / 3.0], np.float32)
+    gains = 1.0 + 0.35 * s * np.cos(theta - phases)
+    gains = gains / float(gains @ np.array([0.299, 0.587, 0.114], np.float32))  # grey keeps luma
+    x = x * gains.astype(np.float32)
+    grey = _luma(x)[..., None]
+    x = np.clip(grey + np.exp(log_sat) * (x - grey), 0.0, 255.0)
+    before, after = float(_luma(img.astype(np.float32)).mean()), float(_luma(x).mean())
+    if after > 1.0:
+        x = x * (before / after)
+    return _to_uint8(x)
+
+
 def _tint(img: np.ndarray, s: float, rng: np.random.Generator) -> np.ndarray:
+    """ABLATION ONLY (oracle-aware): the built-in world's own sickly green cast."""
     x = img.astype(np.float32)
     cast = 1.0 + s * (np.array([0.80, 1.15, 0.78], np.float32) - 1.0)
     return _to_uint8(x * cast)
@@ -253,7 +301,7 @@ def _crop(img: np.ndarray, s: float, rng: np.random.Generator) -> np.ndarray:
 
 _KINDS: dict[str, Callable[[np.ndarray, float, np.random.Generator], np.ndarray]] = {
     "blur": _blur, "noise": _noise, "jpeg": _jpeg, "dark": _dark, "bright": _bright,
-    "washed": _washed, "tint": _tint, "crop": _crop,
+    "washed": _washed, "crop": _crop, "hue": _hue, "tint": _tint,
 }
 assert tuple(_KINDS) == DEGRADE_KINDS
 
@@ -274,7 +322,7 @@ def degrade(image: np.ndarray, kind: str, strength: float = DEFAULT_STRENGTH,
         kind: one of :data:`DEGRADE_KINDS`.
         strength: in (0, 1]; how bad (see the module docstring for each kind's parameters).
         seed_key: anything with a stable ``repr``; the random parts (noise pattern, crop
-            corner) are drawn from :func:`rng_for` of ``(seed_key, kind, strength)``.
+            corner, hue direction) are drawn from :func:`rng_for` of ``(seed_key, kind, strength)``.
 
     Raises:
         ValueError: unknown kind, strength out of range, or not an ``[H, W, 3]`` image.

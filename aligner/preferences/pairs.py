@@ -20,7 +20,12 @@ from typing import Any
 
 import numpy as np
 
-from aligner.preferences.degrade import DEFAULT_STRENGTH, cycle_kinds, degraded_id
+from aligner.preferences.degrade import (
+    DEFAULT_DEGRADE_KINDS,
+    DEFAULT_STRENGTH,
+    cycle_kinds,
+    degraded_id,
+)
 from aligner.preferences.grid import (
     WEIGHTINGS,
     GridShape,
@@ -48,7 +53,8 @@ class PairSettings:
 
     The defaults are the measured ones (``docs/defaults.md``): a 2 x 8 grid (row pairs agreed
     with the hidden taste far more often than semantic-only column pairs), on-policy pools
-    (the model's own top 64 for the original query), 16 degraded-copy pairs per query.
+    (the model's own top 64 for the original query), 16 degraded-copy pairs per query, of the
+    generic kinds ``DEFAULT_DEGRADE_KINDS`` (the oracle-aware kinds are an ablation only).
     """
 
     k: int = field(default=64, metadata={"help": "candidates retrieved per query"})
@@ -70,7 +76,7 @@ class PairSettings:
     degraded_per_query: int = field(default=16, metadata={
         "help": "top candidates (by semantics) paired with a degraded copy of themselves"})
     degrade_kinds: list[str] = field(
-        default_factory=lambda: ["blur", "noise", "dark", "bright", "washed", "tint", "crop"],
+        default_factory=lambda: list(DEFAULT_DEGRADE_KINDS),
         metadata={"help": "kinds cycled over the pairs (aligner.preferences.degrade)"})
     degrade_strengths: dict[str, float] = field(default_factory=dict, metadata={
         "help": "per-kind strength in (0, 1] (default 0.6), e.g. {blur: 0.8}"})

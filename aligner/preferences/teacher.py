@@ -12,6 +12,13 @@ For each query's pool of candidate images (:mod:`aligner.preferences.candidates`
     antonym-prompt idea (Wang et al. 2023); the good rephrase is the rephrased query, the bad
     one comes from a callable (default :data:`DEFAULT_BAD_TEMPLATE`).
 
+The default negatives are generic: :data:`DEFAULT_BAD_TEMPLATE` is photo-critique vocabulary a
+user would write for real photographs, and the degraded copies default to
+:data:`aligner.preferences.degrade.DEFAULT_DEGRADE_KINDS`. The former defaults, written knowing
+the built-in world's hidden look factors (its colour rule included), survive only as an
+ablation: :data:`ORACLE_AWARE_BAD_TEMPLATE`, ``ORACLE_AWARE_DEGRADE_KINDS`` and the teacher
+preset ``"both+degraded:oracle_aware"`` (:data:`ABLATION_PRESETS`).
+
 Nothing here reads an oracle or imports torch (text encoding is a callable).
 """
 
@@ -22,8 +29,20 @@ from typing import Any
 
 import numpy as np
 
+from aligner.preferences.degrade import DEFAULT_DEGRADE_KINDS, ORACLE_AWARE_DEGRADE_KINDS
+
 TEACHER_COMPONENTS = ("scorer", "rephrase", "contrast")
-DEFAULT_BAD_TEMPLATE = "a blurry, grainy, dark, dull, off-centre photo of {q} with a sickly green tint"
+#: The antonym ("bad") prompt of ``contrast``: generic photo-critique vocabulary for real
+#: photographs (quality, focus, noise, exposure, colour, framing, compression), no particular
+#: colour cast. Worded as ``TemplateRephraser(style="reorg", polarity="bad")`` words it.
+DEFAULT_BAD_TEMPLATE = ("a low-quality, blurry, noisy, badly exposed, lifeless, awkwardly framed "
+                        "photo of {q} with compression artefacts")
+#: ABLATION ONLY. The former default, written knowing the built-in world's hidden look factors:
+#: it lists exactly those factors, including that world's particular colour rule (a sickly
+#: green tint). Using it tells the teacher the hidden taste, so it must only be used to measure
+#: what that knowledge is worth (preset ``"both+degraded:oracle_aware"``), never as a default.
+ORACLE_AWARE_BAD_TEMPLATE = ("a blurry, grainy, dark, dull, off-centre photo of {q} with a "
+                             "sickly green tint")
 
 EncodeTexts = Callable[[list[str]], np.ndarray]  # texts -> [N, D] L2-normalised
 RephraseBatch = Callable[[Sequence[str]], list[str]]  # queries -> rephrases, one each
@@ -115,15 +134,33 @@ def teacher_name(names: Sequence[str], weights: Sequence[float]) -> str:
     return "+".join(f"{n}*{w:g}" for n, w in zip(names, weights, strict=True))
 
 
-#: Named teachers (what orders the grid, and whether degraded copies are added), as the
-#: quickstart trains and diagnoses them: ``rephrase`` is the paper's teacher (the rephrased
-#: query's view, as antonym contrast), ``scorer`` the low-level pixel scorer, ``both`` the two
-#: z-scores summed. Each maps onto :class:`aligner.preferences.pairs.PairSettings` fields.
+def _preset(aesthetic: list[str], degraded: bool, bad_template: str = DEFAULT_BAD_TEMPLATE,
+            degrade_kinds: Sequence[str] = DEFAULT_DEGRADE_KINDS) -> dict[str, Any]:
+    return {"aesthetic": list(aesthetic), "aesthetic_weights": [1.0] * len(aesthetic),
+            "degraded": degraded, "bad_template": bad_template,
+            "degrade_kinds": list(degrade_kinds)}
+
+
+#: Named teachers (what orders the grid, whether degraded copies are added, and which negatives
+#: they use), as the quickstart trains and diagnoses them: ``rephrase`` is the paper's teacher
+#: (the rephrased query's view, as antonym contrast), ``scorer`` the low-level pixel scorer,
+#: ``both`` the two z-scores summed. Every key is a field of
+#: ``aligner.preferences.build.BuildPreferencesConfig`` (``bad_template``; the rest from
+#: :class:`aligner.preferences.pairs.PairSettings`), so ``BuildPreferencesConfig(**preset)``
+#: builds it. All use the generic negatives (:data:`DEFAULT_BAD_TEMPLATE`,
+#: ``DEFAULT_DEGRADE_KINDS``) except the ablations named in :data:`ABLATION_PRESETS`.
 TEACHER_PRESETS: dict[str, dict[str, Any]] = {
-    "rephrase": {"aesthetic": ["contrast"], "aesthetic_weights": [1.0], "degraded": False},
-    "scorer": {"aesthetic": ["scorer"], "aesthetic_weights": [1.0], "degraded": False},
-    "both": {"aesthetic": ["scorer", "contrast"], "aesthetic_weights": [1.0, 1.0],
-             "degraded": False},
-    "both+degraded": {"aesthetic": ["scorer", "contrast"], "aesthetic_weights": [1.0, 1.0],
-                      "degraded": True},
+    "rephrase": _preset(["contrast"], degraded=False),
+    "scorer": _preset(["scorer"], degraded=False),
+    "both": _preset(["scorer", "contrast"], degraded=False),
+    "both+degraded": _preset(["scorer", "contrast"], degraded=True),
+    # ABLATION ONLY: "both+degraded" with the former, oracle-aware negatives (a bad prompt and
+    # degraded copies written knowing the built-in world's hidden look factors, ``tint``
+    # included). It measures how much of a result comes from the teacher knowing the taste.
+    "both+degraded:oracle_aware": _preset(["scorer", "contrast"], degraded=True,
+                                          bad_template=ORACLE_AWARE_BAD_TEMPLATE,
+                                          degrade_kinds=ORACLE_AWARE_DEGRADE_KINDS),
 }
+#: Presets that are ablations, not teachers to report as results: a job that runs "every
+#: teacher" by default should leave these out unless asked for.
+ABLATION_PRESETS: tuple[str, ...] = ("both+degraded:oracle_aware",)

@@ -4,14 +4,24 @@ Each of the paper's prompt styles has a fixed rule over a generic photographic l
 
     detail   two red circles on grass, crisp and sharp, clean and noise-free, well-lit, ...
     k_list   two red circles on grass; sharp focus, noise-free, well-exposed, vivid colours, ...
-    kw_dict  two red circles on grass {lighting: well-lit, warm golden light, focus: ...}
-    reorg    a crisp, clean, well-lit, vivid, centred photo of two red circles on grass in ...
+    kw_dict  two red circles on grass {lighting: well-lit, beautiful natural light, focus: ...}
+    reorg    a crisp, clean, well-lit, vivid, well-composed photo of two red circles on grass ...
     repeat   two red circles on grass, two red circles on grass, sharp focus, ...
 
-``polarity="bad"`` gives the antonym rephrase ("a blurry, grainy, dark, dull, off-centre photo
-of <query> with a sickly green tint"), for antonym-contrast scores in the CLIP-IQA manner:
-``sim(image, good) - sim(image, bad)``. The query is always kept verbatim, so every output
-passes :func:`aligner.rephrase.base.check_rephrase`.
+``polarity="bad"`` gives the antonym rephrase ("a low-quality, blurry, noisy, badly exposed,
+lifeless, awkwardly framed photo of <query> with compression artefacts": the reorg style is
+:data:`aligner.preferences.teacher.DEFAULT_BAD_TEMPLATE`), for antonym-contrast scores in the
+CLIP-IQA manner: ``sim(image, good) - sim(image, bad)``. Both lexicons are generic
+photo-quality vocabulary a user would write for real photographs (focus, noise, exposure,
+colour, framing, compression), with no particular colour cast or composition rule.
+
+``polarity="bad_oracle_aware"`` (:data:`ORACLE_AWARE_BAD_LEXICON`) is an ABLATION ONLY: the
+former bad lexicon, written knowing the built-in world's hidden look factors, including its
+particular colour rule (a sickly green tint). It must only be selected explicitly, to measure
+what knowing the taste is worth.
+
+The query is always kept verbatim, so every output passes
+:func:`aligner.rephrase.base.check_rephrase`.
 """
 
 from __future__ import annotations
@@ -22,30 +32,48 @@ from typing import Any
 
 from aligner.rephrase.base import Failed, Rephraser
 
-TEMPLATE_VERSION = "v1"
+# v2: generic lexicons (v1's "good" said "centred" and "warm golden light", its "bad" was the
+# oracle-aware lexicon below).
+TEMPLATE_VERSION = "v2"
+
+#: ABLATION ONLY: the v1 bad lexicon, written knowing the built-in world's hidden look factors
+#: (it names exactly those factors and that world's colour rule, a sickly green tint).
+ORACLE_AWARE_BAD_LEXICON: dict[str, Any] = {
+    "adjectives": ("blurry", "grainy", "dark", "dull", "off-centre"),
+    "tail": "with a sickly green tint",
+    "detail": "blurry and out of focus, grainy and noisy, dark and underexposed, "
+              "dull washed-out colours, off-centre composition, a sickly green tint",
+    "keywords": ("blurry", "grainy", "underexposed", "dull colours", "off-centre composition",
+                 "sickly green tint", "no detail", "flat contrast"),
+    "dict": {"lighting": "dark, underexposed", "focus": "blurry, out of focus",
+             "colour": "dull, sickly green tint", "composition": "off-centre, cluttered"},
+}
 
 LEXICON: dict[str, dict[str, Any]] = {
     "good": {
-        "adjectives": ("crisp", "clean", "well-lit", "vivid", "centred"),
-        "tail": "in warm golden light",
-        "detail": "crisp and sharp, clean and noise-free, well-lit, vivid colours, "
-                  "centred composition, warm golden light",
+        "adjectives": ("crisp", "clean", "well-lit", "vivid", "well-composed"),
+        "tail": "in beautiful natural light",
+        "detail": "crisp and sharp, clean and noise-free, well-lit, vivid natural colours, "
+                  "well-composed, beautiful natural light",
         "keywords": ("sharp focus", "noise-free", "well-exposed", "vivid colours",
-                     "centred composition", "warm golden light", "fine detail",
+                     "balanced composition", "beautiful natural light", "fine detail",
                      "balanced contrast"),
-        "dict": {"lighting": "well-lit, warm golden light", "focus": "crisp and sharp",
-                 "colour": "vivid, harmonious", "composition": "centred, balanced"},
+        "dict": {"lighting": "well-lit, beautiful natural light", "focus": "crisp and sharp",
+                 "colour": "vivid, natural, harmonious",
+                 "composition": "well-composed, balanced"},
     },
     "bad": {
-        "adjectives": ("blurry", "grainy", "dark", "dull", "off-centre"),
-        "tail": "with a sickly green tint",
-        "detail": "blurry and out of focus, grainy and noisy, dark and underexposed, "
-                  "dull washed-out colours, off-centre composition, a sickly green tint",
-        "keywords": ("blurry", "grainy", "underexposed", "dull colours", "off-centre composition",
-                     "sickly green tint", "no detail", "flat contrast"),
-        "dict": {"lighting": "dark, underexposed", "focus": "blurry, out of focus",
-                 "colour": "dull, sickly green tint", "composition": "off-centre, cluttered"},
+        "adjectives": ("low-quality", "blurry", "noisy", "badly exposed", "lifeless",
+                       "awkwardly framed"),
+        "tail": "with compression artefacts",
+        "detail": "blurry and out of focus, noisy, badly exposed, flat lifeless colours, "
+                  "awkwardly framed, compression artefacts, low quality",
+        "keywords": ("out of focus", "noisy", "badly exposed", "flat colours", "awkward framing",
+                     "compression artefacts", "no detail", "low quality"),
+        "dict": {"lighting": "badly exposed, harsh or murky", "focus": "blurry, out of focus",
+                 "colour": "flat, lifeless, unnatural", "composition": "awkward, cluttered"},
     },
+    "bad_oracle_aware": ORACLE_AWARE_BAD_LEXICON,  # ablation only: select it explicitly
 }
 _MEDIUM = re.compile(r"^(?:an?|the)\s+(?:photo|photograph|picture|image|shot)\s+of\s+",
                      re.IGNORECASE)
@@ -56,7 +84,9 @@ class TemplateRephraser(Rephraser):
 
     Args:
         style: ``detail``, ``k_list``, ``kw_dict``, ``reorg`` or ``repeat``.
-        polarity: ``good`` (aesthetic expectations) or ``bad`` (their antonyms).
+        polarity: ``good`` (aesthetic expectations) or ``bad`` (their antonyms), both
+            generic; ``bad_oracle_aware`` is the oracle-aware ablation lexicon (never a
+            default).
         k: keywords for ``k_list`` (1-8).
         lexicon: override entries of :data:`LEXICON` ``[polarity]`` (same keys).
         max_chars: length limit for the faithfulness check (default rule if None).
@@ -81,7 +111,8 @@ class TemplateRephraser(Rephraser):
         self.lex = {**LEXICON[polarity], **(lexicon or {})}
         self.prompt = None
         self.max_chars = max_chars
-        self.strict = False  # the bad lexicon names a colour cast on purpose
+        # a user's lexicon (or the oracle-aware ablation) may name a colour cast on purpose
+        self.strict = False
         self.fallback = None
 
     @property
@@ -90,7 +121,7 @@ class TemplateRephraser(Rephraser):
 
     @property
     def version(self) -> str:
-        """e.g. ``template:good/detail.v1`` or ``template:bad/reorg.v1``."""
+        """e.g. ``template:good/detail.v2`` or ``template:bad/reorg.v2``."""
         return f"template:{self.polarity}/{self.style}.{TEMPLATE_VERSION}"
 
     def rephrase_one(self, query: str) -> str:

@@ -47,7 +47,7 @@ def prepare_align_data(preferences: str, corpus: str, queries: str, model: Model
     import torch
     import torch.nn.functional as F
 
-    from aligner.preferences.degrade import materialise, parse_degraded_id
+    from aligner.preferences.degrade import materialise, original_id, parse_degraded_id
     from aligner.retrieval.models import load_checkpoint, load_retriever, to_pixels
     from aligner.retrieval.textcache import cached_pooled_features
 
@@ -66,14 +66,25 @@ def prepare_align_data(preferences: str, corpus: str, queries: str, model: Model
             kept[s].append(r)
         else:
             dropped += 1  # pairs of test queries never train nor select
-    if not kept["train"]:
-        raise ValueError("no preference pairs belong to training queries")
-
     names = corpus_columns(corpus)
     for c in ("id", "image", "caption"):
         if c not in names:
             raise ValueError(f"corpus {corpus} lacks column {c!r} (the contrastive term needs "
                              "images with captions)")
+    held_out = 0
+    if "split" in names:  # a pair naming a test-split image never trains (e.g. page votes)
+        test_ids = set(read_corpus(corpus, ["id"], split="test")["id"].to_pylist())
+        for s in kept:
+            n = len(kept[s])
+            kept[s] = [r for r in kept[s] if original_id(r["chosen_id"]) not in test_ids
+                       and original_id(r["rejected_id"]) not in test_ids]
+            held_out += n - len(kept[s])
+        if held_out:
+            log.warning("%d preference pairs name test-split images: dropped (held out)",
+                        held_out)
+    if not kept["train"]:
+        raise ValueError("no preference pairs belong to training queries (and training "
+                         "images)")
     meta_cols = ["id", "caption"]
     if "split" in names:
         cap = read_corpus(corpus, meta_cols, split="train")
@@ -160,6 +171,7 @@ def prepare_align_data(preferences: str, corpus: str, queries: str, model: Model
                      val_rows, val_text, val_captions, sources, ref_scale)
     by_source = {s: int((train.source == k).sum()) for k, s in enumerate(sources)}
     counts = {"train_pairs": len(train), "val_pairs": len(valp), "dropped_test_pairs": dropped,
+              "dropped_held_out_image_pairs": held_out,
               "train_pairs_by_source": by_source, "queries": len(qids),
               "caption_images": int(n_cap), "val_images": len(val_rows),
               "images": int(len(pix)), "ref_logit_scale": ref_scale,

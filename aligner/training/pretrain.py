@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -54,6 +54,8 @@ class PretrainData:
         val_images: ``[M, H, W, 3]`` uint8 validation images.
         val_text: ``[M, W]`` pooled features of the validation captions (or None).
         val_captions: the M validation captions.
+        ids, val_ids: the images' ids (train split; val split): test-split images never
+            reach pre-training.
     """
 
     images: np.ndarray
@@ -62,6 +64,8 @@ class PretrainData:
     val_images: np.ndarray
     val_text: np.ndarray | None
     val_captions: list[str]
+    ids: list[str] = field(default_factory=list)
+    val_ids: list[str] = field(default_factory=list)
 
 
 class ContrastiveTask(torch.nn.Module):
@@ -204,4 +208,5 @@ def prepare_pretrain_data(cfg: PretrainConfig) -> PretrainData:
             raise ValueError("text-feature caching needs an HF text tower (the built-in model)")
         feats = cached_pooled_features(r.model, r.tokenizer, captions + val_captions)
         text, val_text = feats[:len(captions)], feats[len(captions):]
-    return PretrainData(images, text, captions, val_images, val_text, val_captions)
+    return PretrainData(images, text, captions, val_images, val_text, val_captions,
+                        train["id"].to_pylist(), val["id"].to_pylist())

@@ -186,7 +186,7 @@ def test_job_template_end_to_end_skip_and_overwrite(ray_session, tmp_path):
     assert t["query_id"].to_pylist() == ids  # input order
     for q, r in zip(t["query"].to_pylist(), t["rephrased"].to_pylist(), strict=True):
         assert r == TemplateRephraser("kw_dict").rephrase_one(q)
-    assert set(t["rephraser"].to_pylist()) == {"template:good/kw_dict.v1"}
+    assert set(t["rephraser"].to_pylist()) == {"template:good/kw_dict.v2"}
     m = json.loads((out / "manifest.json").read_text())
     assert (m["rows_in"], m["rows_out"], m["fallbacks"], m["backend"], m["prompt"]) == (
         12, 12, 0, "template", "kw_dict.v1")
@@ -202,7 +202,8 @@ def test_job_template_end_to_end_skip_and_overwrite(ray_session, tmp_path):
                            splits=["test"], overwrite=True, progress=False))
     t3 = pq.read_table(out / "queries.parquet")
     assert m["rows_out"] == 4 and set(t3["split"].to_pylist()) == {"test"}
-    assert all(r.startswith("a blurry, grainy") for r in t3["rephrased"].to_pylist())
+    assert all(r.startswith("a low-quality, blurry, noisy")
+               for r in t3["rephrased"].to_pylist())
 
 
 def test_job_resumes_from_finished_parts(ray_session, tmp_path):
@@ -213,7 +214,7 @@ def test_job_resumes_from_finished_parts(ray_session, tmp_path):
                          progress=False, rows_per_part=3)
     done = pq.read_table(src).slice(0, 4).append_column(
         "rephrased", pa.array(["kept from before"] * 4)).append_column(
-        "rephraser", pa.array(["template:good/repeat.v1"] * 4)).append_column(
+        "rephraser", pa.array(["template:good/repeat.v2"] * 4)).append_column(
         "fallback", pa.array([False] * 4)).append_column("fallback_reason", pa.array([""] * 4))
     (out / "parts").mkdir(parents=True)
     pq.write_table(done, out / "parts" / "part-00000.parquet")
@@ -272,12 +273,12 @@ def test_job_openai_backend_against_fake_server(ray_session, tmp_path):
     for row in rows:
         assert check_rephrase(row["query"], row["rephrased"]) is None
     drop = [r for r in rows if r["query_id"] == "q-drop"][0]
-    assert drop["fallback"] and drop["rephraser"] == "template:good/detail.v1"
+    assert drop["fallback"] and drop["rephraser"] == "template:good/detail.v2"
     assert sum(r["fallback"] for r in rows) == 1
     m = json.loads((out / "manifest.json").read_text())
     assert m["fallbacks_by_reason"] == {"drops_content": 1}
     assert m["rephraser_versions"] == {"openai:fake-llm/detail.v1": 8,
-                                       "template:good/detail.v1": 1}
+                                       "template:good/detail.v2": 1}
 
 
 def test_vllm_processor_builds_lazily_without_vllm(ray_session, tmp_path):

@@ -9,8 +9,11 @@ Where the low-level scorer is blind, the test checks the degradation's own effec
 
 - ``crop`` (bad framing): the scorer measures no composition at all, so the test checks that
   the image changed materially and kept its size;
-- ``tint`` (sickly green cast): the scorer has no notion of colour harmony (a cast even raises
-  its colourfulness term), so the test checks that the image moved towards green;
+- ``hue`` (colour jitter toward a random hue, a default kind): the scorer has no notion of
+  colour harmony, so the tests check that each id gets its own hue direction, that the colour
+  moved and that size and mean luminance were kept;
+- ``tint`` (sickly green cast, the oracle-aware ablation only): the test checks that the image
+  moved towards green;
 - ``jpeg``: the scorer measures no compression artefacts, and heavy quantisation smooths
   noise, which it rewards; the test checks that 8x8 blockiness rose.
 """
@@ -27,8 +30,10 @@ from PIL import Image
 
 from aligner.aesthetics.scorer import LowLevelScorer
 from aligner.preferences.degrade import (
+    DEFAULT_DEGRADE_KINDS,
     DEFAULT_STRENGTH,
     DEGRADE_KINDS,
+    ORACLE_AWARE_DEGRADE_KINDS,
     cycle_kinds,
     degrade,
     degraded_id,
@@ -83,6 +88,59 @@ def test_tint_moves_colours_towards_green(images, degraded):
         return (x[..., 1] - 0.5 * (x[..., 0] + x[..., 2])).mean(axis=(1, 2))
 
     assert (greenness(degraded["tint"]) > greenness(images) + 5).all()
+
+
+def _luma_mean(x: np.ndarray) -> np.ndarray:
+    return (x.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)).mean(axis=(-2, -1))
+
+
+def _chroma_angle(x: np.ndarray) -> float:
+    """Hue angle (degrees) of an image's mean colour in an opponent-colour plane."""
+    r, g, b = x.reshape(-1, 3).astype(np.float64).mean(axis=0)
+    return float(np.degrees(np.arctan2((g - b) * np.sqrt(3) / 2, r - (g + b) / 2)) % 360)
+
+
+def test_default_kinds_are_generic():
+    assert "tint" not in DEFAULT_DEGRADE_KINDS and "hue" in DEFAULT_DEGRADE_KINDS
+    assert set(DEFAULT_DEGRADE_KINDS) == {"blur", "noise", "jpeg", "dark", "bright", "washed",
+                                          "crop", "hue"}
+    assert "tint" in ORACLE_AWARE_DEGRADE_KINDS  # the ablation keeps the former defaults
+    assert set(DEFAULT_DEGRADE_KINDS) | set(ORACLE_AWARE_DEGRADE_KINDS) == set(DEGRADE_KINDS)
+
+
+def test_hue_is_deterministic_per_id_and_seed(images):
+    im = images[3]
+    a = degrade(im, "hue", DEFAULT_STRENGTH, ("img-3", 0))
+    np.testing.assert_array_equal(a, degrade(im.copy(), "hue", DEFAULT_STRENGTH, ("img-3", 0)))
+    np.testing.assert_array_equal(a, materialise(im, "img-3~hue", seed=0))
+    assert not np.array_equal(a, degrade(im, "hue", DEFAULT_STRENGTH, ("img-3", 1)))
+    assert not np.array_equal(a, degrade(im, "hue", DEFAULT_STRENGTH, ("img-4", 0)))
+
+
+def test_hue_direction_is_random_across_ids():
+    """On a grey card the cast alone shows: each id gets its own hue angle, spread round the
+    colour circle (not one fixed cast like ``tint``)."""
+    grey = np.full((16, 16, 3), 128, np.uint8)
+    angles = np.sort([_chroma_angle(degrade(grey, "hue", DEFAULT_STRENGTH, (f"img-{i}", 0)))
+                      for i in range(24)])
+    assert len(np.unique(np.round(angles))) >= 20
+    gaps = np.diff(np.concatenate([angles, angles[:1] + 360]))
+    assert gaps.max() < 120  # no third of the colour circle is left out
+    assert {int(a // 90) for a in angles} == {0, 1, 2, 3}
+
+
+def test_hue_changes_colour_keeps_size_and_luminance(images, degraded):
+    hue = degraded["hue"]
+    assert hue.shape == images.shape and hue.dtype == np.uint8
+    mad = np.abs(hue.astype(np.int16) - images).mean(axis=(1, 2, 3))
+    assert np.median(mad) > 10 and (mad > 3).mean() >= 0.95  # the colour moved
+    dl = np.abs(_luma_mean(hue) - _luma_mean(images))
+    assert np.median(dl) < 1 and np.quantile(dl, 0.9) < 8  # mean luma kept (up to clipping)
+    # stronger jitter moves the colour further
+    weak, strong = (np.median([np.abs(degrade(im, "hue", s, (f"img-{i}", 0)).astype(np.int16)
+                                      - im).mean() for i, im in enumerate(images[:40])])
+                    for s in (0.2, 1.0))
+    assert strong > 2 * weak
 
 
 def test_jpeg_adds_block_artefacts(images, degraded):

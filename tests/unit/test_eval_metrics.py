@@ -165,3 +165,23 @@ def test_world_eval_additions(world):
     assert other.emb is not ev.emb and other.ids is ev.ids and ev.emb is emb
     with pytest.raises(ValueError):
         ev.with_embeddings(emb[:3])
+
+
+def test_cluster_ci_resamples_queries_and_is_wider_for_correlated_rows():
+    from aligner.evaluation.oracle_metrics import paired_difference
+    from aligner.evaluation.stats import ci_dict, cluster_ci_dict
+
+    rng = np.random.default_rng(0)
+    q_effect = rng.normal(0, 1, 40)
+    groups = np.repeat(np.arange(40), 25)  # 25 strongly correlated rows per query
+    v = q_effect[groups] + rng.normal(0, 0.1, groups.size)
+    rows, clus = ci_dict(v), cluster_ci_dict(v, groups)
+    assert clus["mean"] == pytest.approx(rows["mean"]) and clus["clusters"] == 40
+    assert (clus["ci_high"] - clus["ci_low"]) > 3 * (rows["ci_high"] - rows["ci_low"])
+    w = np.where(groups < 20, 2.0, 1.0)
+    assert cluster_ci_dict(v, groups, w)["mean"] == pytest.approx(np.average(v, weights=w))
+    d = paired_difference(v, np.zeros_like(v), groups)
+    assert d["resampled"] == "clusters" and d["ci_low"] == clus["ci_low"]
+    with pytest.raises(ValueError):
+        cluster_ci_dict(v, groups[:-1])
+    assert np.isnan(cluster_ci_dict(np.zeros(0), np.zeros(0))["mean"])

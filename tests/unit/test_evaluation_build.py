@@ -23,7 +23,13 @@ from aligner.evaluation.build import (
 )
 from aligner.evaluation.config import BASELINES, BaselineSettings
 from aligner.evaluation.gallery import Gallery, load_gallery, load_queries
-from aligner.evaluation.systems import CascadeSystem, EncoderSystem, QueryShiftSystem
+from aligner.evaluation.systems import (
+    CascadeSystem,
+    EncoderSystem,
+    QueryShiftSystem,
+    TeacherRerankSystem,
+)
+from aligner.evaluation.teacher_spec import TeacherSpec
 
 
 @pytest.fixture(scope="module")
@@ -94,9 +100,11 @@ def test_build_systems_with_explicit_arguments(small):
     g = load_gallery(world=small / "world")
     qids, texts = load_queries(world=small / "world")
     reph = Rephrasings({qids[0]: "a shiny " + texts[0]}, "in memory")
-    settings = BaselineSettings(cascade_n=20, cascade_weight=2.0, shift_weight=0.3)
+    settings = BaselineSettings(cascade_n=20, cascade_weight=2.0, shift_weight=0.3,
+                                teacher_weight=0.5)
+    teacher = TeacherSpec(["scorer", "contrast"], [1.0, 1.0], source="test")
     built = build_systems(g, small / "base", models={"aligned": small / "aligned"},
-                          settings=settings, rephrasings=reph)
+                          settings=settings, rephrasings=reph, teacher=teacher)
     assert list(built.systems) == ["base", *BASELINES, "aligned"]
     assert built.base is built.systems["base"] and len(built.encoders) == 2
     s = built.systems
@@ -105,6 +113,11 @@ def test_build_systems_with_explicit_arguments(small):
         == (20, 2.0)
     assert isinstance(s["query_shift"], QueryShiftSystem) and s["query_shift"].weight == 0.3
     assert s["rephrase"].on_missing == "plain" and s["rephrase"].inner is s["base"]
+    tr = s["teacher_rerank"]
+    assert isinstance(tr, TeacherRerankSystem) and (tr.n, tr.weight, tr.inner) == \
+        (20, 0.5, s["base"])
+    assert tr.teacher == "scorer*1+contrast*1" and tr.table == reph.table
+    assert built.info["teacher_rerank"]["source"] == "test"
     assert built.aesthetic.shape == (120,) and np.isfinite(built.aesthetic).all()
     assert built.info["rephrase"] == {"table": "in memory"} and not built.notes
     assert built.info["aligned"]["checkpoint_hash"] != built.info["base"]["checkpoint_hash"]
@@ -128,6 +141,12 @@ def test_build_only_some_baselines_and_refusals(small):
                           base_name="plain")
     assert list(built.systems) == ["plain", "cascade"]
     assert built.notes and "rephrase system skipped" in built.notes[0]
+    built = build_systems(g, small / "base", baselines=["teacher_rerank"])
+    assert list(built.systems) == ["base"] and "teacher_rerank skipped" in built.notes[0]
+    built = build_systems(g, small / "base", baselines=["teacher_rerank"],
+                          teacher=TeacherSpec(["contrast"], [1.0]))
+    assert list(built.systems) == ["base", "teacher_rerank"]
+    assert "uses each query as its own rephrasing" in built.notes[0]
     with pytest.raises(ValueError, match="unknown baselines"):
         build_systems(g, small / "base", baselines=["magic"])
     with pytest.raises(ValueError, match="may not be named"):
@@ -181,3 +200,63 @@ def test_library_builders_import_no_jobs():
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True,
                    cwd=Path(__file__).resolve().parents[2])
+
+
+def test_teacher_found_through_the_aligned_models_manifests(tmp_path):
+    """aligned checkpoint -> its align manifest -> the preferences manifest -> the teacher;
+    the config's teacher only without a manifest; the manifest wins over the config."""
+    import json
+
+    from aligner.evaluation.teacher_spec import (
+        parse_teacher_name,
+        resolve_teacher,
+        teacher_from_manifest,
+        teacher_record,
+    )
+    from aligner.preferences.teacher import DEFAULT_BAD_TEMPLATE
+
+    prefs, align = tmp_path / "prefs", tmp_path / "aligned"
+    (align / "checkpoint").mkdir(parents=True)
+    prefs.mkdir()
+    (align / "manifest.json").write_text(json.dumps(
+        {"job": "align", "inputs": {"preferences": str(prefs)}}))
+    (prefs / "manifest.json").write_text(json.dumps(
+        {"job": "build_preferences", "teacher": "scorer*1+contrast*1",
+         "inputs": {"queries": "out/rephrased"},
+         "config": {"aesthetic": ["scorer", "contrast"], "aesthetic_weights": [1.0, 2.0],
+                    "bad_template": "an ugly {q}", "bad_rephraser": "", "degraded": True}}))
+    spec, notes = resolve_teacher(BaselineSettings(), align / "checkpoint")
+    assert spec.name == "scorer*1+contrast*2" and spec.bad_template == "an ugly {q}"
+    assert spec.bad_rephrase()(["two red circles"]) == ["an ugly two red circles"]
+    assert "the aligned model's" in spec.source and str(prefs) in spec.source
+    assert spec.queries == "out/rephrased" and not notes
+    assert any("degraded-copy" in n for n in spec.notes)
+    # an explicit config teacher does not override the manifest's (noted)
+    spec, notes = resolve_teacher(BaselineSettings(teacher_aesthetic=["scorer"]),
+                                  align / "checkpoint")
+    assert spec.name == "scorer*1+contrast*2" and "ignored" in notes[0]
+    # no manifest: the config's teacher, else none
+    spec, _ = resolve_teacher(BaselineSettings(teacher_aesthetic=["contrast"]), tmp_path / "x")
+    assert spec.name == "contrast*1" and spec.source.startswith("config")
+    assert spec.bad_template == DEFAULT_BAD_TEMPLATE
+    spec, notes = resolve_teacher(BaselineSettings(), tmp_path / "x")
+    assert spec is None and "skipped" in notes[-1]
+    # an explicit preferences dir must be readable
+    spec, _ = resolve_teacher(BaselineSettings(teacher_preferences=str(prefs)))
+    assert "baseline.teacher_preferences" in spec.source
+    with pytest.raises(FileNotFoundError):
+        resolve_teacher(BaselineSettings(teacher_preferences=str(tmp_path / "nope")))
+    # what the manifest may hold: the recommended record first, else only the teacher string
+    rec = teacher_record(["contrast"], [1.0], "a bad {q}", "template:detail", "q.parquet")
+    spec = teacher_from_manifest({"teacher_spec": rec, "config": {"aesthetic": ["scorer"]}})
+    assert (spec.name, spec.bad_rephraser, spec.queries) == ("contrast*1", "template:detail",
+                                                             "q.parquet")
+    assert len(spec.bad_rephrase()(["a cat"])) == 1
+    spec = teacher_from_manifest({"teacher": "contrast*1"})
+    assert spec.bad_template == DEFAULT_BAD_TEMPLATE and "no bad template" in spec.notes[0]
+    spec = teacher_from_manifest({"config": {"aesthetic": ["contrast"],
+                                             "bad_rephraser": "oracle:x"}})
+    assert spec.bad_rephraser == "" and "cannot run at query time" in spec.notes[-1]
+    assert parse_teacher_name("scorer*0.5+rephrase*1") == (["scorer", "rephrase"], [0.5, 1.0])
+    with pytest.raises(ValueError, match="records no teacher"):
+        teacher_from_manifest({"job": "build_preferences"})

@@ -74,3 +74,131 @@ def test_rephrase_mix_interpolates_the_query():
     np.testing.assert_allclose(none.encode(["plain"], ["q1"]), [[1, 0]])
     with pytest.raises(ValueError, match="mix"):
         RephraseSystem("r", inner, {}, mix=1.5)
+
+
+# ------------------------------------------------- chosen on validation, reported on test
+
+def test_choose_and_report_takes_the_selection_split_pick():
+    """Validation picks w=0.5 (w=2 is not relevant enough there); on test, w=2 would have
+    been picked and w=0.5 is less precise. The test results of w=0.5 are reported."""
+    from aligner.evaluation.sweeps import choose_and_report
+
+    val = [_pt("cascade", 0.1, [0.1], [0.9]), _pt("cascade", 0.5, [0.3], [0.85]),
+           _pt("cascade", 2.0, [0.6], [0.5])]
+    test = [_pt("cascade", 0.1, [0.1], [0.9]), _pt("cascade", 0.5, [0.3], [0.6]),
+            _pt("cascade", 2.0, [0.6], [0.82])]
+    assert best_at_equal_relevance(test, "aesthetic@10", "precision@10", 0.8).param == 2.0
+    chosen, reported = choose_and_report(val, test, "aesthetic@10", "precision@10", 0.8)
+    assert chosen is val[1] and reported is test[1]
+    assert choose_and_report(val, test, "aesthetic@10", "precision@10", 0.95) is None
+    with pytest.raises(ValueError, match="same settings"):
+        choose_and_report(val, test[::-1], "aesthetic@10", "precision@10", 0.8)
+
+
+class _FakeEval:
+    """An oracle over a gallery of 'outcome' indices: beauty and relevance per index."""
+
+    def __init__(self, beauty, relevance):
+        self.beauty = np.asarray(beauty, float)
+        self.rel = np.asarray(relevance, float)
+
+    def relevance(self, qids, top):
+        return self.rel[np.asarray(top)[:, 0]]
+
+
+def _sweep_state(monkeypatch, sel_same: bool = False):
+    """An EvalState whose systems return one 'outcome' index per split: setting i gives
+    outcome 2i on validation queries and 2i + 1 on test queries; the aligned model gives 6 / 7.
+
+    validation: precision [.9, .85, .5], aesthetic [.1, .3, .6]; aligned precision .8
+    test:       precision [.9, .6, .82], aesthetic [.1, .3, .6]; aligned precision .8
+    """
+    from aligner.evaluation import equal_relevance
+    from aligner.evaluation.build import BuiltSystems
+    from aligner.evaluation.config import EvaluateConfig
+    from aligner.evaluation.phases import EvalState
+    from aligner.evaluation.systems import System
+
+    class Outcome(System):
+        caption_transform = "n/a"
+
+        def __init__(self, name, i):
+            super().__init__(name, np.zeros((8, 2), np.float32))
+            self.i = i
+
+        def search(self, texts, k, ids=None, subset=None):
+            out = np.array([2 * self.i + (q.startswith("t")) for q in ids])[:, None]
+            return np.zeros((len(ids), k)), np.repeat(out, k, 1)
+
+    ev = _FakeEval(beauty=[.1, .1, .3, .3, .6, .6, .2, .2],
+                   relevance=[.9, .9, .85, .6, .5, .82, .8, .8])
+    cfg = EvaluateConfig(baselines=["cascade"])
+    st = EvalState(cfg)
+    st.qids = st.texts = ["t1", "t2", "t3"]
+    st.sel_qids = st.sel_texts = st.qids if sel_same else ["v1", "v2"]
+    st.sel_split = "test" if sel_same else "val"
+    st.sel_fallback = "no val queries: chosen on test" if sel_same else None
+    st.built = BuiltSystems({"base": Outcome("base", 0), "aligned": Outcome("aligned", 3)}, [],
+                            np.zeros(8), {}, [])
+    st.ev = ev
+    st.per = {"aligned": {"aesthetic@10": np.full(3, 0.2), "precision@10": np.full(3, 0.8)}}
+    weights = [0.1, 1.0, 2.0]
+    monkeypatch.setattr(equal_relevance, "baseline_makers", lambda _: {
+        "cascade": (weights, lambda w: Outcome(f"cascade w={w}", weights.index(w)))})
+    return st
+
+
+def test_sweep_chooses_on_validation_and_reports_on_test(monkeypatch):
+    from aligner.evaluation.equal_relevance import sweep_baselines
+
+    st = _sweep_state(monkeypatch)
+    sweep_baselines(st)
+    eq = st.equal_relevance
+    assert (eq["chosen_on"], eq["reported_on"], eq["fallback"]) == ("val", "test", None)
+    assert eq["aligned_selection"]["precision@10"] == pytest.approx(0.8)
+    r = eq["families"]["cascade"]
+    assert r["setting"] == "cascade w=1"  # test alone would have picked w=2
+    assert r["precision@10"] == pytest.approx(0.6)  # reported: its test results
+    assert r["aesthetic@10"]["mean"] == pytest.approx(0.3)
+    assert r["selection"]["precision@10"] == pytest.approx(0.85)
+    assert r["aesthetic@10_diff"]["mean"] == pytest.approx(0.2 - 0.3)
+    rows = st.frontier["cascade"]
+    assert [row["precision@10"] for row in rows] == pytest.approx([.9, .6, .82])
+    assert [row["selection"]["precision@10"] for row in rows] == pytest.approx([.9, .85, .5])
+
+
+def test_sweep_without_selection_queries_says_so(monkeypatch):
+    from aligner.evaluation.equal_relevance import sweep_baselines
+    from aligner.evaluation.report import equal_relevance_sentences
+
+    st = _sweep_state(monkeypatch, sel_same=True)
+    sweep_baselines(st)
+    eq = st.equal_relevance
+    assert (eq["chosen_on"], eq["reported_on"]) == ("test", "test") and eq["fallback"]
+    assert eq["families"]["cascade"]["setting"] == "cascade w=2"
+    text = equal_relevance_sentences({"equal_relevance": eq, "aligned_name": "aligned",
+                                      "primary": "aesthetic@10", "k": 10})
+    assert any(t.startswith("Caution: no val queries") for t in text)
+
+
+def test_selection_queries_from_a_queries_table(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from aligner.evaluation.config import EvaluateConfig
+    from aligner.evaluation.phases import EvalState, selection_queries
+
+    pq.write_table(pa.table({"query_id": ["a", "b", "c"], "query": ["x", "y", "z"],
+                             "split": ["test", "val", "train"]}), tmp_path / "q.parquet")
+    pq.write_table(pa.table({"query_id": ["a", "b"], "query": ["x", "y"]}),
+                   tmp_path / "nosplit.parquet")
+    st = EvalState(EvaluateConfig(corpus="c", queries=str(tmp_path / "q.parquet")))
+    st.qids, st.texts = ["a"], ["x"]
+    selection_queries(st)
+    assert (st.sel_qids, st.sel_texts, st.sel_split, st.sel_fallback) == (["b"], ["y"], "val",
+                                                                           None)
+    st = EvalState(EvaluateConfig(corpus="c", queries=str(tmp_path / "nosplit.parquet")))
+    st.qids, st.texts = ["a", "b"], ["x", "y"]
+    selection_queries(st)
+    assert st.sel_qids is st.qids and st.sel_split == "test"
+    assert "no split column" in st.sel_fallback and st.sel_fallback in st.notes

@@ -128,10 +128,65 @@ def test_aesthetic_score_combines_z_scores():
 def test_template_rephraser():
     bad = Te.template_rephraser()
     assert bad(["two red circles. "]) == [
+        "a low-quality, blurry, noisy, badly exposed, lifeless, awkwardly framed photo of two "
+        "red circles with compression artefacts"]
+    assert Te.template_rephraser(Te.ORACLE_AWARE_BAD_TEMPLATE)(["two red circles"]) == [
         "a blurry, grainy, dark, dull, off-centre photo of two red circles with a sickly "
         "green tint"]
     with pytest.raises(ValueError):
         Te.template_rephraser("no placeholder")
+
+
+ORACLE_WORDS = ("green", "tint", "sickly")
+
+
+def test_default_negatives_are_generic():
+    """The default bad prompt and degraded copies name no colour cast of the built-in world;
+    the former, oracle-aware ones are kept, but only for the named ablation preset."""
+    from aligner.preferences.build import BuildPreferencesConfig
+    from aligner.preferences.degrade import DEFAULT_DEGRADE_KINDS, ORACLE_AWARE_DEGRADE_KINDS
+
+    assert not any(w in Te.DEFAULT_BAD_TEMPLATE.lower() for w in ORACLE_WORDS)
+    assert all(w in Te.ORACLE_AWARE_BAD_TEMPLATE for w in ORACLE_WORDS)
+    assert BuildPreferencesConfig().bad_template == Te.DEFAULT_BAD_TEMPLATE
+    # the default template and the template rephraser's bad reorg style say the same (the
+    # builder's two antonym sources agree; test_job_with_a_faiss_index_matches_exact_search)
+    from aligner.rephrase.template import TemplateRephraser
+
+    qs = ["two red circles on grass", "a cat on a sofa"]
+    assert Te.template_rephraser()(qs) == TemplateRephraser("reorg", "bad").rephrase_batch(qs)
+    assert Te.template_rephraser(Te.ORACLE_AWARE_BAD_TEMPLATE)(qs) == TemplateRephraser(
+        "reorg", "bad_oracle_aware").rephrase_batch(qs)
+    s = P.PairSettings()
+    assert s.degrade_kinds == list(DEFAULT_DEGRADE_KINDS) and "tint" not in s.degrade_kinds
+    assert "hue" in s.degrade_kinds and "tint" in ORACLE_AWARE_DEGRADE_KINDS
+
+
+def test_teacher_presets_use_generic_negatives_except_the_named_ablation():
+    from aligner.preferences.build import BuildPreferencesConfig
+    from aligner.preferences.degrade import DEFAULT_DEGRADE_KINDS, ORACLE_AWARE_DEGRADE_KINDS
+
+    presets = Te.TEACHER_PRESETS
+    assert {"rephrase", "scorer", "both", "both+degraded"} <= set(presets)
+    assert Te.ABLATION_PRESETS == ("both+degraded:oracle_aware",)
+    assert set(Te.ABLATION_PRESETS) <= set(presets)
+    for name, preset in presets.items():
+        if name in Te.ABLATION_PRESETS:
+            assert "oracle_aware" in name
+            assert preset["bad_template"] == Te.ORACLE_AWARE_BAD_TEMPLATE
+            assert preset["degrade_kinds"] == list(ORACLE_AWARE_DEGRADE_KINDS)
+        else:
+            assert preset["bad_template"] == Te.DEFAULT_BAD_TEMPLATE, name
+            assert preset["degrade_kinds"] == list(DEFAULT_DEGRADE_KINDS), name
+            assert not any(w in str(preset).lower() for w in ORACLE_WORDS), name
+        # every key is a builder field: BuildPreferencesConfig(**preset) builds it
+        cfg = BuildPreferencesConfig(**preset)
+        assert cfg.bad_template == preset["bad_template"]
+        assert cfg.degrade_kinds == preset["degrade_kinds"]
+    ablation = presets["both+degraded:oracle_aware"]
+    assert {k: v for k, v in ablation.items() if k not in ("bad_template", "degrade_kinds")} == {
+        k: v for k, v in presets["both+degraded"].items()
+        if k not in ("bad_template", "degrade_kinds")}
 
 
 def test_settings_checks():
@@ -439,3 +494,73 @@ def test_job_with_a_faiss_index_matches_exact_search(job_inputs, tmp_path):
     a = pq.read_table(tmp_path / "exact" / "preferences.parquet", columns=cols).to_pylist()
     b = pq.read_table(tmp_path / "faiss" / "preferences.parquet", columns=cols).to_pylist()
     assert a == b and len(a) == 3 * (5 + 4)
+
+
+def test_held_out_images_never_reach_a_preferences_table(job_inputs, tmp_path):
+    """With a split column in the corpus, test- and val-split images are never candidates,
+    never degraded, and an extra table's rows naming them are dropped; with pool_splits=[]
+    the same build does use them (so the check can fail)."""
+    from aligner.preferences.degrade import original_id
+    from jobs.build_preferences import main
+
+    root = job_inputs
+    t = pq.read_table(root / "corpus" / "part-0.parquet")
+    split = ["test" if i % 4 == 0 else "val" if i % 4 == 1 else "train" for i in range(40)]
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    pq.write_table(t.append_column("split", pa.array(split)), corpus / "part-0.parquet")
+    held = {i for i, s in zip(t.column("id").to_pylist(), split, strict=True) if s != "train"}
+    votes = pa.table({"query_id": ["q0", "q1"], "query": ["a", "b"],
+                      "chosen_id": ["img-002", "img-000"], "rejected_id": ["img-006", "img-002"],
+                      "source": ["human"] * 2, "weight": [1.0, 1.0]})
+    pq.write_table(votes, tmp_path / "votes.parquet")
+    common = ["--config", "jobs/configs/build_preferences.yaml", f"embeddings={root / 'emb'}",
+              f"queries={root / 'queries.parquet'}", f"corpus={corpus}", "k=12", "u=2", "v=2",
+              "stride=1", "degraded_per_query=3", "examples=0",
+              f"extra_tables=[{tmp_path / 'votes.parquet'}]"]
+
+    def ids_in(out):
+        t = pq.read_table(out / "preferences.parquet")
+        return {original_id(i) for c in ("chosen_id", "rejected_id")
+                for i in t.column(c).to_pylist()}
+
+    assert main(common + [f"output={tmp_path / 'held'}"]) == 0
+    used = ids_in(tmp_path / "held")
+    assert used and not used & held
+    m = json.loads((tmp_path / "held" / "manifest.json").read_text())
+    assert m["held_out"] == {"pool_splits": ["train"], "candidates": 20,
+                             "held_out": {"test": 10, "val": 10}}
+    assert m["inputs"]["extra_tables"][str(tmp_path / "votes.parquet")][
+        "dropped_held_out_images"] == 1  # img-000 is a test image; img-002/006 are train
+    assert main(common + [f"output={tmp_path / 'all'}", "pool_splits=[]"]) == 0
+    assert ids_in(tmp_path / "all") & held
+
+
+def test_index_candidates_search_only_allowed_ids_widening_as_needed():
+    from types import SimpleNamespace
+
+    from aligner.preferences.candidates import IndexCandidates, MatrixCandidates
+
+    rng = np.random.default_rng(0)
+    m = rng.normal(size=(200, 8)).astype(np.float32)
+    m /= np.linalg.norm(m, axis=1, keepdims=True)
+    ids = [f"i{j}" for j in range(200)]
+    calls = []
+
+    class Exact:  # a stand-in for SearchIndex: exact top-n ids
+        ntotal = 200
+
+        def search(self, q, n):
+            calls.append(n)
+            order = np.argsort(-(q @ m.T), axis=1)[:, :n]
+            return SimpleNamespace(ids=[[ids[j] for j in row] for row in order])
+
+    allowed = {ids[j] for j in range(200) if j % 10 == 0}  # 20 of 200
+    q = m[:3] + 0.01
+    got = IndexCandidates(Exact(), ".", allowed)._search_ids(q, 8)
+    keep = [j for j in range(200) if j % 10 == 0]
+    want = MatrixCandidates([ids[j] for j in keep], m[keep]).search(q, 8).ids
+    assert got == want and all(len(r) == 8 for r in got)
+    assert all(i in allowed for r in got for i in r)
+    assert IndexCandidates(Exact(), ".")._search_ids(q, 5) == \
+        MatrixCandidates(ids, m).search(q, 5).ids

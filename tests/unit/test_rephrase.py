@@ -33,7 +33,7 @@ QUERIES = ["two red circles on grass", "a cat on a sofa", "three blue stars on s
 
 
 @pytest.mark.parametrize("style", TemplateRephraser.STYLES)
-@pytest.mark.parametrize("polarity", ["good", "bad"])
+@pytest.mark.parametrize("polarity", ["good", "bad", "bad_oracle_aware"])
 def test_template_styles_are_deterministic_and_faithful(style, polarity):
     r = TemplateRephraser(style=style, polarity=polarity)
     a, b = r.rephrase_batch(QUERIES), TemplateRephraser(style, polarity).rephrase_batch(QUERIES)
@@ -42,7 +42,7 @@ def test_template_styles_are_deterministic_and_faithful(style, polarity):
         assert check_rephrase(q, out) is None, (q, out)
     rows = r.rephrase_rows(QUERIES)
     assert not any(x.fallback for x in rows)
-    assert {x.rephraser for x in rows} == {f"template:{polarity}/{style}.v1"}
+    assert {x.rephraser for x in rows} == {f"template:{polarity}/{style}.v2"}
 
 
 def test_template_style_shapes():
@@ -62,12 +62,34 @@ def test_template_style_shapes():
 def test_template_bad_polarity_is_the_antonym():
     q = "two red circles on grass"
     bad = TemplateRephraser(style="reorg", polarity="bad").rephrase_one(q)
-    assert bad == ("a blurry, grainy, dark, dull, off-centre photo of two red circles on grass "
-                   "with a sickly green tint")
+    assert bad == ("a low-quality, blurry, noisy, badly exposed, lifeless, awkwardly framed photo "
+                   "of two red circles on grass with compression artefacts")
     good = TemplateRephraser(style="reorg").rephrase_one(q)
-    assert not set(content_words(good)) & {"blurry", "grainy", "dark", "dull"}
+    assert not set(content_words(good)) & {"blurry", "noisy", "badly", "lifeless", "awkwardly"}
+    # the former, oracle-aware bad lexicon is an ablation, selected only by its own name
+    old = TemplateRephraser(style="reorg", polarity="bad_oracle_aware")
+    assert old.rephrase_one(q) == ("a blurry, grainy, dark, dull, off-centre photo of two red "
+                                   "circles on grass with a sickly green tint")
+    assert old.version == "template:bad_oracle_aware/reorg.v2"
     # the medium is not doubled
     assert TemplateRephraser(style="reorg").rephrase_one("a photo of a dog").count("photo") == 1
+
+
+def test_template_lexicons_are_generic():
+    """The default lexicons are generic photo vocabulary: no colour at all (so they pass the
+    strict check that LLM answers face), no cast of the built-in world, no composition rule."""
+    from aligner.rephrase.template import LEXICON, ORACLE_AWARE_BAD_LEXICON
+
+    assert LEXICON["bad_oracle_aware"] is ORACLE_AWARE_BAD_LEXICON
+    assert "sickly green tint" in ORACLE_AWARE_BAD_LEXICON["tail"]
+    for polarity in ("good", "bad"):
+        text = str(LEXICON[polarity]).lower()
+        for word in ("green", "tint", "sickly", "golden", "centred", "off-centre"):
+            assert word not in text, (polarity, word)
+        for style in TemplateRephraser.STYLES:
+            r = TemplateRephraser(style=style, polarity=polarity, k=8)
+            for q in QUERIES:
+                assert check_rephrase(q, r.rephrase_one(q), strict=True) is None, (style, q)
 
 
 def test_template_rejects_bad_arguments():
@@ -175,7 +197,7 @@ def test_fallback_rows_keep_the_reason_and_who_produced_them():
     assert rows[0] == ("two red circles on grass, soft light", "scripted:default/detail.v1",
                        False, "")
     assert rows[1].fallback and rows[1].reason == "drops_content: cat"
-    assert rows[1].rephraser == "template:good/detail.v1"
+    assert rows[1].rephraser == "template:good/detail.v2"
     assert rows[1].text == TemplateRephraser("detail").rephrase_one("a cat on a sofa")
     assert rows[2].fallback and rows[2].reason == "http_error: 500"
     assert rows[3].reason == "echo"
@@ -199,7 +221,7 @@ def test_no_fallback_keeps_the_query():
 
 def test_make_rephraser():
     r = make_rephraser("template", style="reorg", polarity="bad")
-    assert isinstance(r, TemplateRephraser) and r.version == "template:bad/reorg.v1"
+    assert isinstance(r, TemplateRephraser) and r.version == "template:bad/reorg.v2"
     assert make_rephraser("template", prompt="k_list").style == "k_list"
     assert make_rephraser("aligner.rephrase.template:TemplateRephraser").style == "detail"
     with pytest.raises(ValueError, match="unknown rephraser"):
@@ -280,8 +302,8 @@ def test_finalise_batch_checks_processor_outputs_and_errors():
     out = finalise_batch(batch, version="vllm:m/detail.v1", style="detail")
     assert "raw_output" not in out and "__inference_error__" not in out
     assert list(out["rephrased"])[0] == "a cat on a sofa, soft light"
-    assert list(out["rephraser"]) == ["vllm:m/detail.v1", "template:good/detail.v1",
-                                      "template:good/detail.v1", "identity"]
+    assert list(out["rephraser"]) == ["vllm:m/detail.v1", "template:good/detail.v2",
+                                      "template:good/detail.v2", "identity"]
     assert list(out["fallback"]) == [False, True, True, True]
     assert list(out["fallback_reason"]) == ["", "empty", "error: CUDA OOM", "empty_query"]
 

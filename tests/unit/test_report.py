@@ -194,14 +194,17 @@ def test_evaluate_job_end_to_end(tiny, capsys):
                f"models=aligned={d / 'aligned'}", f"base_embeddings={d / 'emb_base'}",
                f"embeddings=aligned={d / 'emb_stale'}", f"rephrased={d / 'rephrase'}",
                f"preferences=mix={d / 'prefs.parquet'},gone={d / 'missing'}",
-               "hpir.pool=20", "baseline.cascade_n=20", f"output={out}"])
+               "hpir.pool=20", "baseline.cascade_n=20", "gallery=all",
+               "baseline.teacher_aesthetic=[scorer,contrast]", f"output={out}"])
     assert rc == 0
     for f in ("metrics.json", "report.html", "report.png", "manifest.json", "config.yaml",
               "per_query.parquet"):
         assert (out / f).is_file(), f
     m = _strict_json(out / "metrics.json")
-    assert list(m["systems"]) == ["base", "cascade", "query_shift", "rephrase", "aligned"]
-    assert set(m["comparisons"]) == {"base", "cascade", "query_shift", "rephrase"}
+    assert list(m["systems"]) == ["base", "cascade", "query_shift", "rephrase",
+                                  "teacher_rerank", "aligned"]
+    assert set(m["comparisons"]) == {"base", "cascade", "query_shift", "rephrase",
+                                     "teacher_rerank"}
     assert set(m["pairwise"]["aesthetic@10"]["aligned"]) == set(m["comparisons"])
     s = m["systems"]
     for name in s:
@@ -210,6 +213,13 @@ def test_evaluate_job_end_to_end(tiny, capsys):
     assert s["rephrase"]["recall"]["r@10"] == s["base"]["recall"]["r@10"]
     assert s["rephrase"]["recall"]["transform"].startswith("n/a")
     assert s["cascade"]["recall"]["transform"] == "rerank"
+    # the training teacher at query time: from the config here (the checkpoint has no align
+    # manifest), timed with its extra encodings
+    assert s["teacher_rerank"]["recall"]["transform"] == "rerank"
+    assert m["teacher_rerank"]["teacher"] == "scorer*1+contrast*1"
+    assert m["teacher_rerank"]["source"].startswith("config")
+    assert "its rephrasing and its bad rephrase" in s["teacher_rerank"]["timing"]["note"]
+    assert all(s[n]["timing"]["ms_per_query"] > 0 for n in s)
     # the base's recall is WorldEval.caption_recall's (same gallery, same captions)
     t = world.corpus(["id", "caption"])
     emb_t = pq.read_table(d / "emb_base" / "embeddings")
@@ -241,18 +251,24 @@ def test_evaluate_job_end_to_end(tiny, capsys):
     assert "Teacher diagnostics" in html and html.count("data:image/png;base64,") > 10
     # every baseline swept over its knob; the aligned model compared at equal relevance
     assert {f: len(v) for f, v in m["frontier"].items()} == {"cascade": 6, "query_shift": 7,
-                                                              "rephrase": 5}
+                                                              "rephrase": 5, "teacher_rerank": 6}
     assert all(r["recall@10"] is None for r in m["frontier"]["rephrase"])
-    fams = m["equal_relevance"]["families"]
-    assert set(fams) == {"cascade", "query_shift", "rephrase"}
+    eq = m["equal_relevance"]
+    fams = eq["families"]
+    assert set(fams) == {"cascade", "query_shift", "rephrase", "teacher_rerank"}
+    # chosen on the validation queries, reported on the test queries
+    assert (eq["chosen_on"], eq["reported_on"], eq["fallback"]) == ("val", "test", None)
+    assert m["queries"]["selection"]["split"] == "val" and m["queries"]["selection"]["n"] > 0
     for fam, r in fams.items():
         if r["setting"] is None:
             assert "no " + fam in r["note"]
         else:
-            eq = m["equal_relevance"]
-            assert r["precision@10"] >= eq["aligned"]["precision@10"] - eq["slack"]
+            sel = r["selection"]
+            assert sel["precision@10"] >= eq["aligned_selection"]["precision@10"] - eq["slack"]
             assert r["aesthetic@10_diff"]["n"] == m["queries"]["n"]
-    assert sum("At equal or better relevance" in v for v in m["verdict"]) == 3
+    assert sum("At equal or better relevance on the val queries" in v
+               for v in m["verdict"]) == 4
+    assert any(v.startswith("Latency") for v in m["verdict"])
     assert (out / "frontier.png").is_file() and "knobs swept" in html
 
 
@@ -289,7 +305,10 @@ def test_config_errors():
 
     for bad in (["models=aligned"], ["models=base=x"], ["gallery=train"],
                 ["baselines=[magic]"], ["embeddings=nobody=x"], ["baseline.shift_quantile=1.5"],
-                ["hpir.pool=3"], ["sweep.rephrase_mixes=[2]"], ["shift_quantile=0.2"]):
+                ["hpir.pool=3"], ["sweep.rephrase_mixes=[2]"], ["shift_quantile=0.2"],
+                ["baseline.teacher_aesthetic=[oracle]"], ["sweep.teacher_weights=[-1]"],
+                ["baseline.teacher_aesthetic=[scorer]", "baseline.teacher_aesthetic_weights=[1,2]"],
+                ["baseline.teacher_bad_template=no placeholder"]):
         with pytest.raises(ConfigError):
             build_config(EvaluateConfig, None, bad)
     c = build_config(EvaluateConfig, None, ["models=control=a/b,aligned=c/d",

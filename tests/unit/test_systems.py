@@ -165,3 +165,139 @@ def test_cached_encoder_encodes_each_text_once():
     enc.clear()
     enc(["a"])
     assert calls[-1] == ["a"]
+
+
+# ----------------------------------------------------------------------------- teacher re-rank
+
+def teacher_world(n_images: int = 30, dim: int = 8, seed: int = 3):
+    """A random gallery, three queries with a rephrasing each, their bad rephrases (the
+    builder's default template), every text's vector, and a scorer column with a NaN."""
+    from aligner.preferences.teacher import template_rephraser
+
+    rng = np.random.default_rng(seed)
+    g = normalise(rng.normal(size=(n_images, dim)))
+    texts, ids = ["q0", "q1", "q2"], ["id0", "id1", "id2"]
+    table = {i: f"nice {t}" for i, t in zip(ids, texts, strict=True)}
+    bad = template_rephraser()(texts)
+    vecs = {t: normalise(rng.normal(size=dim)) for t in texts + list(table.values()) + bad}
+    aes = rng.normal(size=n_images)
+    aes[int(np.argmax(g @ vecs["q0"]))] = np.nan  # an unscored image in q0's pool
+    return g, texts, ids, table, bad, vecs, aes
+
+
+def test_teacher_rerank_with_zero_weight_is_the_base_order():
+    from aligner.evaluation.systems import TeacherRerankSystem
+
+    g, texts, ids, table, _, vecs, aes = teacher_world()
+    base = EncoderSystem("base", lookup_encoder(vecs), g)
+    t = TeacherRerankSystem("t", base, aes, table, ["scorer", "contrast"], [1.0, 1.0], n=10,
+                            weight=0.0)
+    _, got = t.search(texts, 10, ids=ids)
+    _, want = base.search(texts, 10)
+    assert got.tolist() == want.tolist()
+
+
+@pytest.mark.parametrize("components,weights", [
+    (["scorer", "contrast"], [1.0, 1.0]), (["contrast"], [1.0]),
+    (["scorer", "rephrase", "contrast"], [0.5, 2.0, 1.0])])
+def test_teacher_rerank_with_a_large_weight_sorts_by_the_builders_teacher(components, weights):
+    """The top n re-sorted by aligner.preferences.teacher's score of that pool, computed the
+    way build_pools computes it (original, rephrased and bad query vectors; scorer column)."""
+    from aligner.evaluation.systems import TeacherRerankSystem
+    from aligner.preferences.teacher import aesthetic_score, teacher_components
+
+    g, texts, ids, table, bad, vecs, aes = teacher_world()
+    base = EncoderSystem("base", lookup_encoder(vecs), g)
+    n = 12
+    _, pool = base.search(texts, n)
+    for w in (1e6, float("inf")):
+        t = TeacherRerankSystem("t", base, aes, table, components, weights, n=n, weight=w)
+        _, got = t.search(texts, n, ids=ids)
+        for b, text in enumerate(texts):
+            comps = teacher_components(g[pool[b]], vecs[text], vecs[table[ids[b]]],
+                                       vecs[bad[b]], aes[pool[b]])
+            teacher = aesthetic_score(comps, components, weights)
+            want = pool[b][np.argsort(-teacher, kind="stable")]
+            assert got[b].tolist() == want.tolist(), (w, b)
+            assert set(got[b]) == set(pool[b])  # only the base's top n are re-ranked
+
+
+def test_teacher_rerank_score_ranks_like_its_search():
+    from aligner.evaluation.systems import TeacherRerankSystem
+
+    g, texts, ids, table, _, vecs, aes = teacher_world()
+    base = EncoderSystem("base", lookup_encoder(vecs), g)
+    t = TeacherRerankSystem("t", base, aes, table, ["scorer", "contrast"], [1.0, 1.0], n=10,
+                            weight=1.0)
+    scores, idx = t.search(texts, 10, ids=ids)
+    q = t.encode(texts, ids)
+    assert q.shape == (3, 3 * g.shape[1])
+    np.testing.assert_allclose(t.score(q, idx), scores, atol=1e-5)
+    # any candidates (outside the top n too) get a finite score on the same scale
+    _, far = base.search(texts, 30)
+    s = t.score(q, far[:, 20:])
+    assert s.shape == (3, 10) and np.isfinite(s).all()
+
+
+def test_teacher_rerank_latency_includes_the_teachers_encodings():
+    """Timed with cleared caches, the teacher pays for encoding the query, its rephrasing and
+    its bad rephrase (3 texts per query); the base for the query only."""
+    import time as _time
+
+    from aligner.evaluation.systems import TeacherRerankSystem, timed_search
+
+    g, texts, ids, table, _, vecs, aes = teacher_world()
+    delay = 0.01
+
+    def slow(batch):
+        _time.sleep(delay * len(batch))
+        return lookup_encoder(vecs)(batch)
+
+    enc = CachedEncoder(slow)
+    base = EncoderSystem("base", enc, g)
+    t = TeacherRerankSystem("t", base, aes, table, ["scorer", "contrast"], [1.0, 1.0], n=10)
+    enc.clear()
+    _, t_base = timed_search(base, texts, 10, ids=ids)
+    assert enc.encoded == 3
+    enc.clear()
+    before = enc.encoded
+    _, t_teacher = timed_search(t, texts, 10, ids=ids)
+    assert enc.encoded - before == 9  # query + rephrasing + bad rephrase, per query
+    assert t_base >= 3 * delay and t_teacher >= 9 * delay  # the encoder's sleep is timed
+    # a warm cache would hide the cost (nothing encoded): the evaluation clears it first
+    before = enc.encoded
+    timed_search(t, texts, 10, ids=ids)
+    assert enc.encoded == before
+    # a scorer-only teacher needs no extra text
+    enc.clear()
+    before = enc.encoded
+    timed_search(TeacherRerankSystem("s", base, aes, table, ["scorer"], [1.0], n=10), texts,
+                 10, ids=ids)
+    assert enc.encoded - before == 3
+
+
+def test_teacher_rerank_missing_rephrasings_and_captions():
+    from aligner.evaluation.systems import TeacherRerankSystem
+
+    g, texts, ids, table, _, vecs, aes = teacher_world()
+    calls: list = []
+    base = EncoderSystem("base", lookup_encoder(vecs, calls), g)
+    t = TeacherRerankSystem("t", base, aes, {"id0": table["id0"]}, ["rephrase", "contrast"],
+                            [1.0, 1.0], n=10)
+    q = t.encode(texts, ids)
+    assert calls[1] == ["nice q0", "q1", "q2"] and t.missing == {"id1", "id2"}
+    d = g.shape[1]
+    np.testing.assert_allclose(q[1, d:2 * d], q[1, :d])  # no rephrasing: the query itself
+    calls.clear()
+    t.encode(["q1"])  # a caption query has no id: it is its own rephrasing, not encoded twice
+    assert len(calls) == 2 and calls[0] == ["q1"]
+    strict = TeacherRerankSystem("t", base, aes, {}, ["contrast"], [1.0], on_missing="error")
+    with pytest.raises(KeyError, match="no rephrasing"):
+        strict.encode(texts, ids)
+    with pytest.raises(ValueError, match="teacher components"):
+        TeacherRerankSystem("t", base, aes, {}, ["oracle"], [1.0])
+    with pytest.raises(ValueError, match="weights"):
+        TeacherRerankSystem("t", base, aes, {}, ["scorer", "contrast"], [1.0])
+    r = t.reweighted(2.0, name="t w=2")
+    assert (r.weight, r.name, r.components, r.table) == (2.0, "t w=2", t.components, t.table)
+    assert t.describe()["teacher"] == "rephrase*1+contrast*1"
