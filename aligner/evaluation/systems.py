@@ -42,6 +42,7 @@ from aligner.preferences.teacher import (
     teacher_components,
     teacher_name,
     template_rephraser,
+    zscore,
 )
 from aligner.retrieval.metrics import aesthetic_direction, normalise, topk
 
@@ -322,23 +323,6 @@ class RephraseSystem(System):
                 "missing": len(self.missing), "mix": self.mix}
 
 
-def _pool_zscore(x: np.ndarray, pool: np.ndarray) -> np.ndarray:
-    """:func:`aligner.preferences.teacher.zscore` of ``x`` with the statistics of ``pool``
-    (the teacher's z-score of the pool itself when ``x`` is ``pool``): the mean and standard
-    deviation of the pool's finite entries; NaN -> 0; fewer than two finite entries or a
-    constant pool -> zeros."""
-    pool = np.asarray(pool, np.float64)
-    x = np.asarray(x, np.float64)
-    ok = np.isfinite(pool)
-    out = np.zeros(x.shape, np.float64)
-    if ok.sum() >= 2:
-        sd = pool[ok].std()
-        if sd > 1e-12:
-            fin = np.isfinite(x)
-            out[fin] = (x[fin] - pool[ok].mean()) / sd
-    return out.astype(np.float32)
-
-
 class TeacherRerankSystem(System):
     """The training teacher at query time: the inner system's top ``n`` re-ranked by
     ``z(sim) + weight * z(teacher aesthetic)`` (:func:`cascade_scores`).
@@ -472,7 +456,7 @@ class TeacherRerankSystem(System):
             mine = self._components(qo[b], q_reph[b], q_bad[b], cand[b])
             total = None
             for name, w in zip(self.components, self.component_weights, strict=True):
-                z = float(w) * _pool_zscore(mine[name], pool[name])
+                z = float(w) * zscore(mine[name], pool[name])
                 total = z if total is None else total + z
             aes[b] = total
         return cascade_scores(self.inner.score(qo, cand), aes, self.weight, ref_sim, ref_aes)

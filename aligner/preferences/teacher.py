@@ -67,15 +67,19 @@ def template_rephraser(template: str = DEFAULT_BAD_TEMPLATE) -> RephraseBatch:
 
 # ----------------------------------------------------------------------------- teacher
 
-def zscore(x: np.ndarray) -> np.ndarray:
-    """``(x - mean) / std`` over the finite entries; NaN -> 0; a constant vector -> zeros."""
+def zscore(x: np.ndarray, pool: np.ndarray | None = None) -> np.ndarray:
+    """``(x - mean) / std`` with the mean and standard deviation of the finite entries of
+    ``pool`` (default: ``x`` itself); NaN -> 0; fewer than two finite pool entries or a
+    constant pool -> zeros."""
     x = np.asarray(x, np.float64)
-    ok = np.isfinite(x)
+    ref = x if pool is None else np.asarray(pool, np.float64)
+    ok = np.isfinite(ref)
     out = np.zeros(x.shape, np.float64)
     if ok.sum() >= 2:
-        sd = x[ok].std()
+        sd = ref[ok].std()
         if sd > 1e-12:
-            out[ok] = (x[ok] - x[ok].mean()) / sd
+            fin = np.isfinite(x)
+            out[fin] = (x[fin] - ref[ok].mean()) / sd
     return out.astype(np.float32)
 
 
