@@ -53,6 +53,10 @@ class QuickstartConfig:
         "help": "template rephraser instead of the local LLM (--fast)"})
     from_scratch: bool = field(default=False, metadata={
         "help": "pre-train the base model here instead of using the shipped one (--from-scratch)"})
+    base: str = field(default="auto", metadata={
+        "help": "auto: the shipped base if it was trained on this world, else pre-train here | "
+                "shipped: the shipped base on any world (a dev world for tuning: it never saw "
+                "that world's images)"})
     n_images: int = field(default=10_000, metadata={"help": "world size"})
     seed: int = field(default=0, metadata={"help": "world seed"})
     n_queries: int = field(default=600, metadata={"help": "content queries (60/10/30 split)"})
@@ -91,6 +95,10 @@ class QuickstartConfig:
             raise ValueError("n_images must be at least 200 for a meaningful quickstart")
         if self.rephraser not in ("local", "template"):
             raise ValueError("rephraser must be 'local' or 'template'")
+        if self.base not in ("auto", "shipped"):
+            raise ValueError("base must be 'auto' or 'shipped'")
+        if self.base == "shipped" and self.from_scratch:
+            raise ValueError("base=shipped and --from-scratch contradict each other")
         if self.teacher not in TEACHERS:
             raise ValueError(f"teacher {self.teacher!r}: one of {list(TEACHERS)}")
         if self.fast:
@@ -113,6 +121,9 @@ def base_stage(cfg: QuickstartConfig, pipe: Pipeline, world: Path, base: Path) -
     from jobs import pretrain
 
     fits, why = shipped_base_fits(world_dir_fingerprint(world))
+    if cfg.base == "shipped" and not fits:
+        fits, why = True, (f"base=shipped on another world ({why}); every image here is unseen "
+                           "by it: use for tuning on a dev world")
     if fits and not cfg.from_scratch:
         def install() -> None:
             ckpt = install_shipped_base(base)

@@ -102,8 +102,12 @@ def study_figure(summary: Mapping[str, Any], path: str) -> None:
     rows = summary["rows"]
     if not rows:
         return
-    fig, axes = plt.subplots(1, len(rows), figsize=(3.0 * len(rows), 3.2), squeeze=False)
-    for ax, row in zip(axes[0], rows, strict=True):
+    cols = min(4, len(rows))
+    nrows = -(-len(rows) // cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(3.2 * cols, 3.2 * nrows), squeeze=False)
+    for ax in axes.flat[len(rows):]:
+        ax.axis("off")
+    for ax, row in zip(axes.flat, rows, strict=False):  # extra axes are switched off
         s = row["scale"]
         names = list(row["per_run"])
         m = np.array([row["per_run"][n]["mean"] for n in names]) * s
