@@ -32,8 +32,10 @@ def test_quickstart_small(ray_session, tmp_path, capsys):
     reph = json.loads((tmp_path / "rephrased" / "manifest.json").read_text())
     assert reph["backend"] == "template" and reph["rows_out"] == 120
     m = json.loads((tmp_path / "evaluate" / "metrics.json").read_text())
-    assert list(m["systems"]) == ["base", "cascade", "query_shift", "rephrase", "aligned",
-                                  "control"]
+    assert list(m["systems"]) == ["base", "cascade", "query_shift", "rephrase",
+                                  "teacher_rerank", "aligned", "control"]
+    assert m["gallery"]["which"] == "test" and "held out" in m["gallery"]["view"]
+    assert m["equal_relevance"]["chosen_on"] == "val"  # knobs chosen on val, reported on test
     assert set(m["teacher"]) == {"rephrase", "scorer", "both", "both+degraded"}
     assert m["teacher"]["both+degraded"]["all"]["degraded_pairs"] > 0
     assert m["equal_relevance"]["families"] and m["verdict"]
