@@ -246,7 +246,16 @@ def test_compare_randomises_and_records_then_votes_export(served):
     w = served.world
     data, counts = prepare_align_data(str(out), str(w.corpus), str(w.root / "world" / "queries"),
                                       ModelSpec(checkpoint=str(w.base)))
-    assert counts["train_pairs"] + counts["val_pairs"] == prefs.num_rows > 0
+    # every exported pair trains, validates, or names a test-split image (the page searches
+    # the whole corpus; held-out images never train): exactly those are dropped
+    from aligner.data.corpus import read_corpus
+
+    test_ids = set(read_corpus(w.corpus, ["id"], split="test")["id"].to_pylist())
+    naming_test = sum(a in test_ids or b in test_ids for a, b in zip(
+        prefs["chosen_id"].to_pylist(), prefs["rejected_id"].to_pylist(), strict=True))
+    assert counts["dropped_held_out_image_pairs"] == naming_test
+    assert counts["train_pairs"] + counts["val_pairs"] + naming_test == prefs.num_rows > 0
+    assert counts["train_pairs"] > 0
 
 
 def test_votes_from_concurrent_writers_survive_a_restart(served):
