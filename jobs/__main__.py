@@ -16,6 +16,7 @@ from aligner.runtime.config import markdown_reference
 JOBS = {"make_world": "MakeWorldConfig", "pretrain": "PretrainConfig", "embed": "EmbedConfig",
         "build_index": "IndexConfig", "search": "SearchConfig", "rephrase": "RephraseConfig",
         "build_preferences": "BuildPreferencesConfig", "align": "AlignConfig",
+        "rater_votes": "RaterVotesConfig", "train_reward": "TrainRewardConfig",
         "evaluate": "EvaluateConfig", "quickstart": "QuickstartConfig", "study": "StudyConfig"}
 DOC = Path(__file__).resolve().parent.parent / "docs" / "configs.md"
 

@@ -157,13 +157,38 @@ def rephrase_system(base: System, table: Mapping[str, str], settings: BaselineSe
 def teacher_rerank_system(base: System, aesthetic: np.ndarray, table: Mapping[str, str],
                           teacher: TeacherSpec, settings: BaselineSettings,
                           name: str = "teacher_rerank",
-                          weight: float | None = None) -> TeacherRerankSystem:
+                          weight: float | None = None,
+                          gallery: Gallery | None = None) -> TeacherRerankSystem:
     """The base's top ``cascade_n`` re-ranked by the training teacher's score at query time
     (``weight`` overrides the settings' ``teacher_weight``)."""
     w = settings.teacher_weight if weight is None else weight
+    reward = reward_gallery = None
+    if "reward" in teacher.aesthetic:
+        reward, reward_gallery = reward_teacher(teacher.reward_model, gallery)
     return TeacherRerankSystem(name, base, aesthetic, dict(table), teacher.aesthetic,
                                teacher.weights, teacher.bad_rephrase(), settings.cascade_n, w,
-                               settings.rephrase_missing)
+                               settings.rephrase_missing, reward, reward_gallery)
+
+
+def reward_teacher(checkpoint: str, gallery: Gallery | None) -> tuple[Any, np.ndarray]:
+    """A reward model and its embeddings of the gallery images (for a ``reward`` component).
+
+    Raises:
+        ValueError: no gallery images to embed.
+    """
+    from aligner.data.images import decode_rgb
+    from aligner.reward.model import RewardModel
+
+    if gallery is None:
+        raise ValueError("a reward teacher at query time needs the gallery's images")
+    t0 = time.time()
+    rm = RewardModel.load(checkpoint, device="cpu")
+    size = rm.retriever.image_size
+    pix = np.stack([decode_rgb(b, size) for b in gallery.images])
+    emb = rm.encode_pixels(pix)
+    log.info("reward teacher %s: embedded %d gallery images in %.1f s", rm.name, len(emb),
+             time.time() - t0)
+    return rm, emb
 
 
 @dataclass
@@ -261,7 +286,8 @@ def build_systems(gallery: Gallery, base_checkpoint: str | Path,
         else:
             treph = teacher_rephrasings or rephrasings
             systems["teacher_rerank"] = teacher_rerank_system(
-                base, aes, treph.table if treph is not None else {}, teacher, settings)
+                base, aes, treph.table if treph is not None else {}, teacher, settings,
+                gallery=gallery)
             info["teacher_rerank"] = {**teacher.describe(),
                                       "rephrasings": treph.source if treph else None,
                                       "scorer": settings.scorer}

@@ -32,6 +32,7 @@ import logging
 import time
 import warnings
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -362,8 +363,12 @@ class TeacherRerankSystem(System):
     def __init__(self, name: str, inner: System, aesthetic: np.ndarray,
                  table: dict[str, str], components: Sequence[str],
                  component_weights: Sequence[float], bad_rephrase: RephraseBatch | None = None,
-                 n: int = 50, weight: float = 1.0, on_missing: str = "plain") -> None:
+                 n: int = 50, weight: float = 1.0, on_missing: str = "plain",
+                 reward: Any = None, reward_gallery: np.ndarray | None = None) -> None:
         super().__init__(name, inner.gallery)
+        if "reward" in components and (reward is None or reward_gallery is None):
+            raise ValueError("a teacher with a 'reward' component needs the reward model and "
+                             "its embeddings of the gallery")
         if len(aesthetic) != len(inner.gallery):
             raise ValueError(f"{len(aesthetic)} aesthetic scores for {len(inner.gallery)} images")
         unknown = [c for c in components if c not in TEACHER_COMPONENTS]
@@ -386,6 +391,8 @@ class TeacherRerankSystem(System):
         self.on_missing = on_missing
         self.need_reph = bool({"rephrase", "contrast"} & set(self.components))
         self.need_bad = "contrast" in self.components
+        self.reward = reward if "reward" in self.components else None
+        self.reward_gallery = reward_gallery if self.reward is not None else None
         self.missing: set[str] = set()
 
     @property
@@ -396,7 +403,8 @@ class TeacherRerankSystem(System):
         """The same teacher and pool with another weight (a sweep's setting)."""
         return TeacherRerankSystem(name or self.name, self.inner, self.aesthetic, self.table,
                                    self.components, self.component_weights, self.bad_rephrase,
-                                   self.n, weight, self.on_missing)
+                                   self.n, weight, self.on_missing, self.reward,
+                                   self.reward_gallery)
 
     def encode(self, texts: Sequence[str], ids: Sequence[str] | None = None) -> np.ndarray:
         texts = list(texts)
@@ -409,20 +417,33 @@ class TeacherRerankSystem(System):
                 q_reph = self.inner.encode(reph, ids)
         if self.need_bad:
             q_bad = self.inner.encode(list(self.bad_rephrase(texts)), ids)
-        return np.concatenate([q, q_reph, q_bad], axis=1).astype(np.float32)
+        parts = [q, q_reph, q_bad]
+        if self.reward is not None:  # the reward model's own text vector, after the three
+            parts.append(self.reward.encode_texts(texts))
+        return np.concatenate(parts, axis=1).astype(np.float32)
 
-    @staticmethod
-    def split(qq: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """``[Q, 3D]`` from :meth:`encode` -> (query, rephrasing, bad rephrase) ``[Q, D]``."""
-        d = qq.shape[1] // 3
-        return qq[:, :d], qq[:, d:2 * d], qq[:, 2 * d:]
+    def split(self, qq: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``[Q, 3D (+ Dr)]`` from :meth:`encode` -> (query, rephrasing, bad rephrase)
+        ``[Q, D]`` (the reward text vector, if any, is :meth:`reward_part`)."""
+        d = self.gallery.shape[1]
+        return qq[:, :d], qq[:, d:2 * d], qq[:, 2 * d:3 * d]
+
+    def reward_part(self, qq: np.ndarray) -> np.ndarray:
+        """The reward model's text vectors ``[Q, Dr]`` of :meth:`encode`'s output."""
+        return qq[:, 3 * self.gallery.shape[1]:]
 
     def _components(self, q: np.ndarray, q_reph: np.ndarray, q_bad: np.ndarray,
-                    cand: np.ndarray) -> dict[str, np.ndarray]:
+                    cand: np.ndarray, q_reward: np.ndarray | None = None
+                    ) -> dict[str, np.ndarray]:
+        reward = None
+        if self.reward is not None and q_reward is not None:
+            img = self.reward_gallery[cand]
+            reward = self.reward.rewards_from_features(np.repeat(q_reward[None], len(cand), 0),
+                                                       img)
         comps = teacher_components(
             self.gallery[cand], q, q_reph if self.need_reph else None,
             q_bad if self.need_bad else None,
-            self.aesthetic[cand] if "scorer" in self.components else None)
+            self.aesthetic[cand] if "scorer" in self.components else None, reward)
         comps.pop("sem")
         return comps
 
@@ -430,9 +451,10 @@ class TeacherRerankSystem(System):
         """The teacher's aesthetic of each query's pool ``[Q, M]`` (gallery indices), z-scored
         within the pool as the builder does: ``[Q, M]``."""
         q, q_reph, q_bad = self.split(qq)
+        q_rw = self.reward_part(qq)
         out = np.zeros(pool.shape, np.float32)
         for b in range(len(pool)):
-            comps = self._components(q[b], q_reph[b], q_bad[b], pool[b])
+            comps = self._components(q[b], q_reph[b], q_bad[b], pool[b], q_rw[b])
             out[b] = aesthetic_score(comps, self.components, self.component_weights)
         return out
 
@@ -448,12 +470,13 @@ class TeacherRerankSystem(System):
         statistics of the query's top ``n`` (the pool), then both terms z-scored with the top
         n's statistics, as :meth:`search_embeddings` ranks them (equal on the top n)."""
         qo, q_reph, q_bad = self.split(q)
+        q_rw = self.reward_part(q)
         ref_sim, ref_idx = self.inner.search_embeddings(qo, self.n)
         ref_aes = self.teacher_scores(q, ref_idx)
         aes = np.zeros(cand.shape, np.float32)
         for b in range(len(cand)):
-            pool = self._components(qo[b], q_reph[b], q_bad[b], ref_idx[b])
-            mine = self._components(qo[b], q_reph[b], q_bad[b], cand[b])
+            pool = self._components(qo[b], q_reph[b], q_bad[b], ref_idx[b], q_rw[b])
+            mine = self._components(qo[b], q_reph[b], q_bad[b], cand[b], q_rw[b])
             total = None
             for name, w in zip(self.components, self.component_weights, strict=True):
                 z = float(w) * zscore(mine[name], pool[name])

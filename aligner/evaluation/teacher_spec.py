@@ -46,6 +46,7 @@ class TeacherSpec:
         source: where the teacher was read (shown in metrics and the report).
         queries: the builder's queries table (its rephrasings), if recorded.
         notes: what could not be reproduced at query time, and other caveats.
+        reward_model: the reward checkpoint of a ``reward`` component ("" if none).
     """
 
     aesthetic: list[str]
@@ -55,6 +56,7 @@ class TeacherSpec:
     source: str = ""
     queries: str = ""
     notes: list[str] = field(default_factory=list)
+    reward_model: str = ""
 
     def __post_init__(self) -> None:
         unknown = [a for a in self.aesthetic if a not in T.TEACHER_COMPONENTS]
@@ -65,6 +67,8 @@ class TeacherSpec:
             raise ValueError(f"{len(self.aesthetic)} teacher components but "
                              f"{len(self.weights)} weights")
         self.weights = [float(w) for w in self.weights]
+        if "reward" in self.aesthetic and not self.reward_model:
+            raise ValueError("the teacher's 'reward' component needs its reward_model")
         if "{q}" not in self.bad_template:
             self.notes.append(f"bad template {self.bad_template!r} has no {{q}}: using "
                               "teacher.DEFAULT_BAD_TEMPLATE")
@@ -98,16 +102,18 @@ class TeacherSpec:
             bad += " (the oracle-aware ablation)"
         return {"teacher": self.name, "components": self.aesthetic, "weights": self.weights,
                 "bad_rephrase": bad, "source": self.source,
+                **({"reward_model": self.reward_model} if self.reward_model else {}),
                 **({"notes": self.notes} if self.notes else {})}
 
 
 def teacher_record(aesthetic: Sequence[str], weights: Sequence[float], bad_template: str,
-                   bad_rephraser: str = "", queries: str = "") -> dict[str, Any]:
+                   bad_rephraser: str = "", queries: str = "",
+                   reward_model: str = "") -> dict[str, Any]:
     """The ``teacher_spec`` entry a preferences manifest should hold so that the evaluation
     can apply the same teacher at query time (read first by :func:`teacher_from_manifest`)."""
     return {"name": T.teacher_name(aesthetic, weights), "aesthetic": list(aesthetic),
             "aesthetic_weights": [float(w) for w in weights], "bad_template": bad_template,
-            "bad_rephraser": bad_rephraser, "queries": queries}
+            "bad_rephraser": bad_rephraser, "queries": queries, "reward_model": reward_model}
 
 
 def parse_teacher_name(name: str) -> tuple[list[str], list[float]]:
@@ -137,6 +143,7 @@ def teacher_from_manifest(manifest: Mapping[str, Any], where: str = "") -> Teach
     inputs = manifest.get("inputs") or {}
     rec = manifest.get("teacher_spec") or {}
     notes: list[str] = []
+    reward_model = rec.get("reward_model") or cfg.get("reward_model") or ""
     if rec.get("aesthetic"):
         names, weights = list(rec["aesthetic"]), list(rec.get("aesthetic_weights")
                                                      or [1.0] * len(rec["aesthetic"]))
@@ -165,7 +172,8 @@ def teacher_from_manifest(manifest: Mapping[str, Any], where: str = "") -> Teach
     if (manifest.get("grid") or {}).get("retrieve_with", cfg.get("retrieve_with")) == "rephrased":
         notes.append("the builder's pools were retrieved with the rephrased query; "
                      "teacher_rerank re-ranks the base's top N for the query itself")
-    return TeacherSpec(names, weights, bad, bad_r, where, str(queries or ""), notes)
+    return TeacherSpec(names, weights, bad, bad_r, where, str(queries or ""), notes,
+                       str(reward_model))
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:

@@ -97,9 +97,14 @@ class BuildPreferencesConfig(PairSettings):
     max_pairs_per_source: int = field(default=0, metadata={"help": "cap (0: none), seeded"})
     seed: int = field(default=0, metadata={"help": "seed of the caps' subsampling"})
     examples: int = field(default=2, metadata={"help": "example grids drawn to grids.png"})
+    reward_model: str = field(default="", metadata={
+        "help": "reward checkpoint (jobs.train_reward) for the 'reward' teacher component"})
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if ("reward" in self.aesthetic) != bool(self.reward_model):
+            raise ValueError("the 'reward' teacher component and reward_model go together: "
+                             f"aesthetic={self.aesthetic}, reward_model={self.reward_model!r}")
         if not self.embeddings or not self.queries or not self.output:
             raise ValueError("embeddings, queries and output are required")
         if self.examples < 0 or self.max_pairs_per_query < 0 or self.max_pairs_per_source < 0:
@@ -243,9 +248,14 @@ def build_preferences(cfg: BuildPreferencesConfig) -> dict[str, Any]:
                          f"corpus vectors have {candidates.dim}: use the model that embedded it")
     log.info("model %s and candidates ready in %.1f s", retriever.describe(), time.time() - t0)
 
+    reward = None
+    if "reward" in cfg.aesthetic:
+        from aligner.reward.teacher import PoolRewards
+
+        reward = PoolRewards(cfg.reward_model, corpus)
     t0 = time.time()
     pools = build_pools(qtexts, retriever.encode_texts, candidates, settings,
-                          bad_rephraser(cfg))
+                        bad_rephraser(cfg), reward=reward)
     rows, stats = build_pairs(pools, settings)
     log.info("%d pools scored, %d pairs emitted in %.1f s (grid shrunk for %d, no grid for %d, "
              "empty %d)", len(pools), len(rows), time.time() - t0, stats["reduced_grids"],
@@ -286,7 +296,9 @@ def build_preferences(cfg: BuildPreferencesConfig) -> dict[str, Any]:
                                  "aesthetic_weights": [float(w) for w in
                                                        cfg.aesthetic_weights],
                                  "bad_template": cfg.bad_template,
-                                 "bad_rephraser": cfg.bad_rephraser, "queries": cfg.queries},
+                                 "bad_rephraser": cfg.bad_rephraser, "queries": cfg.queries,
+                                 "reward_model": cfg.reward_model},
+                   reward=reward.describe() if reward is not None else None,
                    grid={"k": cfg.k, "u": cfg.u, "v": cfg.v, "stride": cfg.stride,
                          "retrieve_with": cfg.retrieve_with, "weighting": cfg.weighting},
                    degrade={"kinds": settings.degrade_kinds,

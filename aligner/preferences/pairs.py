@@ -14,7 +14,7 @@ Nothing here reads an oracle; nothing imports torch or Ray (text encoding is a c
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -45,6 +45,8 @@ from aligner.preferences.teacher import (
 )
 
 log = logging.getLogger(__name__)
+#: ``(queries, candidate ids per query) -> reward per candidate, per query``
+PoolRewardFn = Callable[[Sequence[str], Sequence[Sequence[str]]], list[np.ndarray]]
 
 
 @dataclass
@@ -66,7 +68,8 @@ class PairSettings:
         "help": "pool retrieved with the original query (the model's own results, on-policy) "
                 "| rephrased (the paper)"})
     aesthetic: list[str] = field(default_factory=lambda: ["scorer", "contrast"], metadata={
-        "help": "teacher components: scorer, rephrase, contrast (z-scored within the pool)"})
+        "help": "teacher components: scorer, rephrase, contrast, reward (z-scored within the "
+                "pool; reward needs reward_model)"})
     aesthetic_weights: list[float] = field(default_factory=lambda: [1.0, 1.0],
                                            metadata={"help": "one weight per component"})
     weighting: str = field(default="uniform", metadata={
@@ -139,7 +142,7 @@ class QueryText:
 
 def build_pools(queries: Sequence[QueryText], encode: EncodeTexts, candidates: Any,
                 settings: PairSettings, bad_rephrase: RephraseBatch | None = None,
-                batch: int = 512) -> list[Pool]:
+                batch: int = 512, reward: PoolRewardFn | None = None) -> list[Pool]:
     """Retrieve and score the candidate pool of every query.
 
     Args:
@@ -150,8 +153,12 @@ def build_pools(queries: Sequence[QueryText], encode: EncodeTexts, candidates: A
         settings: K, teacher components and weights.
         bad_rephrase: antonym rephraser for ``contrast`` (default :data:`DEFAULT_BAD_TEMPLATE`).
         batch: queries encoded and searched at once.
+        reward: ``(queries, ids per pool) -> rewards per pool`` for the ``reward`` component
+            (:class:`aligner.reward.teacher.PoolRewards`); required when it is a component.
     """
     need_bad = "contrast" in settings.aesthetic
+    if "reward" in settings.aesthetic and reward is None:
+        raise ValueError("the 'reward' teacher component needs a reward model (reward_model=)")
     bad_rephrase = bad_rephrase or template_rephraser()
     pools: list[Pool] = []
     for lo in range(0, len(queries), batch):
@@ -163,11 +170,13 @@ def build_pools(queries: Sequence[QueryText], encode: EncodeTexts, candidates: A
         q_bad = encode(list(bad_rephrase(orig))) if need_bad else None
         search_vec = q_reph if settings.retrieve_with == "rephrased" else q_orig
         found = candidates.search(search_vec, settings.k)
+        rewards = reward(orig, found.ids) if "reward" in settings.aesthetic else None
         for b, q in enumerate(qs):
             cand = found.embeddings[b]
             comps = teacher_components(cand, q_orig[b], q_reph[b],
                                        q_bad[b] if q_bad is not None else None,
-                                       found.aesthetic[b])
+                                       found.aesthetic[b],
+                                       rewards[b] if rewards is not None else None)
             sem = comps.pop("sem")
             aes = (aesthetic_score(comps, settings.aesthetic, settings.aesthetic_weights)
                    if len(cand) else np.zeros(0, np.float32))

@@ -10,7 +10,10 @@ For each query's pool of candidate images (:mod:`aligner.preferences.candidates`
   - ``rephrase``: cos(image, rephrased query) - cos(image, original query);
   - ``contrast``: cos(image, good rephrase) - cos(image, bad rephrase) - the CLIP-IQA
     antonym-prompt idea (Wang et al. 2023); the good rephrase is the rephrased query, the bad
-    one comes from a callable (default :data:`DEFAULT_BAD_TEMPLATE`).
+    one comes from a callable (default :data:`DEFAULT_BAD_TEMPLATE`);
+  - ``reward``: a trained reward model's score of (query, image)
+    (:class:`aligner.reward.teacher.PoolRewards`), learnt from votes: human or simulated raters,
+    or LMM labels - unlike the others it needs labelled data.
 
 The default negatives are generic: :data:`DEFAULT_BAD_TEMPLATE` is photo-critique vocabulary a
 user would write for real photographs, and the degraded copies default to
@@ -31,7 +34,7 @@ import numpy as np
 
 from aligner.preferences.degrade import DEFAULT_DEGRADE_KINDS, ORACLE_AWARE_DEGRADE_KINDS
 
-TEACHER_COMPONENTS = ("scorer", "rephrase", "contrast")
+TEACHER_COMPONENTS = ("scorer", "rephrase", "contrast", "reward")
 #: The antonym ("bad") prompt of ``contrast``: generic photo-critique vocabulary for real
 #: photographs (quality, focus, noise, exposure, colour, framing, compression), no particular
 #: colour cast. Worded as ``TemplateRephraser(style="reorg", polarity="bad")`` words it.
@@ -85,7 +88,8 @@ def zscore(x: np.ndarray, pool: np.ndarray | None = None) -> np.ndarray:
 
 def teacher_components(cand: np.ndarray, q_orig: np.ndarray, q_reph: np.ndarray | None = None,
                        q_bad: np.ndarray | None = None,
-                       scorer: np.ndarray | None = None) -> dict[str, np.ndarray]:
+                       scorer: np.ndarray | None = None,
+                       reward: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """Raw per-candidate scores of one pool: ``sem`` and every available teacher component.
 
     Args:
@@ -94,9 +98,11 @@ def teacher_components(cand: np.ndarray, q_orig: np.ndarray, q_reph: np.ndarray 
         q_reph: ``[D]`` rephrased ("good") query vector, if any.
         q_bad: ``[D]`` antonym ("bad") rephrase vector, if any.
         scorer: ``[K]`` pixel-scorer values (NaN where unscored), if any.
+        reward: ``[K]`` reward-model scores of the candidates with the query, if any.
 
     Returns:
-        ``{"sem": [K], "scorer": [K], "rephrase": [K], "contrast": [K]}`` (components whose
+        ``{"sem": [K], "scorer": [K], "rephrase": [K], "contrast": [K], "reward": [K]}``
+        (components whose
         inputs are missing are left out). ``contrast`` uses the original query as the good
         side when there is no rephrase.
     """
@@ -109,6 +115,8 @@ def teacher_components(cand: np.ndarray, q_orig: np.ndarray, q_reph: np.ndarray 
     if q_bad is not None:
         good = cand @ q_reph if q_reph is not None else sem
         out["contrast"] = (good - cand @ q_bad).astype(np.float32)
+    if reward is not None:
+        out["reward"] = np.asarray(reward, np.float32)
     return out
 
 

@@ -14,7 +14,7 @@ def write_logs(history: list[dict[str, Any]], out: Path, kind: str) -> None:
     Args:
         history: the metrics lines (one per logged step).
         out: the output directory.
-        kind: ``pretrain`` or ``align`` (which plot).
+        kind: ``pretrain``, ``align`` or ``reward`` (which plot).
     """
     (out / "train_log.jsonl").write_text("".join(json.dumps(h) + "\n" for h in history))
     keys = sorted({k for h in history for k in h}, key=lambda k: (k != "step", k))
@@ -23,7 +23,8 @@ def write_logs(history: list[dict[str, Any]], out: Path, kind: str) -> None:
         w.writeheader()
         w.writerows(history)
     if history:
-        (plot_pretrain if kind == "pretrain" else plot_align)(history, out / "training.png")
+        plot = {"pretrain": plot_pretrain, "reward": plot_reward}.get(kind, plot_align)
+        plot(history, out / "training.png")
 
 
 def _pyplot():
@@ -75,6 +76,25 @@ def plot_align(history: list[dict[str, Any]], path: Path) -> None:
     ax[2].plot([h["step"] for h in ev], [h.get("val_r@10", nan) for h in ev],
                marker="o", label="R@10")
     ax[2].set(xlabel="step", title="validation caption recall@10")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_reward(history: list[dict[str, Any]], path: Path) -> None:
+    """Bradley-Terry loss and pair accuracy (train means, validation votes) against step."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(1, 2, figsize=(9, 3.2))
+    tr = [h for h in history if "loss" in h]
+    ev = [h for h in history if "val_acc" in h]
+    ax[0].plot([h["step"] for h in tr], [h["loss"] for h in tr], label="train")
+    ax[0].plot([h["step"] for h in ev], [h["val_loss"] for h in ev], marker="o", label="validation")
+    ax[0].set(xlabel="step", ylabel="-log sigmoid(r_w - r_l)", title="Bradley-Terry loss")
+    ax[0].legend(fontsize=8)
+    ax[1].plot([h["step"] for h in tr], [h["train_acc"] for h in tr], label="train")
+    ax[1].plot([h["step"] for h in ev], [h["val_acc"] for h in ev], marker="o", label="validation")
+    ax[1].set(xlabel="step", ylabel="accuracy", title="agreement with the votes")
+    ax[1].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -564,3 +564,43 @@ def test_index_candidates_search_only_allowed_ids_widening_as_needed():
     assert all(i in allowed for r in got for i in r)
     assert IndexCandidates(Exact(), ".")._search_ids(q, 5) == \
         MatrixCandidates(ids, m).search(q, 5).ids
+
+
+def test_job_with_a_reward_teacher(job_inputs, tmp_path):
+    """aesthetic=[reward]: pools are ordered by a reward model's score of (query, image); a grid
+    pair in one row prefers the image the reward model scores higher for that query."""
+    import torch
+
+    from aligner.retrieval.models import ModelSpec, load_retriever, save_checkpoint
+    from aligner.reward.model import HeadSpec, Normalisation, RewardHead, RewardModel, save_reward_parts
+    from jobs.build_preferences import main
+
+    root = job_inputs
+    ckpt = tmp_path / "rm"
+    r = load_retriever(ModelSpec(), device="cpu")
+    save_checkpoint(r, ckpt)
+    torch.manual_seed(1)
+    spec = HeadSpec(3 * r.embed_dim)
+    save_reward_parts(ckpt, RewardHead(spec), spec, Normalisation(0.0, 1.0, 2))
+    out = tmp_path / "prefs"
+    common = [f"embeddings={root / 'emb'}", f"queries={root / 'queries.parquet'}", "k=16",
+              "u=2", "v=2", "stride=2", "degraded=false", "examples=0"]
+    assert main(common + [f"output={out}", "aesthetic=[reward]", "aesthetic_weights=[1.0]",
+                          f"reward_model={ckpt}"]) == 0
+    t = pq.read_table(out / "preferences.parquet").to_pylist()
+    assert t and {r["teacher"] for r in t} == {"reward*1"}
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["teacher_spec"]["reward_model"] == str(ckpt)
+    assert m["reward"]["images_encoded"] > 0
+    rm = RewardModel.load(ckpt)
+    corpus = pq.read_table(root / "corpus" / "part-0.parquet").to_pylist()
+    png = {c["id"]: c["image"] for c in corpus}
+    same_row = [x for x in t if x["chosen_cell"] // 2 == x["rejected_cell"] // 2]
+    assert same_row
+    for x in same_row:
+        a, b = rm.score(x["query"], [png[x["chosen_id"]], png[x["rejected_id"]]])
+        assert a > b
+    # the component needs its model, and a model needs the component
+    assert main(common + [f"output={tmp_path / 'x'}", "aesthetic=[reward]",
+                          "aesthetic_weights=[1.0]"]) == 2
+    assert main(common + [f"output={tmp_path / 'y'}", f"reward_model={ckpt}"]) == 2

@@ -1,0 +1,166 @@
+"""The reward model: ImageReward's loss and head by hand, layer freezing, the normalisation, and
+the batched ``score`` / ``inference_rank`` API on a saved checkpoint (no Ray)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from aligner.retrieval.models import (
+    ModelSpec,
+    build_model_from_config,
+    load_retriever,
+    save_checkpoint,
+)
+from aligner.reward.model import (
+    HeadSpec,
+    Normalisation,
+    RewardHead,
+    RewardModel,
+    bradley_terry_loss,
+    freeze_bottom,
+    joint_features,
+    save_reward_parts,
+)
+
+
+def test_bradley_terry_loss_by_hand():
+    rw, rl = torch.tensor([2.0, 0.0, -1.0]), torch.tensor([1.0, 0.0, 1.0])
+    per = [math.log(1 + math.exp(-(a - b))) for a, b in ((2, 1), (0, 0), (-1, 1))]
+    assert float(bradley_terry_loss(rw, rl)) == pytest.approx(sum(per) / 3, rel=1e-6)
+    w = torch.tensor([1.0, 0.0, 3.0])
+    assert float(bradley_terry_loss(rw, rl, w)) == pytest.approx((per[0] + 3 * per[2]) / 4,
+                                                                 rel=1e-6)
+    # the gradient pushes the chosen reward up and the rejected one down
+    a, b = torch.tensor([0.5], requires_grad=True), torch.tensor([0.2], requires_grad=True)
+    bradley_terry_loss(a, b).backward()
+    assert a.grad.item() < 0 < b.grad.item()
+
+
+def test_head_has_imagerewards_shape_and_joint_features_carry_the_cosine():
+    head = RewardHead(HeadSpec(3 * 8))
+    linears = [m for m in head.layers if isinstance(m, torch.nn.Linear)]
+    assert [(m.in_features, m.out_features) for m in linears] == [
+        (24, 1024), (1024, 128), (128, 64), (64, 16), (16, 1)]
+    drops = [m.p for m in head.layers if isinstance(m, torch.nn.Dropout)]
+    assert drops == [0.2, 0.2, 0.1]
+    assert not any(isinstance(m, torch.nn.GELU) for m in head.layers)
+    assert sum(isinstance(m, torch.nn.GELU) for m in RewardHead(HeadSpec(24, activation="gelu"))
+               .layers) == 4
+    i = torch.nn.functional.normalize(torch.randn(5, 8), dim=-1)
+    t = torch.nn.functional.normalize(torch.randn(5, 8), dim=-1)
+    j = joint_features(i, t)
+    assert j.shape == (5, 24)
+    np.testing.assert_allclose(j[:, 16:].sum(1) / 8, (i * t).sum(1), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="activation"):
+        HeadSpec(24, activation="relu6")
+
+
+def _frozen(module) -> list[bool]:
+    return [not p.requires_grad for p in module.parameters()]
+
+
+def test_freeze_bottom_on_the_builtin_retriever():
+    model = load_retriever(ModelSpec(), device="cpu").model
+    out = freeze_bottom(model, 0.7)
+    blocks = model.visual.transformer.resblocks
+    assert out["image"] == 2 and out["image_of"] == len(blocks) == 4
+    assert all(_frozen(blocks[0])) and all(_frozen(blocks[1]))
+    assert not any(_frozen(blocks[2])) and not any(_frozen(blocks[3]))
+    assert not model.visual.conv1.weight.requires_grad
+    assert all(_frozen(model.text.transformer))  # the packaged MiniLM stays locked
+    assert model.text.proj.weight.requires_grad  # its projection trains
+    assert not model.logit_scale.requires_grad
+    with pytest.raises(ValueError, match="freeze_fraction"):
+        freeze_bottom(model, 1.5)
+
+
+def test_freeze_bottom_on_an_open_clip_text_transformer():
+    cfg = {"embed_dim": 16, "vision_cfg": {"image_size": 32, "layers": 2, "width": 32,
+                                           "patch_size": 16, "head_width": 16},
+           "text_cfg": {"context_length": 8, "vocab_size": 100, "width": 32, "heads": 2,
+                        "layers": 3}}
+    model, _ = build_model_from_config(cfg)
+    out = freeze_bottom(model, 0.7)
+    assert (out["image"], out["text"]) == (1, 2)
+    assert all(_frozen(model.transformer.resblocks[1]))
+    assert not any(_frozen(model.transformer.resblocks[2]))
+    assert not model.token_embedding.weight.requires_grad
+    assert freeze_bottom(build_model_from_config(cfg)[0], 0.0)["text"] == 0
+
+
+def test_normalisation_fits_training_rewards():
+    raw = np.random.default_rng(0).normal(3.0, 2.0, 1000)
+    n = Normalisation.fit(raw)
+    z = (raw - n.mean) / n.std
+    assert abs(z.mean()) < 1e-9 and z.std() == pytest.approx(1.0)
+    with pytest.raises(ValueError):
+        Normalisation.fit(np.array([1.0]))
+
+
+@pytest.fixture(scope="module")
+def reward_dir(tmp_path_factory):
+    """A reward checkpoint: the built-in retriever (random image tower) + a random head."""
+    d = tmp_path_factory.mktemp("rm") / "checkpoint"
+    r = load_retriever(ModelSpec(), device="cpu")
+    save_checkpoint(r, d)
+    torch.manual_seed(0)
+    spec = HeadSpec(3 * r.embed_dim)
+    save_reward_parts(d, RewardHead(spec), spec, Normalisation(0.25, 2.0, 10))
+    return d
+
+
+def _images(n: int, seed: int = 0) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, 255, (64, 64, 3), dtype=np.uint8) for _ in range(n)]
+
+
+def test_score_api_is_batched_and_matches_one_at_a_time(reward_dir, tmp_path):
+    rm = RewardModel.load(reward_dir, device="cpu")
+    imgs = _images(7)
+    batched = rm.score("two red stars on sand", imgs)
+    assert isinstance(batched, list) and len(batched) == 7
+    singles = [rm.score("two red stars on sand", im) for im in imgs]
+    assert all(isinstance(s, float) for s in singles)
+    np.testing.assert_allclose(batched, singles, rtol=1e-4, atol=1e-5)
+    # every input kind gives the same score: array, PIL image, file path, bytes
+    Image.fromarray(imgs[0]).save(tmp_path / "a.png")
+    kinds = [imgs[0], Image.fromarray(imgs[0]), tmp_path / "a.png",
+             (tmp_path / "a.png").read_bytes()]
+    np.testing.assert_allclose([rm.score("two red stars on sand", k) for k in kinds],
+                               batched[0], rtol=1e-4, atol=1e-5)
+    ranks, rewards = rm.inference_rank("two red stars on sand", imgs)
+    np.testing.assert_allclose(rewards, batched, rtol=1e-6)
+    assert sorted(ranks) == list(range(1, 8))
+    assert ranks[int(np.argmax(rewards))] == 1 and ranks[int(np.argmin(rewards))] == 7
+    # normalisation: score = (raw - 0.25) / 2
+    txt = rm.encode_texts(["q"])
+    img = rm.encode_pixels(np.stack(imgs[:2]))
+    with torch.no_grad():
+        raw = rm.head(joint_features(torch.from_numpy(img), torch.from_numpy(txt).expand(2, -1)))
+    np.testing.assert_allclose(rm.rewards_from_features(np.repeat(txt, 2, 0), img),
+                               (raw.numpy() - 0.25) / 2.0, rtol=1e-5, atol=1e-6)
+    assert rm.score("q", []) == []
+
+
+def test_bad_inputs_are_clear_errors(reward_dir, tmp_path):
+    rm = RewardModel.load(reward_dir, device="cpu")
+    with pytest.raises(ValueError, match="prompt"):
+        rm.score(["not", "a string"], _images(1))
+    with pytest.raises(ValueError, match=r"\[H, W, 3\] uint8"):
+        rm.score("q", np.zeros((4, 4), np.uint8))
+    with pytest.raises(FileNotFoundError):
+        rm.score("q", [tmp_path / "missing.png"])
+    (tmp_path / "bad.png").write_bytes(b"not an image")
+    with pytest.raises(ValueError):
+        rm.score("q", [tmp_path / "bad.png"])
+    with pytest.raises(ValueError, match="prompts for"):
+        rm.score_batch(["a", "b"], _images(1))
+    plain = tmp_path / "plain"
+    save_checkpoint(load_retriever(ModelSpec(), device="cpu"), plain)
+    with pytest.raises(FileNotFoundError, match="not a reward-model checkpoint"):
+        RewardModel.load(plain)
