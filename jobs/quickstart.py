@@ -73,6 +73,11 @@ class QuickstartConfig:
         "help": "also fine-tune with the oracle-aware teacher (negatives and degraded copies "
                 "written knowing the built-in world's hidden taste) and evaluate it, named "
                 "ablation_oracle_aware"})
+    reward: bool = field(default=False, metadata={
+        "help": "also simulate rater votes on the training split, train a reward model on them "
+                "(jobs.rater_votes, jobs.train_reward) and fine-tune with it as the teacher "
+                "(+ degraded copies), evaluated as aligned_reward: the human-label alternative "
+                "to the LLM-only teacher"})
     control: bool = field(default=True, metadata={
         "help": "train the contrastive-only control (same steps and data, no preference loss)"})
     num_workers: int = field(default=2, metadata={"help": "Ray Train workers of the fine-tune"})
@@ -215,6 +220,8 @@ def main(argv: list[str] | None = None) -> int:
         pipe.stage(name, out, lambda ac=ac: run_align(ac), ac,
                    after=["world", "base", f"preferences:{t}"])
         trained[name] = out / "checkpoint"
+    if cfg.reward:
+        trained["aligned_reward"] = reward_stages(cfg, pipe, work, p, base, ac0)
     if cfg.control:  # same data, steps and weight interpolation as the aligned model
         alpha = _read(p["aligned"] / "metrics.json").get("selected_alpha", 1.0)
         cc = replace(ac0, preferences=str(pref_dirs[cfg.teacher]), output=str(p["control"]),
@@ -235,7 +242,9 @@ def main(argv: list[str] | None = None) -> int:
                         models=[f"{n}={c}" for n, c in trained.items()],
                         embeddings=[f"aligned={p['embeddings_aligned']}"],
                         rephrased=str(p["rephrased"]),
-                        preferences=[f"{t}={pref_dirs[t]}" for t in used])
+                        preferences=[f"{t}={pref_dirs[t]}" for t in used] + (
+                            [f"reward+degraded={p['preferences'] / 'reward_degraded'}"]
+                            if cfg.reward else []))
     pipe.stage("evaluate", p["evaluate"], lambda: evaluate(vc), vc)
     sc = replace(search.SearchConfig(), index=str(p["index_aligned"]), output=str(p["search"]),
                  k=cfg.k, query=list(cfg.queries))
@@ -246,6 +255,36 @@ def main(argv: list[str] | None = None) -> int:
                    skipped=pipe.skipped, summary=summary)
     _print(summary, pipe.timings, time.time() - started, p)
     return 0
+
+
+def reward_stages(cfg: QuickstartConfig, pipe: Pipeline, work: Path, p: dict[str, Path],
+                  base: Any, ac0: Any) -> Path:
+    """Simulated-rater votes -> reward model -> its preferences -> ``aligned_reward``; returns
+    the aligned checkpoint."""
+    from aligner.preferences.build import BuildPreferencesConfig, build_preferences
+    from aligner.training.reward import TrainRewardConfig
+    from aligner.training.runs import run_align
+    from jobs import rater_votes, train_reward
+
+    vc = replace(rater_votes.RaterVotesConfig(), world=str(p["world"]), output=str(work / "votes"))
+    pipe.stage("votes", work / "votes", lambda: rater_votes.run(vc), vc, after=["world"])
+    tc = TrainRewardConfig(votes=str(work / "votes"), world=str(p["world"]), model=base,
+                           output=str(work / "reward"), num_workers=cfg.num_workers,
+                           ray_address=cfg.ray_address, rephrased=str(p["rephrased"]))
+    pipe.stage("reward", work / "reward", lambda: train_reward.run(tc), tc,
+               after=["votes", "base", "rephrase"])
+    prefs = p["preferences"] / "reward_degraded"
+    bc = BuildPreferencesConfig(embeddings=str(p["embeddings"]), queries=str(p["rephrased"]),
+                                output=str(prefs), splits=["train", "val"], aesthetic=["reward"],
+                                aesthetic_weights=[1.0], degraded=True,
+                                reward_model=str(work / "reward" / "checkpoint"))
+    pipe.stage("preferences:reward", prefs, lambda: build_preferences(bc), bc,
+               after=["embed", "rephrase", "reward"])
+    out = work / "aligned_reward"
+    ac = replace(ac0, preferences=str(prefs), output=str(out))
+    pipe.stage("aligned_reward", out, lambda: run_align(ac), ac,
+               after=["world", "base", "preferences:reward"])
+    return out / "checkpoint"
 
 
 def model_name(teacher: str) -> str:

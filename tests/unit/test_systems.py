@@ -301,3 +301,39 @@ def test_teacher_rerank_missing_rephrasings_and_captions():
     r = t.reweighted(2.0, name="t w=2")
     assert (r.weight, r.name, r.components, r.table) == (2.0, "t w=2", t.components, t.table)
     assert t.describe()["teacher"] == "rephrase*1+contrast*1"
+
+
+def test_teacher_rerank_with_a_reward_component_sorts_by_the_reward_model():
+    """A teacher with a ``reward`` component: the top n re-sorted (at a huge weight) by the
+    reward model's score of (query text, image), its text vector carried after the other
+    three; score() agrees with search()."""
+    import torch
+
+    from aligner.evaluation.systems import TeacherRerankSystem
+    from aligner.retrieval.models import ModelSpec, load_retriever
+    from aligner.reward.model import HeadSpec, Normalisation, RewardHead, RewardModel
+
+    g, texts, ids, table, _, vecs, aes = teacher_world()
+    base = EncoderSystem("base", lookup_encoder(vecs), g)
+    r = load_retriever(ModelSpec(), device="cpu")
+    torch.manual_seed(0)
+    rm = RewardModel(r, RewardHead(HeadSpec(3 * r.embed_dim)), HeadSpec(3 * r.embed_dim),
+                     Normalisation(0.0, 1.0, 2))
+    rng = np.random.default_rng(0)
+    reward_gallery = rm.encode_pixels(rng.integers(0, 255, (len(g), 64, 64, 3), dtype=np.uint8))
+    with pytest.raises(ValueError, match="reward"):
+        TeacherRerankSystem("t", base, aes, table, ["reward"], [1.0])
+    n = 12
+    t = TeacherRerankSystem("t", base, aes, table, ["reward"], [1.0], n=n, weight=float("inf"),
+                            reward=rm, reward_gallery=reward_gallery)
+    q = t.encode(texts, ids)
+    assert q.shape == (len(texts), 3 * g.shape[1] + r.embed_dim)
+    _, pool = base.search(texts, n)
+    _, got = t.search(texts, n, ids=ids)
+    txt = rm.encode_texts(texts)
+    for b in range(len(texts)):
+        rewards = rm.rewards_from_features(np.repeat(txt[b:b + 1], n, 0), reward_gallery[pool[b]])
+        assert got[b].tolist() == pool[b][np.argsort(-rewards, kind="stable")].tolist()
+    t1 = t.reweighted(1.0)
+    scores, idx = t1.search(texts, 10, ids=ids)
+    np.testing.assert_allclose(t1.score(t1.encode(texts, ids), idx), scores, atol=1e-5)
