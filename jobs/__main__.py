@@ -17,7 +17,8 @@ JOBS = {"make_world": "MakeWorldConfig", "pretrain": "PretrainConfig", "embed": 
         "build_index": "IndexConfig", "search": "SearchConfig", "rephrase": "RephraseConfig",
         "build_preferences": "BuildPreferencesConfig", "align": "AlignConfig",
         "rater_votes": "RaterVotesConfig", "train_reward": "TrainRewardConfig",
-        "evaluate": "EvaluateConfig", "quickstart": "QuickstartConfig", "study": "StudyConfig"}
+        "annotate": "AnnotateConfig", "evaluate": "EvaluateConfig", "judge": "JudgeConfig",
+        "quickstart": "QuickstartConfig", "study": "StudyConfig"}
 DOC = Path(__file__).resolve().parent.parent / "docs" / "configs.md"
 
 

@@ -5,7 +5,8 @@
     serve status
 
 One deployment per model: ``retriever_<name>`` for every entry of ``models``, the
-``reranker``, the ``rephraser``, the ``judge`` (whose proxy uses ``judge.model``'s retriever)
+``reranker``, the ``rephraser``, the ``judge`` (whose default proxy uses ``judge.model``'s
+retriever; an LMM or reward judge reads the corpus images)
 and the ``ingress`` (the HTTP API and the page). ``args`` are validated by
 :class:`serving.config.AppArgs` (unknown keys are errors) and the checkpoints and indexes must
 exist, so a typo or a missing path fails here, at start-up, with the field named.
@@ -46,7 +47,10 @@ def build_app(args: dict[str, Any]) -> Application:
     rephraser = Rephraser.options(name="rephraser").bind(cfg.rephraser.backend,
                                                         cfg.rephraser.style,
                                                         cfg.rephraser.options)
-    judge = Judge.options(name="judge").bind(retrievers[cfg.judge.model], cfg.judge.margin)
+    j = cfg.judge
+    judge = Judge.options(name="judge").bind(
+        retrievers[j.model], j.margin, j.kind, cfg.corpus,
+        j.model_dump(include={"style", "prompt", "rationale", "compose", "thumb", "options"}))
     log.info("serving models %s (default %s), compare %s", sorted(cfg.models),
              cfg.default_model, cfg.compare)
     return Ingress.options(name="ingress").bind(cfg.model_dump(mode="json"), retrievers,

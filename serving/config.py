@@ -54,10 +54,33 @@ class RerankerArgs(_Strict):
 
 
 class JudgeArgs(_Strict):
-    kind: Literal["proxy"] = Field("proxy", description="proxy: scorer + base similarity")
-    model: str = Field("base", description="whose similarity judges accuracy")
-    margin: float = Field(0.02, ge=0, description="differences below this are 'similar'")
+    """The judge deployment: a proxy (the default, CPU) or an LMM back end
+    (:mod:`aligner.judge`); a proxy is named as one in every answer."""
+
+    kind: Literal["proxy", "proxy:reward", "openai", "transformers", "vllm"] = Field(
+        "proxy", description="proxy: scorer + similarity under `model`'s retriever; "
+                             "proxy:reward: a reward model; openai / transformers / vllm: an LMM")
+    model: str = Field("base", description="proxy: whose similarity judges accuracy")
+    margin: float = Field(0.02, ge=0, description="proxy: differences below this are 'similar'")
+    style: Literal["ranker", "scorer"] = Field("ranker", description="LMM prompt style")
+    prompt: str = Field("", description="LMM prompt id or .yaml file ('' = the style's newest)")
+    rationale: bool = Field(False, description="LMM: keep a short reason")
+    compose: Literal["row", "images"] = Field("row", description="LMM: one grid image per row")
+    thumb: int = Field(224, ge=16, le=2048, description="LMM: pixels per image shown")
+    options: dict = Field(default_factory=dict, description=(
+        "back-end options: openai {base_url, model, api_key_env, timeout_s ...}; "
+        "transformers {model_path, device ...}; vllm {model, engine_kwargs}; "
+        "proxy:reward {path, loader, margin}"))
     timeout_s: float = Field(5.0, gt=0)
+
+    @model_validator(mode="after")
+    def _needs(self) -> JudgeArgs:
+        need = {"openai": ("base_url", "model"), "transformers": ("model_path",),
+                "vllm": ("model",), "proxy:reward": ("path",)}.get(self.kind, ())
+        missing = [k for k in need if not self.options.get(k)]
+        if missing:
+            raise ValueError(f"judge.kind={self.kind} needs judge.options {missing}")
+        return self
 
 
 class VotesArgs(_Strict):

@@ -7,8 +7,9 @@
   z(aesthetic)`` in the top N (the aesthetic scorer now; a learned reward model later).
 * :class:`Rephraser` - the rephrase back ends (template, local LLM, OpenAI-compatible
   endpoint, vLLM), batched.
-* :class:`Judge` - pairwise judging of two rows, order-consistent; a proxy judge named as such
-  (:mod:`aligner.evaluation.judge`).
+* :class:`Judge` - pairwise judging of two rows, order-consistent: the scorer + similarity
+  proxy (default), a reward-model proxy, or an LMM (OpenAI-compatible endpoint, in-process
+  transformers VLM, vLLM); a proxy is named as such (:mod:`aligner.judge`).
 
 Expected failures (a bad image, an unknown index) come back as ``{"error": {"status": ...,
 "detail": ...}}`` rather than as exceptions, so the ingress answers 4xx with a readable message.
@@ -282,28 +283,61 @@ class Rephraser:
 
 @serve.deployment(ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=32)
 class Judge:
-    """Order-consistent pairwise judge of two rows; the proxy judge needs the reference
-    model's retriever (its similarities and vectors)."""
+    """Order-consistent pairwise judge of two rows (:mod:`aligner.judge`).
 
-    def __init__(self, retriever: Any, margin: float = 0.02) -> None:
-        from aligner.evaluation.judge import ProxyJudge
+    ``kind="proxy"`` (the default) judges with the scorer + similarity proxy over the
+    reference model's retriever deployment (its similarities and index vectors); any other
+    kind (``proxy:reward``, ``openai``, ``transformers``, ``vllm``) reads the rows' images from
+    the corpus and judges them with :class:`aligner.judge.rows.RowJudge`.
 
-        self.retriever = retriever
-        self.judge = ProxyJudge(accuracy_margin=margin)
+    Args:
+        retriever: the reference model's retriever deployment (the default proxy).
+        margin: the proxy's accuracy margin.
+        kind: the back end (:class:`serving.config.JudgeArgs`).
+        corpus: where the images are (every kind but the default proxy).
+        settings: style, prompt, rationale, compose, thumb and the back end's options.
+    """
+
+    def __init__(self, retriever: Any, margin: float = 0.02, kind: str = "proxy",
+                 corpus: str = "", settings: dict[str, Any] | None = None) -> None:
+        self.retriever, self.kind = retriever, kind
+        self.judge: Any = None
+        self.rows: Any = None
+        if kind == "proxy":
+            from aligner.judge.proxy import ProxyJudge
+
+            self.judge = ProxyJudge(accuracy_margin=margin)
+        else:
+            from aligner.judge.rows import make_row_judge
+
+            s = dict(settings or {})
+            self.rows = make_row_judge(kind, corpus=corpus, style=s.get("style", "ranker"),
+                                       prompt=s.get("prompt", ""),
+                                       rationale=bool(s.get("rationale", False)),
+                                       compose=s.get("compose", "row"),
+                                       thumb=int(s.get("thumb", 224)),
+                                       options=s.get("options") or {})
+            self.judge = self.rows.judge
         self.hist = step_histogram()
 
     def describe(self) -> dict[str, Any]:
-        return {"judge": self.judge.name}
+        if self.rows is not None:
+            return {"judge": self.judge.name, **self.rows.describe()}
+        return {"judge": self.judge.name, "proxy": True}
 
     def check_health(self) -> None:
         """The judge is loaded (its retriever has its own health check)."""
-        if self.judge is None or self.retriever is None:
+        if self.judge is None or (self.rows is None and self.retriever is None):
             raise RuntimeError("the judge is not ready")
 
     async def compare(self, text: str, left: list[str], right: list[str]) -> dict[str, Any]:
         """Which row is better for the query: ``{judge, winner, aspects, orders_agree,
         rationale}`` (winner left / right / similar), or an error value."""
-        from aligner.evaluation.judge import RowView, order_consistent
+        names = {"a": "left", "b": "right", "similar": "similar"}
+        if self.rows is not None:
+            return await self._compare_rows(text, left, right, names)
+        from aligner.judge.protocol import order_consistent
+        from aligner.judge.proxy import RowView
 
         with _Timed(self.hist, "judge"):
             q = await self.retriever.encode_text.remote(text)
@@ -315,7 +349,20 @@ class Judge:
             rows = [RowView(np.asarray(v["similarity"]), np.asarray(v["aesthetic"]),
                             np.asarray(v["vectors"])) for v in views]
             j, agree = order_consistent(self.judge, rows[0], rows[1])
-        names = {"a": "left", "b": "right", "similar": "similar"}
         return {"judge": self.judge.name, "winner": names[j.winner],
                 "aspects": {k: names[v] for k, v in j.aspects.items()},
                 "orders_agree": agree, "rationale": j.rationale}
+
+    async def _compare_rows(self, text: str, left: list[str], right: list[str],
+                            names: dict[str, str]) -> dict[str, Any]:
+        from aligner.judge.rows import RowPair
+
+        with _Timed(self.hist, "judge"):
+            [r] = await asyncio.to_thread(self.rows.judge_pairs,
+                                          [RowPair("", text, list(left), list(right))])
+        if r["status"] != "ok":
+            missing = r["error"].startswith(("missing images", "empty row"))
+            return error(400 if missing else 502, f"{self.judge.name}: {r['error']}")
+        aspects = {k: names[r[k]] for k in ("accuracy", "aesthetics", "diversity") if r.get(k)}
+        return {"judge": self.judge.name, "winner": names[r["winner"]], "aspects": aspects,
+                "orders_agree": bool(r["orders_agree"]), "rationale": r.get("rationale", "")}

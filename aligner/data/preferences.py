@@ -8,6 +8,8 @@ Schema (the required columns, then diagnostics that the builder fills where it c
     chosen_sem float32, rejected_sem float32      cosine to the original query
     chosen_aes float32, rejected_aes float32      the teacher's combined z-score in the pool
     chosen_cell int16, rejected_cell int16        grid cell as row * v + column (-1: none)
+    aspect string                                 the aspect an LMM annotator rated
+                                                  (prompt_following, aesthetics ...; "" else)
 
 ``chosen_id`` / ``rejected_id`` are corpus ids, or degraded ids (``"<id>~<kind>"``,
 :mod:`aligner.preferences.degrade`) whose pixels a trainer makes from the original. Tables from
@@ -30,7 +32,7 @@ from aligner.data.io import atomic_write_table, read_parquet
 PREFERENCES_FILE = "preferences.parquet"
 REQUIRED_COLUMNS = ("query_id", "query", "chosen_id", "rejected_id", "source", "weight")
 DIAGNOSTIC_COLUMNS = ("rephrased", "teacher", "kind", "chosen_sem", "rejected_sem",
-                      "chosen_aes", "rejected_aes", "chosen_cell", "rejected_cell")
+                      "chosen_aes", "rejected_aes", "chosen_cell", "rejected_cell", "aspect")
 
 
 def preference_schema() -> pa.Schema:
@@ -39,13 +41,14 @@ def preference_schema() -> pa.Schema:
     return pa.schema([("query_id", s), ("query", s), ("chosen_id", s), ("rejected_id", s),
                       ("source", s), ("weight", f), ("rephrased", s), ("teacher", s),
                       ("kind", s), ("chosen_sem", f), ("rejected_sem", f), ("chosen_aes", f),
-                      ("rejected_aes", f), ("chosen_cell", i), ("rejected_cell", i)])
+                      ("rejected_aes", f), ("chosen_cell", i), ("rejected_cell", i),
+                      ("aspect", s)])
 
 
 _NULL_DIAG: dict[str, Any] = {"rephrased": None, "teacher": None, "kind": "",
                               "chosen_sem": np.nan, "rejected_sem": np.nan,
                               "chosen_aes": np.nan, "rejected_aes": np.nan,
-                              "chosen_cell": -1, "rejected_cell": -1}
+                              "chosen_cell": -1, "rejected_cell": -1, "aspect": ""}
 
 
 def rows_to_table(rows: Sequence[Mapping[str, Any]]) -> pa.Table:

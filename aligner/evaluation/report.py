@@ -5,6 +5,9 @@ belong in JSON: per-query values for the gain histogram and image grids of top r
 HTML holds a systems x metrics table with 95% CIs, the verdict sentences (including where the
 aligned model does not win), the comparisons, the teacher diagnostics, the plots and the
 grids, all inline (images as data URIs), so the file can be mailed or attached to an issue.
+When a judge's output is given or lies beside the report (``judge/summary.json``, written by
+``jobs.judge``), the page also shows the judge's win rates (:func:`judge_html`);
+:func:`add_judge_summary` puts them into an existing report after the judge has run.
 ``report.png`` is the summary plot stacked over the first grid, for people who won't open HTML.
 """
 
@@ -379,6 +382,112 @@ def summary_figure(metrics: Mapping[str, Any], gains: np.ndarray | None, path: s
     return path
 
 
+JUDGE_DIR = "judge"
+JUDGE_SUMMARY = "summary.json"
+_JUDGE_START, _JUDGE_END = "<!-- judge -->", "<!-- /judge -->"
+
+
+def read_judge_summary(path: str | Path) -> dict[str, Any]:
+    """A judge's ``summary.json`` (``path`` is the judge output or the file).
+
+    Raises:
+        FileNotFoundError: no summary there.
+        ValueError: not a JSON object.
+    """
+    import json
+
+    p = Path(path)
+    f = p / JUDGE_SUMMARY if p.is_dir() else p
+    if not f.is_file():
+        raise FileNotFoundError(f"no judge summary at {p} (run jobs.judge)")
+    data = json.loads(f.read_text(encoding="utf-8"))
+    if not isinstance(data, dict):
+        raise ValueError(f"{f} does not hold a JSON object")
+    return data
+
+
+def judge_html(summary: Mapping[str, Any]) -> str:
+    """The judge's section: b's win, loss, similar and win + similar/2 with CIs, overall and
+    per aspect; a proxy judge is named as a proxy."""
+    a, b = summary.get("system_a", "a"), summary.get("system_b", "b")
+    who = html.escape(str(summary.get("judge", "")))
+    if summary.get("proxy"):
+        who += " <b>(a proxy judge, not an LMM: not evidence of human preference)</b>"
+    head = ("<tr><th>aspect</th><th>win</th><th>loss</th><th>similar</th>"
+            "<th>win + similar/2</th></tr>")
+    rows = []
+    for name, r in [("overall", summary.get("overall"))] + list(
+            (summary.get("aspects") or {}).items()):
+        if not r:
+            continue
+        rows.append(f"<tr><td>{html.escape(name)}</td>" + "".join(
+            _cell(r.get(k)) for k in ("win", "loss", "similar", "win_plus_half_similar"))
+            + "</tr>")
+    agree = summary.get("orders_agree")
+    failed = summary.get("failed", 0)
+    return "\n".join([
+        _JUDGE_START, "<h2 id='judge'>Pairwise judge</h2>",
+        f"<p class='note'>{html.escape(str(b))} (row b) vs {html.escape(str(a))} (row a), "
+        f"judged by {who}, style {html.escape(str(summary.get('style', '')))}"
+        f"{' prompt ' + html.escape(str(summary['prompt'])) if summary.get('prompt') else ''}"
+        f", on {summary.get('queries', 0)} queries. Each pair was judged in both orders; a "
+        "win counts only when both orders agree, otherwise it is 'similar'"
+        + (f" (orders agreed on {agree:.0%})" if _finite(agree) else "") + ". "
+        "Rates of b with bootstrap 95% CIs over queries"
+        + (f"; {failed} pairs could not be judged" if failed else "") + ".</p>",
+        f"<table>{head}{''.join(rows)}</table>",
+        f"<p class='note'>{html.escape(str(summary.get('sentence', '')))}</p>", _JUDGE_END])
+
+
+def judge_section(report_dir: str | Path, judge: str | Path) -> str:
+    """The judge's section for the report in ``report_dir``; a note instead of the numbers
+    when the judge read other rankings than the ``rankings.parquet`` beside the report (an
+    earlier evaluation's: the judge must run again).
+
+    Raises:
+        FileNotFoundError: no judge summary.
+    """
+    from aligner.runtime.manifest import file_sha256
+
+    summary = read_judge_summary(judge)
+    here = Path(report_dir) / "rankings.parquet"
+    made_from = summary.get("rankings_sha256")
+    if made_from and here.is_file() and file_sha256(here)[:16] != made_from:
+        return "\n".join([
+            _JUDGE_START, "<h2 id='judge'>Pairwise judge</h2>",
+            f"<p class='note'>The judge output at {html.escape(str(judge))} judged other "
+            "rankings than this evaluation's (an earlier run): its numbers are not shown. "
+            "Run jobs.judge again.</p>", _JUDGE_END])
+    return judge_html(summary)
+
+
+def add_judge_summary(report_dir: str | Path, judge: str | Path | None = None) -> Path:
+    """Put (or replace) the judge's section in an existing ``report.html``.
+
+    Args:
+        report_dir: the evaluation output holding ``report.html``.
+        judge: the judge output (default ``report_dir/judge``).
+
+    Raises:
+        FileNotFoundError: no report or no judge summary.
+    """
+    page = Path(report_dir) / "report.html"
+    if not page.is_file():
+        raise FileNotFoundError(f"no report.html in {report_dir}")
+    section = judge_section(report_dir, judge or Path(report_dir) / JUDGE_DIR)
+    text = page.read_text(encoding="utf-8")
+    if _JUDGE_START in text and _JUDGE_END in text:
+        lo = text.index(_JUDGE_START)
+        hi = text.index(_JUDGE_END) + len(_JUDGE_END)
+        text = text[:lo] + section + text[hi:]
+    elif "<h2 id='grids'>" in text:
+        text = text.replace("<h2 id='grids'>", section + "\n<h2 id='grids'>", 1)
+    else:
+        text = text.replace("</body>", section + "\n</body>", 1)
+    page.write_text(text, encoding="utf-8")
+    return page
+
+
 def grid_html(title: str, rows: Sequence[Row]) -> str:
     """One query's labelled rows of results (one row per system)."""
     parts = [f"<h3>{html.escape(title)}</h3>"]
@@ -414,7 +523,8 @@ def stack_pngs(paths: Sequence[Path], out: Path) -> Path:
 
 def write_report(out_dir: str | Path, metrics: Mapping[str, Any],
                  gains: np.ndarray | None = None,
-                 grids: Sequence[tuple[str, Sequence[Row]]] = ()) -> dict[str, Path]:
+                 grids: Sequence[tuple[str, Sequence[Row]]] = (),
+                 judge: str | Path | None = None) -> dict[str, Path]:
     """Write ``report.html`` and ``report.png`` (and ``summary.png``) into ``out_dir``.
 
     Args:
@@ -423,6 +533,8 @@ def write_report(out_dir: str | Path, metrics: Mapping[str, Any],
         gains: per-query aesthetic@K of the aligned system minus the base (histogram).
         grids: ``[(query text, [(system, items), ...]), ...]``; items are GridItem-like dicts
             (``image`` bytes, ``label``; ``match: False`` highlights an off-content result).
+        judge: a ``jobs.judge`` output whose summary the page shows (default: ``judge/``
+            beside the report, when it holds a summary).
 
     Returns:
         ``{"html": path, "png": path, "summary": path}``.
@@ -450,6 +562,9 @@ def write_report(out_dir: str | Path, metrics: Mapping[str, Any],
     skipped = "".join(f"<li>{html.escape(s)}</li>" for s in metrics.get("skipped", []))
     notes = "".join(f"<li>{html.escape(s)}</li>" for s in metrics.get("notes", []))
     setup = html.escape(metrics.get("setup", ""))
+    judge = judge if judge is not None else (
+        out / JUDGE_DIR if (out / JUDGE_DIR / JUDGE_SUMMARY).is_file() else None)
+    judge_part = judge_section(out, judge) if judge is not None else ""
     parts = ["<!doctype html><html><head><meta charset='utf-8'>",
              f"<title>{html.escape(title)}</title><style>{_CSS}</style></head><body>",
              f"<h1>{html.escape(title)}</h1>", f"<p class='note'>{setup}</p>",
@@ -470,6 +585,7 @@ def write_report(out_dir: str | Path, metrics: Mapping[str, Any],
               else ""), frontier_html(metrics),
              "<h2 id='teacher'>Teacher diagnostics</h2>", teacher_html(metrics.get("teacher", {})),
              "<h3>The rephrasing premise</h3>", premise_html(metrics.get("premise")),
+             judge_part,
              "<h2 id='grids'>Top results</h2>",
              "<p class='note'>Each image: rank, oracle beauty and whether its content matches "
              "the query (red background: it does not).</p>"]

@@ -18,7 +18,9 @@ oracle are computed (recall if captions exist, the scorer's aesthetic@K, timing)
 report says which were skipped.
 
 :func:`run_evaluation` computes everything; :func:`evaluate` also writes the outputs
-(``metrics.json`` and ``per_query.parquet`` through :mod:`aligner.data.results`, then
+(``metrics.json``, ``per_query.parquet`` and ``rankings.parquet`` - each system's top K
+image ids per held-out query, what ``jobs.judge`` shows its judge - through
+:mod:`aligner.data.results`, then
 ``report.html``, ``report.png``, ``config.yaml`` and ``manifest.json``).
 """
 
@@ -60,6 +62,8 @@ class EvalResult:
         inputs, counts, timings: what the manifest records.
         table: the summary table printed to stdout.
         paths: what :func:`evaluate` wrote (empty from :func:`run_evaluation`).
+        rankings: each system's top ``k`` image ids per held-out query
+            (:func:`aligner.data.results.rankings_table`).
     """
 
     metrics: dict[str, Any]
@@ -71,6 +75,17 @@ class EvalResult:
     timings: dict[str, Any]
     table: str
     paths: dict[str, Path] = field(default_factory=dict)
+    rankings: pa.Table | None = None
+
+
+def rankings(st: EvalState) -> pa.Table:
+    """Each system's top ``k`` image ids per held-out query (the rankings table)."""
+    from aligner.data.results import rankings_table
+
+    ids, k = st.gallery.ids, st.cfg.k
+    tops = {name: [[ids[i] for i in row[:k] if i >= 0] for row in np.asarray(top)]
+            for name, top in st.tops.items()}
+    return rankings_table(st.qids, st.texts, tops)
 
 
 def result(st: EvalState) -> EvalResult:
@@ -91,7 +106,7 @@ def result(st: EvalState) -> EvalResult:
                 "systems": len(st.systems), "recall_captions": st.rec_info.get("captions", 0),
                 "hpir_pairs": st.hpir_info.get("pairs", 0)},
         timings={"load_and_embed_s": round(st.load_s, 1), "models": st.built.info},
-        table=summary_table(st.metrics))
+        table=summary_table(st.metrics), rankings=rankings(st))
 
 
 def run_evaluation(cfg: EvaluateConfig) -> EvalResult:
@@ -115,7 +130,7 @@ def evaluate(cfg: EvaluateConfig) -> EvalResult:
     Raises:
         FileNotFoundError, ValueError, KeyError: missing or malformed inputs.
     """
-    from aligner.data.results import write_results
+    from aligner.data.results import write_rankings, write_results
     from aligner.evaluation.report import write_report
     from aligner.runtime.config import save_config, to_dict
     from aligner.runtime.manifest import write_manifest
@@ -126,11 +141,13 @@ def evaluate(cfg: EvaluateConfig) -> EvalResult:
     save_config(cfg, out / "config.yaml")
     res = run_evaluation(cfg)
     res.paths.update(write_results(out, res.metrics, res.per_query))
+    res.paths["rankings"] = write_rankings(res.rankings, out)
     report = write_report(out, res.metrics, res.gains, res.grids)
     res.paths.update({"report": report["html"], "report_png": report["png"]})
     write_manifest(out, "evaluate", to_dict(cfg), started, inputs=res.inputs, counts=res.counts,
                    outputs={"metrics": "metrics.json", "per_query": "per_query.parquet",
-                            "report": "report.html", "report_png": "report.png"},
+                            "rankings": "rankings.parquet", "report": "report.html",
+                            "report_png": "report.png"},
                    timings=res.timings)
     res.paths["manifest"] = out / "manifest.json"
     log.info("wrote %s", ", ".join(str(p) for p in res.paths.values()))

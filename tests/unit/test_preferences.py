@@ -572,7 +572,13 @@ def test_job_with_a_reward_teacher(job_inputs, tmp_path):
     import torch
 
     from aligner.retrieval.models import ModelSpec, load_retriever, save_checkpoint
-    from aligner.reward.model import HeadSpec, Normalisation, RewardHead, RewardModel, save_reward_parts
+    from aligner.reward.model import (
+        HeadSpec,
+        Normalisation,
+        RewardHead,
+        RewardModel,
+        save_reward_parts,
+    )
     from jobs.build_preferences import main
 
     root = job_inputs
