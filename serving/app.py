@@ -42,8 +42,9 @@ def build_app(args: dict[str, Any]) -> Application:
                          "auth.protect=none on a trusted network")
     retrievers = {name: Retriever.options(name=f"retriever_{name}").bind(
         name, m.model_dump(), cfg.limits.max_image_pixels) for name, m in cfg.models.items()}
-    reranker = Reranker.options(name="reranker").bind(cfg.reranker.n, cfg.reranker.weight,
-                                                      cfg.reranker.scorer)
+    reranker = Reranker.options(name="reranker").bind(
+        cfg.reranker.n, cfg.reranker.weight, cfg.reranker.scorer, cfg.reranker.reward_model,
+        cfg.reranker.reward_embeddings)
     rephraser = Rephraser.options(name="rephraser").bind(cfg.rephraser.backend,
                                                         cfg.rephraser.style,
                                                         cfg.rephraser.options)

@@ -51,6 +51,16 @@ class RerankerArgs(_Strict):
     n: int = Field(50, ge=2, le=10_000, description="candidates re-ranked")
     weight: float = Field(1.0, ge=0, description="final = z(sim) + weight * z(aesthetic)")
     timeout_s: float = Field(2.0, gt=0)
+    reward_model: str = Field("", description="a reward checkpoint (jobs.train_reward): text "
+                              "queries are re-ranked by its reward instead of the stored score")
+    reward_embeddings: str = Field("", description="the corpus embedded by the reward model's "
+                                   "backbone (jobs.embed model.checkpoint=<reward_model>)")
+
+    @model_validator(mode="after")
+    def _reward_pair(self) -> RerankerArgs:
+        if bool(self.reward_model) != bool(self.reward_embeddings):
+            raise ValueError("reranker.reward_model and reranker.reward_embeddings go together")
+        return self
 
 
 class JudgeArgs(_Strict):
@@ -161,6 +171,9 @@ class AppArgs(_Strict):
             if m["checkpoint"]:
                 m["checkpoint"] = fix(m["checkpoint"])
             m["indexes"] = {k: fix(v) for k, v in m["indexes"].items()}
+        for key in ("reward_model", "reward_embeddings"):
+            if data["reranker"][key]:
+                data["reranker"][key] = fix(data["reranker"][key])
         return AppArgs(**data)
 
     def check_paths(self) -> None:
@@ -178,3 +191,7 @@ class AppArgs(_Strict):
                                             "finished index (no manifest.json)")
         if "://" not in self.corpus and not Path(self.corpus).exists():
             raise FileNotFoundError(f"corpus {self.corpus} does not exist")
+        for key in ("reward_model", "reward_embeddings"):
+            path = getattr(self.reranker, key)
+            if path and not Path(path).is_dir():
+                raise FileNotFoundError(f"reranker.{key} {path} does not exist")

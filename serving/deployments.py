@@ -211,14 +211,26 @@ class Retriever:
 
 @serve.deployment(ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=64)
 class Reranker:
-    """The cascade re-ranker: ``z(sim) + weight * z(aesthetic)`` within the top ``n``."""
+    """The cascade re-ranker: ``z(sim) + weight * z(aesthetic)`` within the top ``n``; with a
+    reward model, a text query's aesthetic is the reward of (query, image)
+    (:class:`aligner.reward.rerank.RewardReranker`), other queries keep the stored score."""
 
-    def __init__(self, n: int = 50, weight: float = 1.0, scorer: str = "lowlevel") -> None:
+    def __init__(self, n: int = 50, weight: float = 1.0, scorer: str = "lowlevel",
+                 reward_model: str = "", reward_embeddings: str = "") -> None:
         self.n, self.weight, self.scorer = n, weight, scorer
+        self.reward = None
+        if reward_model:
+            from aligner.reward.rerank import RewardReranker
+
+            self.reward = RewardReranker(reward_model, reward_embeddings)
         self.hist = step_histogram()
 
     def describe(self) -> dict[str, Any]:
-        return {"kind": "cascade", "scorer": self.scorer, "n": self.n, "weight": self.weight}
+        out = {"kind": "cascade", "scorer": self.scorer, "n": self.n, "weight": self.weight}
+        if self.reward is not None:
+            out.update(kind="reward", reward_model=self.reward.name,
+                       note="text queries: the reward model; others: the stored scorer")
+        return out
 
     def check_health(self) -> None:
         """Re-ranks a fixed probe (pure numpy: fails only if the replica is broken)."""
@@ -228,21 +240,28 @@ class Reranker:
             raise RuntimeError("the re-ranker returned non-finite scores")
 
     async def rerank(self, scores: list[float], aesthetic: list[float | None],
-                     weight: float | None = None) -> dict[str, list]:
-        """``{"order": [...], "scores": [...]}``: the new order of the candidates (indices into
-        ``scores``; the top ``n`` re-ranked, the rest after them unchanged) and each one's
-        final score in that order (the tail keeps its similarity)."""
+                     weight: float | None = None, text: str | None = None,
+                     ids: list[str] | None = None) -> dict[str, Any]:
+        """``{"order": [...], "scores": [...], "by": ...}``: the new order of the candidates
+        (indices into ``scores``; the top ``n`` re-ranked, the rest after them unchanged), each
+        one's final score in that order (the tail keeps its similarity), and what scored the
+        aesthetics (``reward`` or ``scorer``)."""
         from aligner.evaluation.systems import cascade_scores
 
         with _Timed(self.hist, "rerank"):
             n = min(self.n, len(scores))
             sim = np.asarray(scores[:n], np.float64)[None, :]
-            aes = np.asarray([np.nan if a is None else a for a in aesthetic[:n]],
-                             np.float64)[None, :]
+            by = "scorer"
+            if self.reward is not None and text and ids is not None:
+                aes = self.reward.rewards(text, list(ids[:n]))[None, :]
+                by = "reward"
+            else:
+                aes = np.asarray([np.nan if a is None else a for a in aesthetic[:n]],
+                                 np.float64)[None, :]
             final = cascade_scores(sim, aes, self.weight if weight is None else weight)[0]
             head = np.argsort(-final, kind="stable").tolist()
             return {"order": head + list(range(n, len(scores))),
-                    "scores": [float(final[i]) for i in head] + list(scores[n:])}
+                    "scores": [float(final[i]) for i in head] + list(scores[n:]), "by": by}
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=32)

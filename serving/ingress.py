@@ -303,7 +303,8 @@ class Ingress:
             t2 = time.perf_counter()
             try:
                 rr = await self._call(self.reranker.rerank.remote(
-                    scores, aes, req.rerank_weight), "rerank", self.args.reranker.timeout_s)
+                    scores, aes, req.rerank_weight, text=req.text, ids=ids), "rerank",
+                    self.args.reranker.timeout_s)
                 order = rr["order"]
                 ids = [ids[i] for i in order]
                 sims = [sims[i] for i in order]

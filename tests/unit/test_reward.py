@@ -164,3 +164,69 @@ def test_bad_inputs_are_clear_errors(reward_dir, tmp_path):
     save_checkpoint(load_retriever(ModelSpec(), device="cpu"), plain)
     with pytest.raises(FileNotFoundError, match="not a reward-model checkpoint"):
         RewardModel.load(plain)
+
+
+def _reward_embeddings(rm: RewardModel, out, images, ids, checkpoint_hash=None):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from aligner.data.embeddings import embeddings_schema
+    from aligner.runtime.manifest import write_manifest
+
+    emb = rm.encode_pixels(np.stack(images))
+    d = emb.shape[1]
+    (out / "embeddings").mkdir(parents=True)
+    pq.write_table(pa.table({
+        "id": ids, "embedding": pa.FixedSizeListArray.from_arrays(pa.array(emb.reshape(-1)), d),
+        "aesthetic": np.zeros(len(ids), np.float32), "caption": ["x"] * len(ids),
+        "source": ["t"] * len(ids)}, schema=embeddings_schema(d)), out / "embeddings" / "p.parquet")
+    write_manifest(out, "embed", model={**rm.retriever.describe(),
+                                        "checkpoint_hash": checkpoint_hash
+                                        or rm.retriever.checkpoint_hash})
+    return out
+
+
+def test_reward_reranker_scores_stored_embeddings_and_reorders(reward_dir, tmp_path):
+    import asyncio
+
+    from aligner.evaluation.systems import cascade_scores
+    from aligner.reward.rerank import RewardReranker
+    from serving.deployments import Reranker
+
+    rm = RewardModel.load(reward_dir, device="cpu")
+    imgs = _images(6, seed=3)
+    ids = [f"img-{i}" for i in range(6)]
+    emb = _reward_embeddings(rm, tmp_path / "emb", imgs, ids)
+    rr = RewardReranker(reward_dir, emb)
+    got = rr.rewards("a blue ring", ["img-2", "nope", "img-0"])
+    want = rm.score("a blue ring", [imgs[2], imgs[0]])
+    assert np.isnan(got[1])
+    np.testing.assert_allclose(got[[0, 2]], want, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="re-embed"):
+        RewardReranker(reward_dir, _reward_embeddings(rm, tmp_path / "other", imgs, ids, "abc"))
+    with pytest.raises(FileNotFoundError):
+        RewardReranker(reward_dir, tmp_path / "missing")
+
+    # the serving deployment's class: a text query is re-ranked by the reward, others by the
+    # stored scores
+    dep = Reranker.func_or_class(n=6, weight=2.0, reward_model=str(reward_dir),
+                                 reward_embeddings=str(emb))
+    sims = [0.9, 0.8, 0.7, 0.6, 0.5, 0.4]
+    stored = [0.0, 1.0, 2.0, 3.0, 4.0, 5.0]
+    out = asyncio.run(dep.rerank(sims, stored, None, text="a blue ring", ids=ids))
+    rewards = rr.rewards("a blue ring", ids)
+    final = cascade_scores(np.array([sims]), rewards[None], 2.0)[0]
+    assert out["by"] == "reward" and out["order"] == np.argsort(-final, kind="stable").tolist()
+    plain = asyncio.run(dep.rerank(sims, stored, None))
+    assert plain["by"] == "scorer"
+    assert plain["order"] == np.argsort(-cascade_scores(np.array([sims]), np.array([stored]),
+                                                        2.0)[0], kind="stable").tolist()
+    assert dep.describe()["kind"] == "reward"
+
+
+def test_serving_reranker_args_take_the_reward_pair():
+    from serving.config import RerankerArgs
+
+    with pytest.raises(ValueError, match="go together"):
+        RerankerArgs(reward_model="x")
+    assert RerankerArgs(reward_model="x", reward_embeddings="y").reward_model == "x"
