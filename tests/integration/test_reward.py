@@ -63,9 +63,10 @@ def test_reward_model_learns_the_votes_and_resumes(ray_session, reward_setup, tm
     world = World(d / "world")
     png = dict(zip(*(world.corpus(["id", "image"], split="train")[c].to_pylist()
                      for c in ("id", "image")), strict=True))
-    pairs = [(v["query"], png[v["chosen_id"]]) for v in votes if v["chosen_id"] in png]
+    pairs = [(v["query"], png[v[k]]) for v in votes for k in ("chosen_id", "rejected_id")
+             if v[k] in png]  # the training items: winners and losers alike
     s = rm.score_batch([q for q, _ in pairs], [im for _, im in pairs])
-    assert abs(float(np.mean(s))) < 0.5 and 0.5 < float(np.std(s)) < 1.6
+    assert abs(float(np.mean(s))) < 0.3 and 0.6 < float(np.std(s)) < 1.4, (np.mean(s), np.std(s))
 
     # same output, more steps: resumes at step 90 instead of starting over
     assert main([*common, "train.steps=120"]) == 0
