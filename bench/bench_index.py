@@ -1,4 +1,5 @@
-"""Benchmark: Flat vs HNSW32 vs IVF-Flat vs IVF-PQ, built by ``aligner.retrieval.index.build_index``.
+"""Benchmark: Flat vs HNSW32 vs IVF-Flat vs IVF-PQ with and without a refine (re-ranking)
+stage, built by ``aligner.retrieval.index_build.build_index``.
 
     python bench/bench_index.py --n 100000,1000000
     python bench/bench_index.py --quick                  # N=20k, 200 queries: a smoke run
@@ -21,23 +22,30 @@ Per index: build wall time (and its train / add parts from the manifest), size o
 faiss shard, QPS for one batch of ``--queries`` queries through ``SearchIndex.search`` with
 faiss on all threads and on one thread (``faiss.omp_set_num_threads(1)``), and recall@10
 against the Flat index's results from the same run (Flat itself is checked against
-``aligner.retrieval.index.exact_topk`` over the Parquet files on 100 queries). Ratios are relative to
-Flat measured side by side in the same run.
+``aligner.retrieval.index.exact_topk`` over the Parquet files on 100 queries). Flat stays
+loaded and is timed again, on the same batch, right after each other index is built; each
+row's QPS ratio divides by that neighbouring Flat time, so a change of machine load between
+indexes does not skew the ratios. (Flat's QPS depends on the batch: 100 queries ran 10-20x
+slower per query than 1,000 here, so the re-timing uses the same batch.)
 
 Parameters per N: ``IVF{L}`` with ``L = 2**round(log2(4 sqrt(N)))`` lists (512 at 20k, 1024 at
-100k, 4096 at 1M), ``PQ64`` (one byte per 8 dims: 64 bytes per vector instead of 2,048),
-``train_sample = min(N, --train-sample)`` (100k, the build job's default; at 1M that is 24
-points per list, below the 39 faiss asks for, which it warns about); IVF rows are reported for
-each ``--nprobe`` (one build); HNSW32 with faiss' efConstruction 40 (the factory string cannot
-set it) and ``--ef-search``. Above ``--hnsw-max-n`` rows (default 300k) HNSW is skipped and
-reported as skipped, with a time estimate from a smaller N of the same run (HNSW build time
-grows about as N log N): on 2 cores it would take ~6 min at 1M, longer than all other indexes.
+100k, 4096 at 1M), ``PQ64`` (one byte per 8 dims: 64 bytes per vector instead of 2,048) or
+``PQ64x4fsr`` (4-bit fast scan, 32 bytes), refine stages ``RFlat`` (exact vectors) and
+``Refine(SQfp16)``, ``train_sample = min(N, --train-sample)`` (100k, the build job's default;
+at 1M that is 24 points per list, below the 39 faiss asks for, which it warns about); IVF rows
+are reported for each ``--nprobe`` and, with a refine stage, each ``--k-factor`` (one build);
+HNSW32 with faiss' efConstruction 40 (the factory string cannot set it) and ``--ef-search``.
+Above ``--hnsw-max-n`` rows (default 300k) HNSW is skipped and reported as skipped, with a time
+estimate from a smaller N of the same run (HNSW build time grows about as N log N).
 
-Measured on 2 shared cores (other sessions' jobs kept the load average at 2-3, so the
-all-thread numbers are pessimistic), ``--n 100000,1000000``: 11 min in all; at 1M Flat answers
-59 queries/s, IVF4096,Flat 2,450 q/s at recall@10 0.90 (nprobe 16), IVF4096,PQ64 6,800 q/s at
-0.63 in 4% of the space; PQ64's recall stops at ~0.63-0.69 whatever nprobe (the code is the
-limit, not the lists probed).
+Measured on 2 shared cores (other sessions' jobs kept the load average at 4-6), ``--n 1000000
+--factories "IVF{L}_PQ64,IVF{L}_PQ64_RFlat,IVF{L}_PQ64x4fsr_RFlat,IVF{L}_PQ64x4fsr_Refine(SQfp16)"
+--nprobe 32,64 --k-factor 8,32,64 --build-threads 1``: 21 min with the data already generated.
+One thread, relative to Flat (114-119 q/s): IVF4096,PQ64 0.63 recall@10 at 33x whatever
+nprobe; with RFlat at nprobe 32, k_factor 8: 0.920 at 30x; PQ64x4fsr + RFlat at nprobe 32,
+k_factor 32: 0.905 at 57x, nprobe 64, k_factor 64: 0.946 at 31x; Refine(SQfp16) the same recall
+in half the bytes. Full table: docs/scale.md. Two-thread ratios are printed too but were not
+stable on that machine (Flat's two-thread QPS swung between 16 and 227 q/s between runs).
 """
 
 from __future__ import annotations
@@ -168,38 +176,54 @@ def time_search(index, queries: np.ndarray, k: int, threads: int, min_s: float =
 
 def run_one(emb: Path, out: Path, factory: str, queries: np.ndarray, k: int, all_threads: int,
             train_sample: int, nprobes: list[int], ef_search: int, truth: np.ndarray | None,
-            build_threads: int) -> tuple[list[dict[str, Any]], np.ndarray]:
+            build_threads: int, k_factors: list[float] | None = None, reference=None,
+            ref_queries: int = 1000) -> tuple[list[dict[str, Any]], np.ndarray]:
+    """Build one index, then per search setting: QPS (all threads, one thread) and recall@k
+    against ``truth``. ``reference`` (the Flat index) is timed again right after the build,
+    on ``ref_queries`` queries, so each row's "x Flat" compares QPS measured minutes apart at
+    most, under the same machine load."""
     import faiss
 
     from aligner.retrieval.index_build import build_index
     from aligner.retrieval.metrics import neighbour_recall
 
     faiss.omp_set_num_threads(build_threads)
-    ivf = factory.startswith("IVF")
     t = time.time()
     index = build_index(emb, out, factory, train_sample=train_sample,
                         ef_search=ef_search if factory.startswith("HNSW") else None)
     build_s = time.time() - t
     m = index.manifest
+    ivf, refine = bool(m["ivf"]), bool(m.get("refine"))
     base = {"index": factory, "n": index.ntotal, "build_s": build_s,
             "train_s": m["timings_s"]["train"], "add_s": m["timings_s"]["add"],
             "train_rows": m["train_sample"]["used"], "bytes": dir_bytes(out)}
+    if reference is not None:
+        # best of 3 whatever a run takes: on a shared machine one slow run is the norm
+        base["flat_qps_all"] = time_search(reference, queries[:ref_queries], k, all_threads,
+                                           min_s=math.inf)
+        base["flat_qps_1"] = time_search(reference, queries[:ref_queries], k, 1, min_s=math.inf)
+        print(f"  (Flat again: QPS {base['flat_qps_all']:.0f} / {base['flat_qps_1']:.0f} "
+              f"(1 thr) on {ref_queries} queries)", flush=True)
     rows, positions = [], None
-    for nprobe in (nprobes if ivf else [None]):
+    settings = [(p, kf) for p in (nprobes if ivf else [None])
+                for kf in ((k_factors or [None]) if refine else [None])]
+    for nprobe, k_factor in settings:
         params = {}
-        if ivf:
-            params = index.set_params(nprobe=nprobe)
+        if ivf or refine:
+            params = index.set_params(nprobe=nprobe, k_factor=k_factor)
         elif factory.startswith("HNSW"):
             params = {"efSearch": ef_search}
         faiss.omp_set_num_threads(all_threads)
         res = index.search(queries, k)
-        row = dict(base, params=" ".join(f"{a}={b}" for a, b in params.items()) or "-",
+        row = dict(base, params=" ".join(f"{a}={b:g}" for a, b in params.items()) or "-",
                    qps_all=time_search(index, queries, k, all_threads),
                    qps_1=time_search(index, queries, k, 1),
                    recall=neighbour_recall(res.positions, truth) if truth is not None else 1.0)
+        row.setdefault("flat_qps_all", row["qps_all"])  # the Flat row is its own reference
+        row.setdefault("flat_qps_1", row["qps_1"])
         rows.append(row)
         positions = res.positions
-        print(f"  {factory:<14} {row['params']:<12} build {build_s:7.1f} s  "
+        print(f"  {factory:<26} {row['params']:<20} build {build_s:7.1f} s  "
               f"QPS {row['qps_all']:9.0f} / {row['qps_1']:9.0f} (1 thr)  "
               f"recall@{k} {row['recall']:.3f}", flush=True)
     del index
@@ -229,7 +253,9 @@ def bench_n(n: int, args, work: Path, hnsw_rate: dict[int, float]) -> list[dict[
     print(f"  Flat vs exact_topk over the files (100 queries): recall {flat_ok:.4f}", flush=True)
     if flat_ok < 1.0:
         raise SystemExit("Flat disagrees with exact search: the benchmark's ground truth is wrong")
-    shutil.rmtree(work / f"idx-{n}-flat", ignore_errors=True)
+    from aligner.retrieval.index import SearchIndex
+
+    reference = SearchIndex.load(work / f"idx-{n}-flat")  # timed again beside every index
 
     for factory in args.factories:
         fac = factory.replace("{L}", str(lists))
@@ -244,11 +270,15 @@ def bench_n(n: int, args, work: Path, hnsw_rate: dict[int, float]) -> list[dict[
             rows.append({"index": fac, "n": n, "skipped": reason})
             continue
         got, _ = run_one(emb, work / f"idx-{n}", fac, queries, k, all_threads, train,
-                         args.nprobe, args.ef_search, truth, build_threads)
+                         args.nprobe, args.ef_search, truth, build_threads, args.k_factor,
+                         reference, args.ref_queries or args.queries)
         if fac.startswith("HNSW"):
             hnsw_rate[n] = got[0]["build_s"]
         rows += got
         shutil.rmtree(work / f"idx-{n}", ignore_errors=True)
+    del reference
+    gc.collect()
+    shutil.rmtree(work / f"idx-{n}-flat", ignore_errors=True)
     return rows
 
 
@@ -256,21 +286,22 @@ def bench_n(n: int, args, work: Path, hnsw_rate: dict[int, float]) -> list[dict[
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    head = (f"{'N':>9}  {'index':<15} {'params':<11} {'build s':>8} {'(train':>7} {'add)':>6} "
+    head = (f"{'N':>9}  {'index':<27} {'params':<20} {'build s':>8} {'(train':>7} {'add)':>6} "
             f"{'x Flat':>7} {'size MB':>8} {'x Flat':>6} {'QPS all':>9} {'QPS 1thr':>9} "
-            f"{'x Flat':>7} {'recall@10':>9}")
+            f"{'x Flat':>7} {'x Flat 1':>8} {'recall@10':>9}")
     out = [head, "-" * len(head)]
     flat = {r["n"]: r for r in rows if r["index"] == "Flat"}
     for r in rows:
         if "skipped" in r:
-            out.append(f"{r['n']:>9,}  {r['index']:<15} skipped: {r['skipped']}")
+            out.append(f"{r['n']:>9,}  {r['index']:<27} skipped: {r['skipped']}")
             continue
         f = flat[r["n"]]
         out.append(
-            f"{r['n']:>9,}  {r['index']:<15} {r['params']:<11} {r['build_s']:8.1f} "
+            f"{r['n']:>9,}  {r['index']:<27} {r['params']:<20} {r['build_s']:8.1f} "
             f"{r['train_s']:7.1f} {r['add_s']:6.1f} {r['build_s'] / f['build_s']:7.1f} "
             f"{r['bytes'] / 1e6:8.1f} {r['bytes'] / f['bytes']:6.3f} {r['qps_all']:9.0f} "
-            f"{r['qps_1']:9.0f} {r['qps_all'] / f['qps_all']:7.1f} {r['recall']:9.3f}")
+            f"{r['qps_1']:9.0f} {r['qps_all'] / r['flat_qps_all']:7.1f} "
+            f"{r['qps_1'] / r['flat_qps_1']:8.1f} {r['recall']:9.3f}")
     return "\n".join(out)
 
 
@@ -283,10 +314,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--queries", type=int, default=1000)
     p.add_argument("--train-sample", type=int, default=100_000,
                    help="rows to train IVF/PQ on (capped at N)")
-    p.add_argument("--factories", default="HNSW32,IVF{L}_Flat,IVF{L}_PQ64",
+    p.add_argument("--factories",
+                   default="HNSW32,IVF{L}_Flat,IVF{L}_PQ64,IVF{L}_PQ64_RFlat,IVF{L}_PQ64x4fsr_RFlat",
                    help="besides Flat; '_' for ',' inside a factory, {L} = the IVF list count")
     p.add_argument("--nprobe", default="16,64", help="IVF nprobe values (one row each)")
+    p.add_argument("--k-factor", default="8,32,64",
+                   help="refine k_factor values (one row each, with every nprobe)")
     p.add_argument("--ef-search", type=int, default=64, help="HNSW efSearch")
+    p.add_argument("--ref-queries", type=int, default=0,
+                   help="queries of the Flat re-timing beside every other index (0: all "
+                        "--queries; Flat's QPS depends on the batch: 100 queries ran 10-20x "
+                        "slower per query than 1,000 here)")
     p.add_argument("--hnsw-max-n", type=int, default=300_000,
                    help="skip HNSW above this N (its build is the slowest; reported as skipped)")
     p.add_argument("--build-threads", type=int, default=0,
@@ -302,6 +340,7 @@ def main(argv: list[str] | None = None) -> int:
         args.queries = min(args.queries, 200)
     args.factories = [f.strip().replace("_", ",") for f in args.factories.split(",") if f.strip()]
     args.nprobe = [int(v) for v in args.nprobe.split(",") if v]
+    args.k_factor = [float(v) for v in args.k_factor.split(",") if v]
 
     import faiss
 
@@ -322,8 +361,10 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(work, ignore_errors=True)
     print(f"\n{table(rows)}\n")
     print(f"QPS: one batch of {args.queries} queries, k=10, through SearchIndex.search; 'all' = "
-          f"faiss on {os.cpu_count()} threads. x Flat: build time, size and all-thread QPS "
-          f"relative to Flat at the same N. Total {time.time() - t0:.0f} s; load average now "
+          f"faiss on {os.cpu_count()} threads. x Flat: build time and size relative to Flat at "
+          f"the same N; QPS (all threads, then one thread) relative to Flat timed again right "
+          f"after that index was built. recall@10: overlap with Flat's top 10. Total "
+          f"{time.time() - t0:.0f} s; load average now "
           f"{' '.join(f'{v:.2f}' for v in os.getloadavg())}.")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))

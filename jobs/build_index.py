@@ -3,13 +3,20 @@
     python -m jobs.build_index --config jobs/configs/build_index.yaml embeddings=out/embeddings output=out/index
 
 The index type is a ``faiss.index_factory`` string (``Flat``, ``HNSW32``, ``IVF4096,PQ64``,
-``OPQ64,IVF16384,PQ64`` ...) with the inner-product metric (embeddings are normalised);
-IVF/PQ indexes are trained on ``train_sample`` rows drawn across all shards, then vectors are
-added in streamed record batches, so memory holds the index plus one batch. ``shards=S``
-splits the vectors over S index files sharing one trained quantiser (one serving replica can
-load a subset). A single process builds: faiss uses every core of the machine it runs on; to
-scale further, build shards on separate machines from disjoint embedding subsets with the same
-trained template.
+``OPQ64,IVF16384,PQ64``, with a re-ranking stage ``IVF4096,PQ64x4fsr,RFlat`` ...) with the
+inner-product metric (embeddings are normalised); IVF/PQ indexes are trained on
+``train_sample`` rows drawn across all shards, then vectors are added in streamed record
+batches, so memory holds the index plus one batch. ``shards=S`` splits the vectors over S
+index files sharing one trained quantiser (one serving replica can load a subset).
+
+By default one process adds every vector (faiss uses every core of its machine).
+``parallel=true`` trains once here, then adds each shard in its own Ray task
+(``cpus_per_task`` CPUs each) on the cluster the job runs on; the output equals the serial
+build's, and ``output`` must be on a filesystem every Ray node shares:
+
+    python -m jobs.build_index embeddings=/mnt/shared/emb output=/mnt/shared/index \
+        factory="IVF16384,PQ64x4fsr,RFlat" train_sample=500000 shards=8 parallel=true \
+        cpus_per_task=4 nprobe=64 k_factor=32
 """
 
 from __future__ import annotations
@@ -19,7 +26,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from aligner.retrieval.index import SearchIndex
-from aligner.retrieval.index_build import DEFAULT_BATCH_SIZE, DEFAULT_TRAIN_SAMPLE
+from aligner.retrieval.index_build import (
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_K_FACTOR,
+    DEFAULT_TRAIN_SAMPLE,
+)
 from aligner.runtime.config import save_config, to_dict
 from aligner.runtime.job import job_main
 
@@ -35,7 +46,7 @@ class IndexConfig:
     output: str = field(default="out/index", metadata={"help": "index directory to write"})
     factory: str = field(default="HNSW32", metadata={
         "help": "faiss index_factory string: Flat (exact), HNSW32 (fast, no training), "
-                "IVF{n},PQ{m} (large corpora)"})
+                "IVF{n},PQ{m} (large corpora), IVF{n},PQ{m}x4fsr,RFlat (+ exact re-ranking)"})
     train_sample: int = field(default=DEFAULT_TRAIN_SAMPLE,
                               metadata={"help": "rows sampled to train IVF/PQ/OPQ"})
     batch_size: int = field(default=DEFAULT_BATCH_SIZE, metadata={"help": "rows per streamed add"})
@@ -46,6 +57,15 @@ class IndexConfig:
         "help": "lower the IVF list count when there are too few training vectors"})
     nprobe: int = field(default=0, metadata={"help": "IVF lists to visit (0: faiss default)"})
     ef_search: int = field(default=0, metadata={"help": "HNSW search breadth (0: default)"})
+    k_factor: float = field(default=0.0, metadata={
+        "help": "a refine stage (RFlat, Refine(...)) re-scores k_factor x k candidates "
+                f"(0: {DEFAULT_K_FACTOR:g} when the factory has one)"})
+    parallel: bool = field(default=False, metadata={
+        "help": "add each shard in its own Ray task (output on a shared filesystem)"})
+    cpus_per_task: float = field(default=1.0, metadata={
+        "help": "CPUs (and faiss threads) per shard task of a parallel build"})
+    ray_address: str = field(default="", metadata={
+        "help": "Ray cluster of a parallel build (default: RAY_ADDRESS, else a local Ray)"})
     seed: int = field(default=0, metadata={"help": "seed of the training sample"})
     progress: bool = field(default=True, metadata={"help": "progress bar over added rows"})
 
@@ -56,6 +76,10 @@ class IndexConfig:
             raise ValueError("shard_mode must be contiguous or round_robin")
         if not self.factory.strip():
             raise ValueError("factory must be a faiss index_factory string")
+        if self.k_factor and self.k_factor < 1:
+            raise ValueError("k_factor must be 0 (default) or >= 1")
+        if self.cpus_per_task <= 0:
+            raise ValueError("cpus_per_task must be > 0")
 
 
 def run(cfg: IndexConfig) -> SearchIndex:
@@ -71,6 +95,8 @@ def run(cfg: IndexConfig) -> SearchIndex:
                         shards=cfg.shards, shard_mode=cfg.shard_mode,  # type: ignore[arg-type]
                         seed=cfg.seed, clamp_nlist=cfg.clamp_nlist,
                         nprobe=cfg.nprobe or None, ef_search=cfg.ef_search or None,
+                        k_factor=cfg.k_factor or None, parallel=cfg.parallel,
+                        cpus_per_task=cfg.cpus_per_task, ray_address=cfg.ray_address or None,
                         progress=cfg.progress, config=to_dict(cfg), started=time.time())
     save_config(cfg, Path(cfg.output) / "config.yaml")
     return index
@@ -81,7 +107,8 @@ def main(argv: list[str] | None = None) -> int:
         m = index.manifest
         return (f"index: {m.get('factory')} dim {index.dim}, {index.ntotal} vectors in "
                 f"{len(m.get('shards', []))} shard(s), built in "
-                f"{(m.get('timings_s') or {}).get('build', 0):.1f} s -> {cfg.output}")
+                f"{(m.get('timings_s') or {}).get('build', 0):.1f} s"
+                f"{' by Ray tasks' if m.get('parallel') else ''} -> {cfg.output}")
 
     return job_main(IndexConfig, argv, DEFAULT_YAML, run, report, "python -m jobs.build_index")
 

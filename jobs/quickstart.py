@@ -81,7 +81,7 @@ class QuickstartConfig:
     control: bool = field(default=True, metadata={
         "help": "train the contrastive-only control (same steps and data, no preference loss)"})
     num_workers: int = field(default=2, metadata={"help": "Ray Train workers of the fine-tune"})
-    align_steps: int = field(default=120, metadata={"help": "fine-tuning steps"})
+    align_steps: int = field(default=240, metadata={"help": "fine-tuning steps"})
     align_lr: float = field(default=3e-4, metadata={"help": "fine-tuning peak learning rate"})
     beta: float = field(default=0.5, metadata={"help": "DPO beta"})
     pairs_per_step: int = field(default=64, metadata={"help": "preference pairs per step"})

@@ -9,18 +9,30 @@ An index directory holds::
 
 Every index uses the inner-product metric: embeddings are L2-normalised, so scores are
 cosine similarities. The index type is any ``faiss.index_factory`` string (``Flat``,
-``HNSW32``, ``IVF1024,Flat``, ``IVF1024,PQ64``, ``OPQ64,IVF4096,PQ64`` ...).
+``HNSW32``, ``IVF1024,Flat``, ``IVF1024,PQ64``, ``OPQ64,IVF4096,PQ64`` ...), including a
+re-ranking stage: ``IVF4096,PQ64x4fsr,RFlat`` (or ``...,Refine(Flat)``) keeps the exact
+vectors beside the compressed codes, asks the IVF-PQ stage for ``k_factor x k`` candidates and
+re-scores them exactly; ``Refine(SQfp16)`` keeps float16 vectors instead (half the bytes).
+``k_factor`` is a search parameter like ``nprobe`` (faiss' ``k_factor_rf``).
 
 A *position* is a row of ``ids.parquet`` (:data:`IDS_SCHEMA`; ``caption`` only when the
 embeddings had captions); each shard maps its local faiss ids back to positions (contiguous
 ranges, or round robin). :class:`SearchIndex` loads some or all shards (optionally
 memory-mapped), searches each and merges the top k exactly (:func:`merge_topk`).
 :mod:`aligner.retrieval.index_build` is the only writer.
+
+Memory-mapped loading (``mmap=True``): IVF inverted lists are mapped with
+``IO_FLAG_MMAP``; flat codes (``Flat``, HNSW storage) and the stored vectors of a refine stage
+with ``IO_FLAG_MMAP_IFC``, which in faiss 1.15 also maps the IVF lists under the refine
+stage. The mapped bytes are page cache, not process memory: a replica's own (anonymous)
+memory stays at the quantisers and graph links, and the kernel pages vectors in as queries
+touch them (measured in ``tests/unit/test_index_shards.py``).
 """
 
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
@@ -56,30 +68,60 @@ def _unwrap_idmap(index):
     return index
 
 
-def set_search_params(index, nprobe: int | None = None,
-                      ef_search: int | None = None) -> dict[str, int]:
-    """Set ``nprobe`` (IVF) and ``efSearch`` (HNSW, also an HNSW coarse quantiser) on an index.
+def has_refine(index) -> bool:
+    """Whether an index has a re-ranking stage (``IndexRefine`` / ``IndexRefineFlat``)."""
+    return isinstance(_unwrap_idmap(index), _faiss().IndexRefine)
 
-    Goes through ``faiss.ParameterSpace``, which reaches through ``IndexPreTransform``
-    (OPQ/PCA) and into IVF quantisers; ``IndexIDMap`` wrappers are unwrapped first. A
-    parameter the index does not have is skipped (logged at debug level).
+
+def set_search_params(index, nprobe: int | None = None, ef_search: int | None = None,
+                      k_factor: float | None = None) -> dict[str, float]:
+    """Set ``nprobe`` (IVF), ``efSearch`` (HNSW, also an HNSW coarse quantiser) and
+    ``k_factor`` (a refine stage re-scores ``k_factor x k`` candidates) on an index.
+
+    Goes through ``faiss.ParameterSpace``, which reaches through ``IndexRefine``,
+    ``IndexPreTransform`` (OPQ/PCA) and into IVF quantisers; ``IndexIDMap`` wrappers are
+    unwrapped first. A parameter the index does not have is skipped (logged at debug level).
 
     Returns:
-        The parameters that were applied.
+        The parameters that were applied (``nprobe`` and ``efSearch`` as ints).
+
+    Raises:
+        ValueError: ``k_factor < 1`` (fewer candidates than results).
     """
     faiss = _faiss()
+    if k_factor is not None and k_factor < 1:
+        raise ValueError(f"k_factor must be >= 1 (candidates = k_factor x k), got {k_factor}")
     target = _unwrap_idmap(index)
     space = faiss.ParameterSpace()
-    applied = {}
-    for name, value in (("nprobe", nprobe), ("efSearch", ef_search)):
+    applied: dict[str, float] = {}
+    for name, faiss_name, value in (("nprobe", "nprobe", nprobe),
+                                    ("efSearch", "efSearch", ef_search),
+                                    ("k_factor", "k_factor_rf", k_factor)):
         if value is None:
             continue
         try:
-            space.set_index_parameter(target, name, float(value))
-            applied[name] = int(value)
+            space.set_index_parameter(target, faiss_name, float(value))
+            applied[name] = float(value) if name == "k_factor" else int(value)
         except RuntimeError:
             log.debug("index %s has no parameter %s; ignored", type(target).__name__, name)
     return applied
+
+
+def _mmap_flag(manifest: dict[str, Any]) -> int:
+    """The faiss read flag that memory-maps an index of this manifest's kind.
+
+    A refine stage's stored vectors are flat codes: ``IO_FLAG_MMAP_IFC`` maps them (and the IVF
+    lists under them); ``IO_FLAG_MMAP`` would map only the IVF lists and read the vectors,
+    the bulk of such an index, into memory. Manifests written before ``refine`` was recorded
+    are recognised by their factory string.
+    """
+    faiss = _faiss()
+    refine = manifest.get("refine")
+    if refine is None:
+        refine = bool(re.search(r"(^|,)\s*(RFlat|Refine\()", str(manifest.get("factory", ""))))
+    if refine or not manifest.get("ivf"):
+        return faiss.IO_FLAG_MMAP_IFC
+    return faiss.IO_FLAG_MMAP
 
 
 # ----------------------------------------------------------------------------- search
@@ -164,29 +206,36 @@ class SearchIndex:
 
     @classmethod
     def load(cls, path: str | Path, mmap: bool = False, shards: Sequence[int] | None = None,
-             nprobe: int | None = None, ef_search: int | None = None) -> SearchIndex:
+             nprobe: int | None = None, ef_search: int | None = None,
+             k_factor: float | None = None) -> SearchIndex:
         """Load an index directory written by :func:`build_index`.
 
         Args:
             path: the index directory.
-            mmap: memory-map the vectors instead of reading them (``IO_FLAG_MMAP`` for IVF
-                lists, ``IO_FLAG_MMAP_IFC`` for flat codes / HNSW storage).
+            mmap: memory-map the vectors instead of reading them (see the module docstring:
+                ``IO_FLAG_MMAP`` for IVF lists, ``IO_FLAG_MMAP_IFC`` for flat codes, HNSW
+                storage and a refine stage's vectors).
             shards: load only these shard numbers (a serving replica holding some shards).
             nprobe: IVF lists to visit (default: the build's, else faiss' 1).
             ef_search: HNSW search breadth (default: the build's, else faiss' 16).
+            k_factor: candidates a refine stage re-scores, as a multiple of k (default: the
+                build's, else faiss' 1).
 
         Raises:
             FileNotFoundError: the directory, its manifest or a shard file is missing.
+            ValueError: a shard number the manifest does not have.
         """
         path = Path(path)
         if not path.is_dir():
             raise FileNotFoundError(f"index directory {path} does not exist")
         manifest = read_manifest(path)
         faiss = _faiss()
-        flag = 0
-        if mmap:
-            flag = faiss.IO_FLAG_MMAP if manifest.get("ivf") else faiss.IO_FLAG_MMAP_IFC
         numbers = list(range(len(manifest["shards"]))) if shards is None else list(shards)
+        bad = [s for s in numbers if not 0 <= s < len(manifest["shards"])]
+        if bad:
+            raise ValueError(f"shards {bad} not in this index: it has {len(manifest['shards'])} "
+                             f"shard(s), numbered from 0")
+        flag = _mmap_flag(manifest) if mmap else 0
         loaded = []
         for s in numbers:
             f = path / manifest["shards"][s]["file"]
@@ -197,7 +246,8 @@ class SearchIndex:
         index = cls(loaded, table, manifest, numbers)
         params = manifest.get("search_params", {})
         index.set_params(nprobe if nprobe is not None else params.get("nprobe"),
-                         ef_search if ef_search is not None else params.get("efSearch"))
+                         ef_search if ef_search is not None else params.get("efSearch"),
+                         k_factor if k_factor is not None else params.get("k_factor"))
         return index
 
     @property
@@ -209,11 +259,12 @@ class SearchIndex:
         """Vectors in the loaded shards."""
         return int(sum(s.ntotal for s in self.shards))
 
-    def set_params(self, nprobe: int | None = None, ef_search: int | None = None) -> dict[str, int]:
+    def set_params(self, nprobe: int | None = None, ef_search: int | None = None,
+                   k_factor: float | None = None) -> dict[str, float]:
         """Set search parameters on every shard (see :func:`set_search_params`)."""
-        applied: dict[str, int] = {}
+        applied: dict[str, float] = {}
         for shard in self.shards:
-            applied = set_search_params(shard, nprobe, ef_search)
+            applied = set_search_params(shard, nprobe, ef_search, k_factor)
         return applied
 
     def _to_positions(self, number: int, local: np.ndarray) -> np.ndarray:

@@ -11,6 +11,17 @@ float32) and one record batch; ids go to ``ids.parquet`` as they are added. A *p
 the row's place in the stream of valid rows (files in sorted path order), i.e. its row in
 ``ids.parquet``; each shard maps its local faiss ids back to positions.
 
+Parallel build (``parallel=True``): the template is trained once here (on the driver), then
+Ray tasks scan the embedding files (one task per file: valid rows, failures, the ids part) and
+S tasks each add their positions into a copy of the trained template and write their shard
+file (:mod:`aligner.retrieval.index_parallel`). The output, manifest included, is the serial
+build's; the output directory must be on a filesystem every Ray node shares.
+
+Re-ranking: a factory with a refine stage (``IVF4096,PQ64x4fsr,RFlat``,
+``...,Refine(SQfp16)``) keeps exact (or float16) vectors beside the codes and re-scores
+``k_factor x k`` candidates; ``k_factor`` is saved as a search parameter (default
+:data:`DEFAULT_K_FACTOR` when the factory has a refine stage).
+
 IVF lists vs training points: faiss needs at least as many training vectors as inverted
 lists. By default that is a ``ValueError`` that says what to change; with ``clamp_nlist=True``
 the list count is lowered to ``max(1, n_train // 39)`` (faiss' minimum of 39 points per
@@ -23,7 +34,7 @@ import logging
 import re
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import pyarrow as pa
@@ -32,6 +43,7 @@ from tqdm.auto import tqdm
 
 from aligner.data.embeddings import (
     NORM_TOL,
+    ShardInfo,
     inspect_embeddings,
     iter_embedding_batches,
     sample_vectors,
@@ -44,6 +56,7 @@ from aligner.retrieval.index import (
     ShardMode,
     _faiss,
     _unwrap_idmap,
+    has_refine,
     set_search_params,
 )
 from aligner.runtime.manifest import read_manifest, write_manifest
@@ -53,6 +66,32 @@ log = logging.getLogger(__name__)
 #: Defaults of :func:`build_index` (``jobs.build_index`` takes its own from here).
 DEFAULT_TRAIN_SAMPLE = 100_000
 DEFAULT_BATCH_SIZE = 65_536
+#: Candidates a refine stage re-scores, as a multiple of k, when the build is not told
+#: (faiss' own default, 1, only re-orders the IVF-PQ top k). Measured in
+#: ``bench/bench_index.py`` (docs/defaults.md, index table).
+DEFAULT_K_FACTOR = 32.0
+SHARD_MODES = ("contiguous", "round_robin")
+
+
+def shard_file(shard: int) -> str:
+    """The file name of shard ``shard`` inside an index directory."""
+    return f"shard-{shard:02d}.faiss"
+
+
+def shard_bounds(rows: int, shards: int) -> np.ndarray:
+    """Contiguous shard boundaries: shard s holds positions ``[b[s], b[s+1])`` (``S + 1``
+    int64 values over ``rows``, the input's row count: shards are cut before validation, so
+    rows that fail leave their shard a little short)."""
+    return np.linspace(0, rows, shards + 1).round().astype(np.int64)
+
+
+def shard_mask(positions: np.ndarray, shard: int, shards: int, mode: ShardMode,
+               bounds: np.ndarray) -> np.ndarray:
+    """Which of ``positions`` belong to ``shard`` (``round_robin``: ``p % S == s``;
+    ``contiguous``: ``b[s] <= p < b[s+1]``)."""
+    if mode == "round_robin":
+        return positions % shards == shard
+    return (positions >= bounds[shard]) & (positions < bounds[shard + 1])
 
 
 def _clamped_factory(factory: str, n_train: int, nlist: int, clamp: bool) -> str:
@@ -75,10 +114,13 @@ def _skip_polysemous_training(index) -> None:
 
     It reorders PQ centroids for Hamming pre-filtering (``polysemous_ht``), which this module
     never enables, and costs about 5x the PQ training itself (measured: 59 s vs 12 s for
-    ``IVF100,PQ16`` on 10k vectors of size 64).
+    ``IVF100,PQ16`` on 10k vectors of size 64). Reaches through ID maps, a refine stage
+    (its base index) and pre-transforms (OPQ).
     """
     faiss = _faiss()
     index = _unwrap_idmap(index)
+    if isinstance(index, faiss.IndexRefine):
+        index = faiss.downcast_index(index.base_index)
     if isinstance(index, faiss.IndexPreTransform):
         index = faiss.downcast_index(index.index)
     if getattr(index, "do_polysemous_training", False):
@@ -108,11 +150,116 @@ def _write_failures(out: Path, failures: list[dict[str, Any]]) -> None:
             d / "failures.parquet")
 
 
+class Trained(NamedTuple):
+    """A trained template and how it was trained."""
+
+    template: Any       # the faiss index, trained, empty
+    factory: str        # the factory string used (after clamping)
+    n_train: int        # training vectors used (0: no training needed)
+    t_train: float      # seconds to sample and train
+
+
+class Added(NamedTuple):
+    """What adding the vectors produced."""
+
+    shards: list[dict[str, Any]]   # manifest rows: file, ntotal, offset
+    indexed: int                   # valid rows added (positions 0 .. indexed-1)
+    failures: list[dict[str, Any]]
+    not_normalised: int
+    t_add: float
+    indexes: list[Any] | None      # the shards in memory (serial build), else None
+
+
+def train_template(infos: list[ShardInfo], dim: int, factory: str, train_sample: int,
+                   seed: int, clamp_nlist: bool) -> Trained:
+    """Build the ``faiss.index_factory`` template and train it on a sample across files.
+
+    Raises:
+        ValueError: a bad factory string, ``train_sample < 1`` for an index that needs
+            training, too few training vectors for the IVF lists, or a failed training.
+    """
+    faiss = _faiss()
+    total = sum(i.rows for i in infos)
+    try:
+        template = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
+    except RuntimeError as e:
+        raise ValueError(f"faiss cannot build factory string {factory!r} for dim {dim}: "
+                         f"{str(e).strip().splitlines()[-1]}") from e
+    _skip_polysemous_training(template)
+    if template.is_trained:
+        return Trained(template, factory, 0, 0.0)
+    if train_sample < 1:
+        raise ValueError(f"factory {factory!r} needs training but train_sample={train_sample}")
+    requested = factory
+    ivf = faiss.try_extract_index_ivf(template)
+    if ivf is not None:
+        factory = _clamped_factory(factory, min(train_sample, total), int(ivf.nlist), clamp_nlist)
+        if factory != requested:
+            template = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
+            _skip_polysemous_training(template)
+    t = time.time()
+    sample = sample_vectors(infos, train_sample, seed)
+    n_train = len(sample)
+    if ivf is not None and n_train < faiss.try_extract_index_ivf(template).nlist:
+        raise ValueError(f"only {n_train} valid training vectors for {factory!r}")
+    log.info("training %s on %d sampled vectors (%.1fs to sample)", factory, n_train,
+             time.time() - t)
+    try:
+        template.train(sample)
+    except RuntimeError as e:
+        raise ValueError(f"training {factory!r} on {n_train} vectors failed: "
+                         f"{str(e).strip().splitlines()[-1]}") from e
+    return Trained(template, factory, n_train, time.time() - t)
+
+
+def _add_serial(infos: list[ShardInfo], template: Any, out: Path, schema: pa.Schema,
+                caption: bool, dim: int, shards: int, shard_mode: ShardMode,
+                batch_size: int, progress: bool, root: Path) -> Added:
+    """Stream every batch once, in this process, into S copies of the template; write
+    ``ids.parquet`` as rows are added, then the shard files."""
+    faiss = _faiss()
+    total = sum(i.rows for i in infos)
+    indexes = [template] + [faiss.clone_index(template) for _ in range(shards - 1)]
+    bounds = shard_bounds(total, shards)
+    failures: list[dict[str, Any]] = []
+    pos, off_norm, t_add = 0, 0, time.time()
+    with pq.ParquetWriter(out / IDS_FILE, schema) as writer, \
+            tqdm(total=total, unit="row", desc="add", disable=not progress) as bar:
+        for batch in iter_embedding_batches(infos, batch_size, caption):
+            failures += batch.failures
+            x, n = batch.vectors, len(batch.vectors)
+            if n and x.shape[1] != dim:
+                raise ValueError(f"embeddings of size {x.shape[1]} among embeddings of size "
+                                 f"{dim} under {root}")
+            if n:
+                writer.write_table(batch.table.cast(schema))
+                off_norm += int((np.abs(np.linalg.norm(x, axis=1) - 1) > NORM_TOL).sum())
+                p = np.arange(pos, pos + n)
+                for s, idx in enumerate(indexes):
+                    sel = shard_mask(p, s, shards, shard_mode, bounds)
+                    if sel.all():
+                        idx.add(x)
+                    elif sel.any():
+                        idx.add(np.ascontiguousarray(x[sel]))
+                pos += n
+            bar.update(n + len(batch.failures))
+    t_add = time.time() - t_add
+    meta, offset = [], 0
+    for s, idx in enumerate(indexes):
+        if pos:
+            faiss.write_index(idx, str(out / shard_file(s)))
+        meta.append({"file": shard_file(s), "ntotal": int(idx.ntotal), "offset": offset})
+        offset += int(idx.ntotal)
+    return Added(meta, pos, failures, off_norm, t_add, indexes)
+
+
 def build_index(embeddings: str | Path, out_dir: str | Path, factory: str = "Flat", *,
                 train_sample: int = DEFAULT_TRAIN_SAMPLE, batch_size: int = DEFAULT_BATCH_SIZE,
                 shards: int = 1,
                 shard_mode: ShardMode = "contiguous", seed: int = 0, clamp_nlist: bool = False,
                 nprobe: int | None = None, ef_search: int | None = None,
+                k_factor: float | None = None, parallel: bool = False,
+                cpus_per_task: float = 1.0, ray_address: str | None = None,
                 progress: bool = False, config: dict[str, Any] | None = None,
                 started: float | None = None) -> SearchIndex:
     """Build a faiss index from an embeddings directory and save it to ``out_dir``.
@@ -121,7 +268,8 @@ def build_index(embeddings: str | Path, out_dir: str | Path, factory: str = "Fla
         embeddings: directory of Parquet files (``id``, ``embedding``, ``aesthetic``,
             ``caption?``), read recursively.
         out_dir: index directory to write (see the module docstring).
-        factory: a ``faiss.index_factory`` string; the metric is inner product.
+        factory: a ``faiss.index_factory`` string; the metric is inner product. A refine
+            stage (``...,RFlat``, ``...,Refine(SQfp16)``) re-ranks with stored vectors.
         train_sample: rows drawn across all files to train IVF/PQ/OPQ (ignored for
             indexes that need no training, e.g. ``Flat``, ``HNSW32``).
         batch_size: rows per streamed ``add``.
@@ -133,7 +281,14 @@ def build_index(embeddings: str | Path, out_dir: str | Path, factory: str = "Fla
             instead of raising (see the module docstring).
         nprobe: IVF lists to visit; saved as the index's default search parameter.
         ef_search: HNSW search breadth; saved as the default.
-        progress: show a tqdm bar over added rows.
+        k_factor: a refine stage re-scores ``k_factor x k`` candidates; saved as the
+            default (:data:`DEFAULT_K_FACTOR` when the factory has a refine stage).
+        parallel: add the vectors in Ray tasks, one per shard (see the module docstring);
+            the result equals the serial build's.
+        cpus_per_task: CPUs each shard task reserves (and faiss threads it uses).
+        ray_address: the Ray cluster of a parallel build (default: ``RAY_ADDRESS``, else a
+            local Ray).
+        progress: show a tqdm bar over added rows (serial) or finished tasks (parallel).
         config: the job's resolved config, recorded in the manifest.
         started: the job's start time (``time.time()``) for the manifest's wall time.
 
@@ -143,15 +298,12 @@ def build_index(embeddings: str | Path, out_dir: str | Path, factory: str = "Fla
     Raises:
         FileNotFoundError: ``embeddings`` does not exist.
         ValueError: no rows, mixed vector sizes, a bad factory string, too few training
-            vectors, or ``shards < 1``.
+            vectors, ``shards < 1``, a bad ``shard_mode``, ``batch_size``,
+            ``cpus_per_task`` or ``k_factor``.
     """
-    faiss = _faiss()
     t0 = time.time()
     embeddings, out = Path(embeddings), Path(out_dir)
-    if shards < 1:
-        raise ValueError(f"shards must be >= 1, got {shards}")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    _check_args(shards, shard_mode, batch_size, cpus_per_task, k_factor)
     infos = inspect_embeddings(embeddings)
     total = sum(i.rows for i in infos)
     if total == 0:
@@ -165,102 +317,70 @@ def build_index(embeddings: str | Path, out_dir: str | Path, factory: str = "Fla
     if model_dim and int(model_dim) != dim:
         log.warning("embeddings manifest says embed_dim=%s but vectors have size %d", model_dim, dim)
 
-    try:
-        template = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
-    except RuntimeError as e:
-        raise ValueError(f"faiss cannot build factory string {factory!r} for dim {dim}: "
-                         f"{str(e).strip().splitlines()[-1]}") from e
-    requested, n_train, t_train = factory, 0, 0.0
-    _skip_polysemous_training(template)
-    if not template.is_trained:
-        if train_sample < 1:
-            raise ValueError(f"factory {factory!r} needs training but train_sample={train_sample}")
-        ivf = faiss.try_extract_index_ivf(template)
-        if ivf is not None:
-            factory = _clamped_factory(factory, min(train_sample, total), int(ivf.nlist), clamp_nlist)
-            if factory != requested:
-                template = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
-                _skip_polysemous_training(template)
-        t = time.time()
-        sample = sample_vectors(infos, train_sample, seed)
-        n_train = len(sample)
-        if ivf is not None and n_train < faiss.try_extract_index_ivf(template).nlist:
-            raise ValueError(f"only {n_train} valid training vectors for {factory!r}")
-        log.info("training %s on %d sampled vectors (%.1fs to sample)", factory, n_train,
-                 time.time() - t)
-        try:
-            template.train(sample)
-        except RuntimeError as e:
-            raise ValueError(f"training {factory!r} on {n_train} vectors failed: "
-                             f"{str(e).strip().splitlines()[-1]}") from e
-        del sample
-        t_train = time.time() - t
-    indexes = [template] + [faiss.clone_index(template) for _ in range(shards - 1)]
-    for idx in indexes:
-        set_search_params(idx, nprobe, ef_search)
+    trained = train_template(infos, dim, factory, train_sample, seed, clamp_nlist)
+    template = trained.template
+    refine = has_refine(template)
+    if refine and k_factor is None:
+        k_factor = DEFAULT_K_FACTOR
+    search_params = set_search_params(template, nprobe, ef_search, k_factor)
 
     out.mkdir(parents=True, exist_ok=True)
     (out / "manifest.json").unlink(missing_ok=True)  # the manifest marks a finished build
     caption = any(i.has_caption for i in infos)
     schema = IDS_SCHEMA if caption else IDS_SCHEMA.remove(IDS_SCHEMA.get_field_index("caption"))
-    bounds = np.linspace(0, total, shards + 1).round().astype(np.int64)
-    failures: list[dict[str, Any]] = []
-    pos, off_norm, t_add = 0, 0, time.time()
-    with pq.ParquetWriter(out / IDS_FILE, schema) as writer, \
-            tqdm(total=total, unit="row", desc="add", disable=not progress) as bar:
-        for batch in iter_embedding_batches(infos, batch_size, caption):
-            failures += batch.failures
-            x, n = batch.vectors, len(batch.vectors)
-            if n and x.shape[1] != dim:
-                raise ValueError(f"embeddings of size {x.shape[1]} among embeddings of size "
-                                 f"{dim} under {embeddings}")
-            if n:
-                writer.write_table(batch.table.cast(schema))
-                off_norm += int((np.abs(np.linalg.norm(x, axis=1) - 1) > NORM_TOL).sum())
-                p = np.arange(pos, pos + n)
-                for s, idx in enumerate(indexes):
-                    sel = (p % shards == s) if shard_mode == "round_robin" else \
-                        (p >= bounds[s]) & (p < bounds[s + 1])
-                    if sel.all():
-                        idx.add(x)
-                    elif sel.any():
-                        idx.add(np.ascontiguousarray(x[sel]))
-                pos += n
-            bar.update(n + len(batch.failures))
-    t_add = time.time() - t_add
-    if pos == 0:
+    if parallel:
+        from aligner.retrieval.index_parallel import add_parallel
+
+        added = add_parallel(infos, template, out, schema, caption, dim, shards, shard_mode,
+                             batch_size, cpus_per_task, ray_address, progress)
+    else:
+        added = _add_serial(infos, template, out, schema, caption, dim, shards, shard_mode,
+                            batch_size, progress, embeddings)
+    if added.indexed == 0:
+        failures = added.failures
         raise ValueError(f"no embeddings: none of the {total} rows under {embeddings} is valid "
                          f"(first failure: {failures[0] if failures else None})")
-    if off_norm:
+    if added.not_normalised:
         log.warning("%d of %d embeddings are not L2-normalised (|norm - 1| > %g): scores are "
-                    "inner products, not cosines", off_norm, pos, NORM_TOL)
-    if failures:
-        log.warning("%d rows could not be indexed; see %s", len(failures), out / FAILURES_DIR)
-    _write_failures(out, failures)
+                    "inner products, not cosines", added.not_normalised, added.indexed, NORM_TOL)
+    if added.failures:
+        log.warning("%d rows could not be indexed; see %s", len(added.failures),
+                    out / FAILURES_DIR)
+    _write_failures(out, added.failures)
 
-    shard_meta, offset = [], 0
-    for s, idx in enumerate(indexes):
-        name = f"shard-{s:02d}.faiss"
-        faiss.write_index(idx, str(out / name))
-        shard_meta.append({"file": name, "ntotal": int(idx.ntotal), "offset": offset})
-        offset += int(idx.ntotal)
     manifest = {
-        "factory": factory, "factory_requested": requested, "metric": "inner_product",
-        "dim": dim, "ntotal": pos, "ivf": faiss.try_extract_index_ivf(template) is not None,
-        "shard_mode": shard_mode, "shards": shard_meta,
-        "search_params": set_search_params(template, nprobe, ef_search),
-        "train_sample": {"requested": train_sample if n_train else 0, "used": n_train,
-                         "seed": seed},
-        "timings_s": {"train": round(t_train, 3), "add": round(t_add, 3),
+        "factory": trained.factory, "factory_requested": factory, "metric": "inner_product",
+        "dim": dim, "ntotal": added.indexed,
+        "ivf": _faiss().try_extract_index_ivf(template) is not None, "refine": refine,
+        "shard_mode": shard_mode, "shards": added.shards, "parallel": parallel,
+        "search_params": search_params,
+        "train_sample": {"requested": train_sample if trained.n_train else 0,
+                         "used": trained.n_train, "seed": seed},
+        "timings_s": {"train": round(trained.t_train, 3), "add": round(added.t_add, 3),
                       "build": round(time.time() - t0, 3)},
         "embeddings": emb_info,
         "input_files": [{"path": str(i.path), "rows": i.rows} for i in infos],
-        "counts": {"rows_in": total, "indexed": pos, "failed": len(failures),
-                   "not_normalised": off_norm},
+        "counts": {"rows_in": total, "indexed": added.indexed, "failed": len(added.failures),
+                   "not_normalised": added.not_normalised},
     }
     written = write_manifest(out, "build_index", config=config, started=started or t0, **manifest)
-    log.info("indexed %d vectors of size %d into %d shard(s) of %s in %.1fs", pos, dim, shards,
-             factory, time.time() - t0)
+    log.info("indexed %d vectors of size %d into %d shard(s) of %s in %.1fs%s", added.indexed,
+             dim, shards, trained.factory, time.time() - t0, " (parallel)" if parallel else "")
+    indexes = added.indexes if added.indexes is not None else \
+        [_faiss().read_index(str(out / m["file"])) for m in added.shards]
     return SearchIndex(indexes, pq.read_table(out / IDS_FILE), written)
 
 
+def _check_args(shards: int, shard_mode: str, batch_size: int, cpus_per_task: float,
+                k_factor: float | None) -> None:
+    """Raise ``ValueError`` naming the first bad build argument."""
+    if shards < 1:
+        raise ValueError(f"shards must be >= 1, got {shards}")
+    if shard_mode not in SHARD_MODES:
+        raise ValueError(f"shard_mode must be one of {SHARD_MODES}, got {shard_mode!r}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if cpus_per_task <= 0:
+        raise ValueError(f"cpus_per_task must be > 0, got {cpus_per_task}")
+    if k_factor is not None and k_factor < 1:
+        raise ValueError(f"k_factor must be >= 1 (candidates = k_factor x k), got {k_factor}")

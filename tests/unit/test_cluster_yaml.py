@@ -1,20 +1,124 @@
-"""cluster.yaml is a valid Ray autoscaler config (checked against Ray's own schema)."""
+"""cluster.yaml is a Ray autoscaler config that `ray up` accepts, and it installs the lock.
 
-import json
-from importlib import resources
+`ray up` runs, before it talks to the cloud (``ray.autoscaler._private.commands.
+_bootstrap_config``): ``prepare_config`` (merge the provider's defaults.yaml, merge the setup
+commands per node kind, fill per-type min/max workers), the provider's resource auto-fill
+(EC2 DescribeInstanceTypes: credentials, and only a warning if it fails), ``validate_config``
+(Ray's JSON schema, head type among the node types, sum of min_workers <= max_workers), then
+the provider's ``bootstrap_config`` (IAM role, key pair, subnets, security group: boto3 and
+live credentials). The first and third run here, offline, on the real file; the cloud steps
+cannot, so the resources they would fill in are written out in the file and checked below.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
 from pathlib import Path
+from typing import Any
 
-import jsonschema
+import pytest
 import yaml
+from ray.autoscaler._private.util import prepare_config, validate_config
 
 REPO = Path(__file__).resolve().parents[2]
+#: an `||` branch (or a trailing command) that always succeeds hides the failure before it
+SWALLOW = re.compile(r"\|\|\s*(true\b|:(?=[\s;)]|$)|exit\s+0\b|echo\b)"
+                     r"|;\s*(true|:)\s*$|\bset\s+\+e\b")
 
 
-def test_cluster_yaml_matches_ray_schema():
-    schema = json.loads((resources.files("ray") / "autoscaler" / "ray-schema.json").read_text())
-    cfg = yaml.safe_load((REPO / "cluster.yaml").read_text())
-    jsonschema.validate(cfg, schema)
-    types = cfg["available_node_types"]
-    assert cfg["head_node_type"] in types
-    assert {"cpu_worker", "gpu_worker"} <= set(types)
-    assert any("requirements.txt" in c for c in cfg["setup_commands"])
+def load() -> dict[str, Any]:
+    return yaml.safe_load((REPO / "cluster.yaml").read_text())
+
+
+@pytest.fixture(scope="module")
+def prepared() -> dict[str, Any]:
+    """cluster.yaml after Ray's own prepare_config, validated by Ray's validate_config."""
+    cfg = prepare_config(copy.deepcopy(load()))
+    validate_config(cfg)
+    return cfg
+
+
+def all_commands(cfg: dict[str, Any]) -> list[str]:
+    """Every shell command the cluster launcher runs, node-type overrides included."""
+    keys = ("initialization_commands", "setup_commands", "head_setup_commands",
+            "worker_setup_commands", "head_start_ray_commands", "worker_start_ray_commands")
+    cmds = [c for k in keys for c in cfg.get(k, [])]
+    for node in cfg["available_node_types"].values():
+        cmds += node.get("worker_setup_commands", []) + node.get("initialization_commands", [])
+    return cmds
+
+
+def test_ray_prepares_and_validates_it(prepared):
+    raw = load()
+    types = prepared["available_node_types"]
+    assert prepared["head_node_type"] == "head" and set(types) == {"head", "cpu_worker",
+                                                                   "gpu_worker"}
+    # prepare_config merged AWS defaults but kept ours: our node types, not the defaults'
+    assert prepared["provider"]["type"] == "aws" and prepared["auth"]["ssh_user"] == "ubuntu"
+    assert prepared["head_setup_commands"] == raw["setup_commands"] + raw["head_setup_commands"]
+    assert prepared["worker_setup_commands"] == raw["setup_commands"]
+    assert prepared["idle_timeout_minutes"] == raw["idle_timeout_minutes"] > 0
+    for name, node in types.items():
+        assert 0 <= node["min_workers"] <= node["max_workers"] <= prepared["max_workers"], name
+    # validate_config is not a rubber stamp: it rejects a broken copy of the same file
+    broken = copy.deepcopy(prepared)
+    broken["available_node_types"]["gpu_worker"]["resources"] = {"GPU": "one"}
+    with pytest.raises(Exception, match="one"):
+        validate_config(broken)
+    broken = copy.deepcopy(prepared)
+    broken["head_node_type"] = "gpu"
+    with pytest.raises(ValueError, match="head_node_type"):
+        validate_config(broken)
+
+
+def test_node_types_split_cpu_and_gpu_work(prepared):
+    types = prepared["available_node_types"]
+    assert types["head"]["resources"] == {"CPU": 0} and types["head"]["max_workers"] == 0
+    cpu, gpu = types["cpu_worker"], types["gpu_worker"]
+    assert cpu["resources"]["CPU"] > 0 and "GPU" not in cpu["resources"]
+    assert gpu["resources"]["GPU"] >= 1 and gpu["resources"]["CPU"] > 0
+    assert cpu["min_workers"] == gpu["min_workers"] == 0  # idle cluster = the head alone
+    assert cpu["node_config"]["InstanceType"].startswith("c")
+    assert gpu["node_config"]["InstanceType"].startswith(("g", "p"))
+
+
+def test_setup_installs_the_lock_and_swallows_no_error(prepared):
+    raw = load()
+    # the repository (with the lock) is mounted where the install line reads it
+    (dest, src), = raw["file_mounts"].items()
+    assert (REPO / src / "requirements.txt").is_file()
+    installs = [c for c in raw["setup_commands"] if "pip install" in c and " -r " in c]
+    assert installs == [f"cd {dest.replace('/home/ubuntu', '~')} && ~/venv/bin/pip install "
+                        "-q -r requirements.txt"]
+    for cmd in all_commands(prepared):
+        assert not SWALLOW.search(cmd), f"this command hides a failure: {cmd}"
+    # the GPU type's own list replaces the common one: it must start with it, unchanged
+    gpu = prepared["available_node_types"]["gpu_worker"]["worker_setup_commands"]
+    common = prepared["worker_setup_commands"]
+    assert gpu[:len(common)] == common
+    extra = gpu[len(common):]
+    assert any('".[gpu]"' in c for c in extra) and any("cuda.is_available()" in c for c in extra)
+
+
+def test_the_swallow_check_catches_the_patterns_it_names():
+    for bad in ('nvidia-smi && pip install ".[gpu]" || true', "make || :",
+                "pip install x; true", "pip install x || exit 0", "set +e; pip install x",
+                "pip install x || echo failed"):
+        assert SWALLOW.search(bad), bad
+    for ok in ("test -x ~/venv/bin/python || python3.11 -m venv ~/venv",
+               "cd ~/aligner && ~/venv/bin/pip install -q -r requirements.txt"):
+        assert not SWALLOW.search(ok), ok
+
+
+def test_ports_of_the_job_api_and_serve():
+    raw = load()
+    head = " ".join(raw["head_start_ray_commands"])
+    assert "--dashboard-port=8265" in head and "--dashboard-host=0.0.0.0" in head
+    assert "--autoscaling-config=~/ray_bootstrap_config.yaml" in head
+    rules = raw["provider"]["security_group"]["IpPermissions"]
+    assert sorted((r["FromPort"], r["ToPort"]) for r in rules) == [(8000, 8000), (8265, 8265)]
+    for rule in rules:  # never open to the internet: the job API runs any code it is sent
+        assert all(not r["CidrIp"].startswith("0.0.0.0") for r in rule["IpRanges"])
+    serve = yaml.safe_load((REPO / "serving" / "config.yaml").read_text())
+    assert serve["http_options"]["port"] == 8000
