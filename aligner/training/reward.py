@@ -38,6 +38,7 @@ from aligner.reward.model import (
     freeze_bottom,
     save_reward_parts,
 )
+from aligner.training.config import _check_ray
 from aligner.training.loop import LoopInputs, LoopSteps, Worker, param_groups, run_loop
 from aligner.training.reward_data import RewardData, RewardPairs
 
@@ -119,8 +120,7 @@ class TrainRewardConfig:
         "help": "rephrased queries for the contrast-teacher baseline ('' : the template)"})
 
     def __post_init__(self) -> None:
-        if self.num_workers < 1 or self.threads_per_worker < 0 or self.max_failures < 0:
-            raise ValueError("num_workers >= 1, threads_per_worker >= 0, max_failures >= 0")
+        _check_ray(self)
         if self.train.batch_size % self.num_workers:
             raise ValueError(f"train.batch_size ({self.train.batch_size}) must be divisible by "
                              f"num_workers ({self.num_workers})")
