@@ -18,14 +18,9 @@ never logged, stored or put into an error message.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import random
 import threading
-import time
-import urllib.error
-import urllib.request
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -39,7 +34,8 @@ from aligner.judge.backend import (
 )
 from aligner.judge.images import data_url
 from aligner.judge.prompts import IMAGE_PART
-from aligner.rephrase.openai_compat import RETRY_STATUS, chat_url
+from aligner.rephrase.openai_compat import chat_url
+from aligner.runtime.http import HttpFailure, post_json
 
 log = logging.getLogger(__name__)
 
@@ -165,47 +161,17 @@ class OpenAIVLM(VLMBackend):
         body.update(self.extra_body)
         return body
 
-    def _wait(self, attempt: int, retry_after: str | None) -> None:
-        wait = self.backoff_s * (2 ** attempt) * (0.75 + 0.5 * random.random())
-        if retry_after:
-            try:
-                wait = min(float(retry_after), 60.0)
-            except ValueError:
-                pass
-        self._count("retries")
-        time.sleep(wait)
-
     def post(self, body: dict[str, Any]) -> Any:
         """POST one body, retrying what can be retried; the parsed JSON reply.
 
         Raises:
             BackendError: a non-retryable status, retries used up, or a body that is not JSON.
         """
-        data = json.dumps(body).encode()
-        last = "no attempt"
-        for attempt in range(self.max_retries + 1):
-            self._count("requests")
-            req = urllib.request.Request(self.url, data=data, headers=self._headers(),
-                                         method="POST")
-            retry_after = None
-            try:
-                with urllib.request.urlopen(req, timeout=self.timeout_s) as resp:
-                    raw = resp.read()
-                try:
-                    return json.loads(raw)
-                except ValueError:
-                    raise BackendError(f"bad_response: not JSON ({raw[:60]!r})") from None
-            except urllib.error.HTTPError as e:
-                last = f"http_error: {e.code} {e.reason}"
-                retry_after = e.headers.get("Retry-After") if e.headers else None
-                if e.code not in RETRY_STATUS:
-                    raise BackendError(last) from None
-            except (urllib.error.URLError, TimeoutError, ConnectionError) as e:
-                reason = getattr(e, "reason", e)
-                last = f"connection_error: {type(reason).__name__}: {reason}"[:200]
-            if attempt < self.max_retries:
-                self._wait(attempt, retry_after)
-        raise BackendError(f"{last} (after {self.max_retries} retries)")
+        try:
+            return post_json(self.url, body, self._headers(), self.timeout_s, self.max_retries,
+                             self.backoff_s, self._count)
+        except HttpFailure as e:
+            raise BackendError(str(e)) from None
 
     def complete_one(self, req: ChatRequest) -> ChatReply:
         """One request; raises :class:`BackendError` on failure."""

@@ -13,23 +13,18 @@ made; it is never logged, stored in a manifest or put into an error message.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import random
 import threading
-import time
-import urllib.error
-import urllib.request
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from aligner.rephrase.base import Failed, Rephraser, clean_output
 from aligner.rephrase.prompt import PromptTemplate
+from aligner.runtime.http import HttpFailure, post_json
 
 log = logging.getLogger(__name__)
-RETRY_STATUS = frozenset({408, 409, 425, 429, 500, 502, 503, 504})
 
 
 def chat_url(base_url: str) -> str:
@@ -105,42 +100,12 @@ class OpenAICompatRephraser(Rephraser):
         body.update(self.extra_body)
         return body
 
-    def _wait(self, attempt: int, retry_after: str | None) -> None:
-        wait = self.backoff_s * (2 ** attempt) * (0.75 + 0.5 * random.random())
-        if retry_after:
-            try:
-                wait = min(float(retry_after), 60.0)
-            except ValueError:
-                pass
-        self._count("retries")
-        time.sleep(wait)
-
     def _post(self, body: dict[str, Any]) -> dict[str, Any] | Failed:
-        data = json.dumps(body).encode()
-        last = "no attempt"
-        for attempt in range(self.max_retries + 1):
-            self._count("requests")
-            req = urllib.request.Request(self.url, data=data, headers=self._headers(),
-                                         method="POST")
-            retry_after = None
-            try:
-                with urllib.request.urlopen(req, timeout=self.timeout_s) as resp:
-                    raw = resp.read()
-                try:
-                    return json.loads(raw)
-                except ValueError:
-                    return Failed(f"bad_response: not JSON ({raw[:60]!r})")
-            except urllib.error.HTTPError as e:
-                last = f"http_error: {e.code} {e.reason}"
-                retry_after = e.headers.get("Retry-After") if e.headers else None
-                if e.code not in RETRY_STATUS:
-                    return Failed(last)
-            except (urllib.error.URLError, TimeoutError, ConnectionError) as e:
-                reason = getattr(e, "reason", e)
-                last = f"connection_error: {type(reason).__name__}: {reason}"[:200]
-            if attempt < self.max_retries:
-                self._wait(attempt, retry_after)
-        return Failed(last + f" (after {self.max_retries} retries)")
+        try:
+            return post_json(self.url, body, self._headers(), self.timeout_s, self.max_retries,
+                             self.backoff_s, self._count)
+        except HttpFailure as e:
+            return Failed(str(e))
 
     def rephrase_one(self, query: str) -> str | Failed:
         """One request; the cleaned answer, or the reason it failed."""
