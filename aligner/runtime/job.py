@@ -21,7 +21,7 @@ from aligner.runtime.logs import setup_logging
 T = TypeVar("T")
 log = logging.getLogger("aligner.job")
 #: what a job reports as bad input rather than as a crash
-INPUT_ERRORS = (FileNotFoundError, ValueError, KeyError)
+INPUT_ERRORS = (FileNotFoundError, ValueError, KeyError, ConnectionError)
 
 
 def job_main(cls: type[T], argv: list[str] | None, default_yaml: str | Path | None,

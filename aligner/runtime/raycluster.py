@@ -14,11 +14,18 @@ _LOCAL_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "HF_HUB_OFFLINE": "1"}
 
 
 def init_ray(address: str | None = None, num_cpus: int | None = None,
-             progress_bars: bool = True) -> None:
+             progress_bars: bool = True, connect_timeout_s: float = 5.0) -> None:
     """``ray.init`` once: join ``address``/``RAY_ADDRESS`` if given, else start a local Ray.
 
     Inside ``ray job submit`` the driver already has ``RAY_ADDRESS`` and joins the cluster.
-    A local Ray puts this repository on the workers' PYTHONPATH so jobs run from a checkout.
+    Without an address a new local Ray is started, always (``address="local"``): never a
+    running head found on this machine, nor the address a stopped head left behind (plain
+    ``ray.init()`` follows both, and retries a dead one for minutes). A given ``host:port``
+    that does not accept a connection within ``connect_timeout_s`` is a clear error. A local
+    Ray puts this repository on the workers' PYTHONPATH so jobs run from a checkout.
+
+    Raises:
+        ConnectionError: an address that nothing listens on.
     """
     import ray
 
@@ -30,19 +37,44 @@ def init_ray(address: str | None = None, num_cpus: int | None = None,
     env_vars = {k: os.environ[k] for k in ("HF_HUB_OFFLINE", "RAY_DATA_DISABLE_PROGRESS_BARS",
                                            "ALIGNER_LOG_LEVEL", "RAY_TRAIN_V2_ENABLED")
                 if k in os.environ}
-    if address:
+    if address and address != "local":
+        check_reachable(address, connect_timeout_s)
         log.info("joining Ray cluster at %s", address)
         ray.init(address=address, log_to_driver=True, runtime_env={"env_vars": env_vars} if env_vars else None)
     else:
         pythonpath = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
-        ray.init(num_cpus=num_cpus, include_dashboard=False, logging_level="WARNING",
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False,
+                 logging_level="WARNING",
                  runtime_env={"env_vars": {"PYTHONPATH": pythonpath, **env_vars},
                               "worker_process_setup_hook": "aligner.runtime.raycluster.quiet_worker_logs"})
-        log.info("started a local Ray: %s", ray.cluster_resources())
+        log.info("started a local Ray (no address given; a running cluster is joined only "
+                 "with ray_address= or RAY_ADDRESS): %s", ray.cluster_resources())
     from ray.data import DataContext
 
     DataContext.get_current().enable_progress_bars = (
         progress_bars and os.environ.get("RAY_DATA_DISABLE_PROGRESS_BARS", "0") != "1")
+
+
+def check_reachable(address: str, timeout_s: float = 5.0) -> None:
+    """Fail fast when nothing listens at a ``[ray://|http://]host:port`` address (``auto`` and
+    addresses without a port are left to Ray).
+
+    Raises:
+        ConnectionError: no TCP connection within ``timeout_s``.
+    """
+    import socket
+
+    rest = address.split("://", 1)[-1].rstrip("/")
+    host, sep, port = rest.rpartition(":")
+    if not sep or not port.isdigit() or not host:
+        return
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s):
+            pass
+    except OSError as e:
+        raise ConnectionError(f"no Ray cluster answers at {address} ({type(e).__name__}: {e}); "
+                              "start one (ray start --head), fix ray_address / RAY_ADDRESS, or "
+                              "leave both unset to run on a new local Ray") from None
 
 
 def quiet_worker_logs() -> None:
