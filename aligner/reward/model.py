@@ -143,8 +143,9 @@ def freeze_bottom(model: Any, fraction: float, builtin_text_locked: bool = True)
 class RewardNet(torch.nn.Module):
     """Backbone + head as one module (what training wraps in DDP).
 
-    ``forward(pixels [B,3,H,W], q_index [B], text_pooled [Q,W] | None, tokens [Q,T] | None)``
-    returns raw rewards ``[B]``: each image with the text of its row's query.
+    ``forward(pixels [U,3,H,W], q_index [B], text_pooled [Q,W] | None, tokens [Q,T] | None,
+    img_index [B] | None)`` returns raw rewards ``[B]``: row ``b`` scores image
+    ``img_index[b]`` (``b`` when None) with query ``q_index[b]``.
     """
 
     def __init__(self, backbone: torch.nn.Module, head: RewardHead) -> None:
@@ -160,8 +161,11 @@ class RewardNet(torch.nn.Module):
 
     def forward(self, pixels: torch.Tensor, q_index: torch.Tensor,
                 text_pooled: torch.Tensor | None = None,
-                tokens: torch.Tensor | None = None) -> torch.Tensor:
+                tokens: torch.Tensor | None = None,
+                img_index: torch.Tensor | None = None) -> torch.Tensor:
         img = self.backbone.encode_image(pixels, normalize=True)
+        if img_index is not None:  # pixels holds each image once; rows pick them
+            img = img[img_index]
         txt = self.text_features(text_pooled, tokens)
         return self.head(joint_features(img, txt[q_index]))
 

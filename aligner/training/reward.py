@@ -165,11 +165,10 @@ class RewardSteps(LoopSteps):
         uq, qinv = np.unique(q, return_inverse=True)
         x = to_pixels(self.data.pixels[uniq], self.mean, self.std).to(self.device)
         idx = torch.as_tensor(qinv, device=self.device)
+        rows_t = torch.as_tensor(inv, device=self.device)
         if self.pooled is not None:
-            r = module(x[torch.as_tensor(inv)], idx, text_pooled=self.pooled[uq])
-        else:
-            r = module(x[torch.as_tensor(inv)], idx, tokens=self.tokens[uq])
-        return r
+            return module(x, idx, text_pooled=self.pooled[uq], img_index=rows_t)
+        return module(x, idx, tokens=self.tokens[uq], img_index=rows_t)
 
     def train_step(self, step: int) -> tuple[dict[str, float], int]:
         p: RewardPairs = self.data.train

@@ -230,3 +230,18 @@ def test_serving_reranker_args_take_the_reward_pair():
     with pytest.raises(ValueError, match="go together"):
         RerankerArgs(reward_model="x")
     assert RerankerArgs(reward_model="x", reward_embeddings="y").reward_model == "x"
+
+
+def test_reward_net_scores_each_unique_image_once_in_any_row_order():
+    from aligner.reward.model import RewardNet
+
+    r = load_retriever(ModelSpec(), device="cpu")
+    torch.manual_seed(0)
+    net = RewardNet(r.model, RewardHead(HeadSpec(3 * r.embed_dim))).eval()
+    x = torch.randn(3, 3, 64, 64)
+    tokens = r.tokenizer(["a red star", "two blue rings"])
+    rows, qs = torch.tensor([2, 0, 2, 1]), torch.tensor([0, 1, 1, 0])
+    with torch.no_grad():
+        once = net(x, qs, tokens=tokens, img_index=rows)
+        repeated = net(x[rows], qs, tokens=tokens)
+    torch.testing.assert_close(once, repeated, rtol=1e-5, atol=1e-5)
