@@ -50,21 +50,6 @@ def world_images(n: int, size: int = 64) -> dict[str, bytes]:
     return out
 
 
-def reward_checkpoint(directory: Path) -> Path:
-    """The built-in backbone with a random ImageReward head (as bench_reward.py makes it)."""
-    import torch
-
-    from aligner.retrieval.models import ModelSpec, load_retriever, save_checkpoint
-    from aligner.reward.model import HeadSpec, Normalisation, RewardHead, save_reward_parts
-
-    r = load_retriever(ModelSpec(), device="cpu")
-    save_checkpoint(r, directory)
-    torch.manual_seed(0)
-    spec = HeadSpec(3 * r.embed_dim)
-    save_reward_parts(directory, RewardHead(spec), spec, Normalisation(0.0, 1.0, 2))
-    return directory
-
-
 def make_judge(backend: str, fetch: Any, tmp: Path, stack: list) -> tuple[Any, str]:
     """A RowJudge for ``backend`` (None and the reason when it cannot run here)."""
     from aligner.judge.rows import make_row_judge
@@ -75,9 +60,11 @@ def make_judge(backend: str, fetch: Any, tmp: Path, stack: list) -> tuple[Any, s
         return make_row_judge("proxy", fetch=fetch,
                               retriever=load_retriever(ModelSpec(), device="cpu")), ""
     if backend == "proxy:reward":
+        from bench_reward import random_reward_checkpoint  # bench/ is on sys.path (run as a script)
+
         from aligner.reward.model import RewardModel
 
-        rm = RewardModel.load(reward_checkpoint(tmp / "reward"), device="cpu")
+        rm = RewardModel.load(random_reward_checkpoint(tmp / "reward"), device="cpu")
         return make_row_judge("proxy:reward", fetch=fetch, reward_model=rm), ""
     if backend == "transformers":
         from aligner.judge.lmm import LMMJudge

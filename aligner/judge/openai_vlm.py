@@ -19,7 +19,6 @@ never logged, stored or put into an error message.
 from __future__ import annotations
 
 import logging
-import os
 import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -35,7 +34,7 @@ from aligner.judge.backend import (
 from aligner.judge.images import data_url
 from aligner.judge.prompts import IMAGE_PART
 from aligner.rephrase.openai_compat import chat_url
-from aligner.runtime.http import HttpFailure, post_json
+from aligner.runtime.http import HttpFailure, json_headers, post_json
 
 log = logging.getLogger(__name__)
 
@@ -145,11 +144,7 @@ class OpenAIVLM(VLMBackend):
             self.stats[key] += 1
 
     def _headers(self) -> dict[str, str]:
-        headers = {"Content-Type": "application/json", "Accept": "application/json"}
-        key = os.environ.get(self.api_key_env, "") if self.api_key_env else ""
-        if key:
-            headers["Authorization"] = f"Bearer {key}"
-        return headers
+        return json_headers(self.api_key_env)
 
     def payload(self, req: ChatRequest) -> dict[str, Any]:
         """The request body of one request."""

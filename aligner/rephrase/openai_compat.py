@@ -14,7 +14,6 @@ made; it is never logged, stored in a manifest or put into an error message.
 from __future__ import annotations
 
 import logging
-import os
 import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -22,7 +21,7 @@ from typing import Any
 
 from aligner.rephrase.base import Failed, Rephraser, clean_output
 from aligner.rephrase.prompt import PromptTemplate
-from aligner.runtime.http import HttpFailure, post_json
+from aligner.runtime.http import HttpFailure, json_headers, post_json
 
 log = logging.getLogger(__name__)
 
@@ -81,11 +80,7 @@ class OpenAICompatRephraser(Rephraser):
         return self._model
 
     def _headers(self) -> dict[str, str]:
-        headers = {"Content-Type": "application/json", "Accept": "application/json"}
-        key = os.environ.get(self.api_key_env, "") if self.api_key_env else ""
-        if key:
-            headers["Authorization"] = f"Bearer {key}"
-        return headers
+        return json_headers(self.api_key_env)
 
     def payload(self, query: str) -> dict[str, Any]:
         """The request body for one query."""

@@ -10,6 +10,7 @@ reason that never holds the request's headers (the API key stays out of errors a
 from __future__ import annotations
 
 import json
+import os
 import random
 import time
 import urllib.error
@@ -22,6 +23,16 @@ RETRY_STATUS = frozenset({408, 409, 425, 429, 500, 502, 503, 504})
 
 class HttpFailure(Exception):
     """A request that got no usable answer; ``str()`` is the reason."""
+
+
+def json_headers(api_key_env: str = "") -> dict[str, str]:
+    """JSON request headers, with ``Authorization: Bearer <key>`` when the environment
+    variable ``api_key_env`` holds a key (read at call time, never logged)."""
+    headers = {"Content-Type": "application/json", "Accept": "application/json"}
+    key = os.environ.get(api_key_env, "") if api_key_env else ""
+    if key:
+        headers["Authorization"] = f"Bearer {key}"
+    return headers
 
 
 def backoff_wait(attempt: int, backoff_s: float, retry_after: str | None = None) -> float:
