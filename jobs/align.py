@@ -9,7 +9,7 @@ queries train; pairs of validation queries (the queries table's ``split``) and h
 caption recall choose the output (``train.selection``): by default the weight-space
 interpolation ``start + alpha * (final - start)`` (WiSE-FT) that moved furthest towards the
 teacher on held-out pairs (reward margin) while its validation recall@10 stays within
-``train.recall_tolerance`` of the start. ``train.pref_weight=0`` trains the contrastive-only
+``train.recall_tolerance`` plus ``train.recall_z`` paired standard errors of the start. ``train.pref_weight=0`` trains the contrastive-only
 control with the same steps and data. Outputs: ``checkpoint/`` (the selected state),
 ``last/``, ``train_log.jsonl`` + ``train_log.csv``, ``training.png``, ``metrics.json``,
 ``config.yaml``, ``manifest.json``. A re-run on the same output resumes from its latest

@@ -70,6 +70,34 @@ def caption_recall(image_features: torch.Tensor, text_features: torch.Tensor,
     return {f"r@{k}": float((rank < k).float().mean()) for k in ks}
 
 
+def caption_hits(image_features: torch.Tensor, text_features: torch.Tensor,
+                 k: int = 10) -> np.ndarray:
+    """Per caption (text row i, target image row i): is its image in the top ``k``? ``bool [M]``.
+
+    The per-query outcomes behind :func:`caption_recall`, for paired comparisons of two
+    models on the same captions (see :func:`paired_drop_se`).
+    """
+    sim = text_features @ image_features.T
+    rank = (sim > sim.diagonal().unsqueeze(1)).sum(1)
+    return (rank < k).cpu().numpy()
+
+
+def paired_drop_se(start_hits: np.ndarray, hits: np.ndarray) -> float:
+    """Standard error of ``mean(hits) - mean(start_hits)`` paired over the same captions.
+
+    ``sd(d) / sqrt(n)`` for ``d_i = hits_i - start_hits_i`` in {-1, 0, 1}: only captions whose
+    outcome changed add to it, so two close models get a small SE even when each recall alone
+    is uncertain. 0 for fewer than two captions.
+    """
+    a = np.asarray(start_hits, np.float64)
+    b = np.asarray(hits, np.float64)
+    if a.shape != b.shape:
+        raise ValueError(f"paired hits differ in shape: {a.shape} vs {b.shape}")
+    if len(a) < 2:
+        return 0.0
+    return float(np.std(b - a, ddof=1) / np.sqrt(len(a)))
+
+
 def neighbour_recall(found: np.ndarray, truth: np.ndarray) -> float:
     """Mean over queries of ``|found ∩ truth| / |truth|`` for ``[B, k]`` position arrays.
 

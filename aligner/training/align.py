@@ -33,7 +33,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from aligner.retrieval.metrics import caption_recall
+from aligner.retrieval.metrics import caption_hits, caption_recall, paired_drop_se
 from aligner.retrieval.models import to_pixels
 from aligner.training.config import AlignLoopConfig
 from aligner.training.loop import (
@@ -46,7 +46,7 @@ from aligner.training.loop import (
     run_loop,
 )
 from aligner.training.losses import AlignLossOutput, align_loss, contrastive_loss, ranked_dpo_loss
-from aligner.training.selection import Selection
+from aligner.training.selection import SE_KEY, Selection
 
 log = logging.getLogger(__name__)
 #: Training metrics of a step; the log holds their means over the steps since the last report.
@@ -235,7 +235,8 @@ class AlignSteps(LoopSteps):
         self.model, self.data, self.cfg = model, data, cfg
         self.mean, self.std, self.device, self.rank, self.world = mean, std, device, rank, world
         self.selection = Selection(model, cfg.selection, cfg.wise_alphas, cfg.recall_tolerance,
-                                   self.validate)
+                                   self.validate, cfg.recall_z)
+        self.last_hits: np.ndarray | None = None  # the last validation's per-caption r@10
         set_trainable(model, cfg.towers, cfg.vision_last_blocks, cfg.text_unlocked_layers)
         use_tokens = data.query_text is None or cfg.text_unlocked_layers > 0
         task = AlignTask(model)
@@ -366,6 +367,10 @@ class AlignSteps(LoopSteps):
                     [None if data.val_text is None else data.val_text[i:i + 512]],
                     data.val_captions[i:i + 512])) for i in range(0, len(data.val_image), 512)])
             out.update({f"val_{k}": v for k, v in caption_recall(img, txt).items()})
+            self.last_hits = caption_hits(img, txt, 10)
+            start_hits = self.selection.start_hits
+            if start_hits is not None and len(start_hits) == len(self.last_hits):
+                out[SE_KEY] = paired_drop_se(start_hits, self.last_hits)
         return out
 
     def begin(self, history: list[dict[str, Any]]) -> None:
@@ -373,6 +378,7 @@ class AlignSteps(LoopSteps):
         if self.selection.start_metrics is None and self.cfg.eval_every:
             start = {"step": 0, **self.validate()}
             self.selection.start_metrics = start
+            self.selection.start_hits = self.last_hits
             history.append(start)
             log.info("start: %s", fmt(start))
 

@@ -124,7 +124,12 @@ class AlignLoopConfig:
     wise_alphas: list[float] = field(default_factory=lambda: [0.4, 0.6, 0.8, 1.0], metadata={
         "help": "selection=wise: interpolation weights tried (1 = the final state)"})
     recall_tolerance: float = field(default=0.01, metadata={
-        "help": "selection: max drop of validation recall@10 vs the start"})
+        "help": "selection: max drop of validation recall@10 vs the start (plus recall_z "
+                "standard errors)"})
+    recall_z: float = field(default=1.645, metadata={
+        "help": "selection: standard errors of the paired validation recall@10 drop added to "
+                "recall_tolerance (1.645: a drop within one-sided 95% noise of the tolerance "
+                "passes; 0: the fixed tolerance alone)"})
     seed: int = field(default=0, metadata={
         "help": "seed of sampling (and of the query split and degraded copies)"})
     eval_every: int = field(default=20, metadata={"help": "validate every N steps (0: never)"})
@@ -160,6 +165,8 @@ class AlignLoopConfig:
             raise ValueError("selection=wise with several wise_alphas needs eval_every > 0")
         if self.recall_tolerance < 0:
             raise ValueError(f"recall_tolerance must be >= 0, got {self.recall_tolerance}")
+        if self.recall_z < 0:
+            raise ValueError(f"recall_z must be >= 0, got {self.recall_z}")
 
 
 def _check_ray(cfg: Any) -> None:

@@ -38,3 +38,49 @@ def test_interpolate_states_is_wise_ft():
     torch.testing.assert_close(mid["w"], torch.tensor([0.25, 1.5]))
     assert int(mid["n"]) == 5  # integer buffers are taken from the end state
     torch.testing.assert_close(interpolate_states(start, end, 1.0)["w"], end["w"])
+
+
+def test_the_recall_budget_widens_by_the_paired_standard_error_of_the_drop():
+    from aligner.training.selection import SE_KEY, recall_within
+
+    start = {"val_r@10": 0.886}
+    drop_26 = {"val_r@10": 0.860}  # a 2.6-point drop
+    assert not recall_within(drop_26, start, 0.01)  # the fixed tolerance alone rejects it
+    assert not recall_within(drop_26, start, 0.01, z=1.645)  # no SE known: the same
+    assert recall_within({**drop_26, SE_KEY: 0.0105}, start, 0.01, z=1.645)  # 1+1.73 pts
+    assert not recall_within({**drop_26, SE_KEY: 0.0090}, start, 0.01, z=1.645)  # 1+1.48 pts
+    # the SE decides which of two candidates is within the budget, then the margin wins
+    noisy = {**drop_26, SE_KEY: 0.0105, "val_pair_margin": 0.8, "val_pair_loss": 0.6}
+    tight = {"val_r@10": 0.880, SE_KEY: 0.004, "val_pair_margin": 0.4, "val_pair_loss": 0.6}
+    assert better(noisy, tight, start, 0.01, z=1.645)
+    assert not better(noisy, tight, start, 0.01, z=0.0)
+
+
+def test_paired_drop_se_counts_only_the_captions_that_changed():
+    import numpy as np
+    import pytest
+
+    from aligner.retrieval.metrics import paired_drop_se
+
+    a = np.array([1, 1, 1, 1, 0, 0, 1, 0], bool)
+    assert paired_drop_se(a, a) == 0.0  # the same outcomes: no noise in the difference
+    b = a.copy()
+    b[0], b[4] = False, True  # one lost, one gained
+    d = b.astype(float) - a.astype(float)
+    assert paired_drop_se(a, b) == pytest.approx(d.std(ddof=1) / np.sqrt(len(d)))
+    with pytest.raises(ValueError, match="shape"):
+        paired_drop_se(a, b[:-1])
+
+
+def test_caption_hits_are_the_outcomes_behind_caption_recall():
+    import pytest
+
+    from aligner.retrieval.metrics import caption_hits, caption_recall
+
+    g = torch.Generator().manual_seed(0)
+    img = torch.nn.functional.normalize(torch.randn(40, 8, generator=g), dim=1)
+    txt = torch.nn.functional.normalize(img + 0.8 * torch.randn(40, 8, generator=g), dim=1)
+    for k in (1, 5, 10):
+        hits = caption_hits(img, txt, k)
+        assert hits.dtype == bool and hits.shape == (40,)
+        assert hits.mean() == pytest.approx(caption_recall(img, txt, (k,))[f"r@{k}"])
