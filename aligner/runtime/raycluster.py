@@ -3,21 +3,30 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
+from collections.abc import Mapping
 from pathlib import Path
 
 log = logging.getLogger(__name__)
 
 REPO = Path(__file__).resolve().parents[2]
 _LOCAL_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "HF_HUB_OFFLINE": "1"}
+#: driver settings that the workers of a job need too (set in the driver's environment)
+FORWARDED_ENV = ("HF_HUB_OFFLINE", "RAY_DATA_DISABLE_PROGRESS_BARS", "ALIGNER_LOG_LEVEL",
+                 "RAY_TRAIN_V2_ENABLED")
+#: set by Ray's job supervisor in a submitted job's driver: the job's config and runtime env
+JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
 
 
 def init_ray(address: str | None = None, num_cpus: int | None = None,
              progress_bars: bool = True, connect_timeout_s: float = 5.0) -> None:
     """``ray.init`` once: join ``address``/``RAY_ADDRESS`` if given, else start a local Ray.
 
-    Inside ``ray job submit`` the driver already has ``RAY_ADDRESS`` and joins the cluster.
+    Inside ``ray job submit`` the driver already has ``RAY_ADDRESS`` (the job supervisor sets it
+    to the cluster's GCS address) and joins the cluster; the runtime env it passes is merged
+    with the submitted job's (:func:`worker_env_vars`).
     Without an address a new local Ray is started, always (``address="local"``): never a
     running head found on this machine, nor the address a stopped head left behind (plain
     ``ray.init()`` follows both, and retries a dead one for minutes). A given ``host:port``
@@ -34,9 +43,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None,
     for k, v in _LOCAL_ENV.items():
         os.environ.setdefault(k, v)
     address = address or os.environ.get("RAY_ADDRESS")
-    env_vars = {k: os.environ[k] for k in ("HF_HUB_OFFLINE", "RAY_DATA_DISABLE_PROGRESS_BARS",
-                                           "ALIGNER_LOG_LEVEL", "RAY_TRAIN_V2_ENABLED")
-                if k in os.environ}
+    env_vars = worker_env_vars(os.environ)
     if address and address != "local":
         check_reachable(address, connect_timeout_s)
         log.info("joining Ray cluster at %s", address)
@@ -53,6 +60,22 @@ def init_ray(address: str | None = None, num_cpus: int | None = None,
 
     DataContext.get_current().enable_progress_bars = (
         progress_bars and os.environ.get("RAY_DATA_DISABLE_PROGRESS_BARS", "0") != "1")
+
+
+def worker_env_vars(environ: Mapping[str, str]) -> dict[str, str]:
+    """The driver settings (:data:`FORWARDED_ENV`) a job's workers get through ``ray.init``.
+
+    In a submitted job (``ray job submit``) Ray merges the driver's ``ray.init`` runtime env
+    with the job's, and refuses to start when both set the same environment variable (even to
+    the same value). A variable the job's runtime env sets (``--runtime-env-json
+    '{"env_vars": ...}'``) is already in the driver's environment and reaches every worker of
+    the job, so it is left out here.
+    """
+    job_env: Mapping[str, str] = {}
+    if environ.get(JOB_CONFIG_ENV):
+        runtime_env = json.loads(environ[JOB_CONFIG_ENV]).get("runtime_env") or {}
+        job_env = runtime_env.get("env_vars") or {}
+    return {k: environ[k] for k in FORWARDED_ENV if k in environ and k not in job_env}
 
 
 def check_reachable(address: str, timeout_s: float = 5.0) -> None:

@@ -8,5 +8,7 @@
   selection; :mod:`~aligner.training.losses`: the loss math;
 * :mod:`~aligner.training.align_data`: the driver-side data of the alignment loop;
 * :mod:`~aligner.training.runs`: :func:`run_pretrain` / :func:`run_align`, what the jobs run;
-  :mod:`~aligner.training.plots`: the logs and plots they write.
+  :mod:`~aligner.training.plots`: the logs and plots they write;
+* :mod:`~aligner.training.faults`: a worker death on purpose, for the tests of Ray Train's
+  restart-from-checkpoint (``max_failures``).
 """

@@ -22,7 +22,10 @@ subclass) that holds only what differs between the two trainings::
 A checkpoint is the model weights (:func:`~aligner.retrieval.models.save_checkpoint`), the
 train state (optimizer, scheduler, step, ``steps.state()``), ``train_log.jsonl`` (rank 0's
 history) and whatever ``steps.save_extra`` adds (alignment: the selected state in ``best/``).
-A restarted worker group resumes from the latest one (Ray Train's ``get_checkpoint``).
+A restarted worker group resumes from the latest one (Ray Train's ``get_checkpoint``), and
+the first metrics line it logs carries ``resumed_from`` (the checkpoint's step), so a log shows
+every restart. ``max_failures`` (``FailureConfig``) is how many restarts a run may take; a test
+makes a worker die on purpose with :mod:`aligner.training.faults`.
 
 The shared pieces live here too: AdamW parameter groups (weight decay on matrices only,
 per-prefix learning-rate scales), the schedule, :func:`lock_text_tower`, and the Ray Train
@@ -48,6 +51,7 @@ from typing import Any
 import torch
 
 from aligner.retrieval.models import ModelSpec
+from aligner.training.faults import WorkerFault
 
 log = logging.getLogger(__name__)
 TRAIN_STATE = "train_state.pt"
@@ -144,12 +148,14 @@ class LoopInputs:
         model: the starting model (local paths absolute: workers have their own cwd).
         data: the loop's data, or a Ray ``ObjectRef`` of it (shipped once).
         threads: torch intra-op threads per worker (None: the CPUs Ray gave it).
+        fault: a worker death to inject (tests only: :mod:`aligner.training.faults`).
     """
 
     train: Any
     model: ModelSpec
     data: Any
     threads: int | None = None
+    fault: WorkerFault | None = None
 
 
 @dataclass
@@ -245,8 +251,10 @@ def run_loop(inputs: LoopInputs, make_steps: Callable[[Worker], LoopSteps]) -> N
     history: list[dict[str, Any]] = []
     start = 0
     resume = latest_checkpoint_dir()
+    resumed_from: int | None = None
     if resume:
         start, history = _resume(Path(resume), steps, opt, sched)
+        resumed_from = start
         log.info("rank %d resumed from step %d", rank, start)
     if rank == 0:
         steps.begin(history)
@@ -268,6 +276,8 @@ def run_loop(inputs: LoopInputs, make_steps: Callable[[Worker], LoopSteps]) -> N
     interval: dict[str, float] = {}  # sums of mean_keys since the last report
     n_interval, seen, t_last = 0, 0, time.time()
     for step in range(start, cfg.steps):
+        if inputs.fault is not None:
+            inputs.fault.maybe_kill(rank, step)
         opt.zero_grad(set_to_none=True)
         values, n = steps.train_step(step)
         apply_update(opt, sched, clip, cfg.grad_clip)
@@ -287,6 +297,9 @@ def run_loop(inputs: LoopInputs, make_steps: Callable[[Worker], LoopSteps]) -> N
                       for k, v in values.items()},
                    "lr": float(sched.get_last_lr()[0]),
                    steps.rate_key: seen / max(now - t_last, 1e-9), "trainable": trainable}
+        if resumed_from is not None:  # the first line after a restart says where it began
+            metrics["resumed_from"] = resumed_from
+            resumed_from = None
         interval, n_interval = {}, 0
         if rank == 0:
             if do_eval:
@@ -416,7 +429,10 @@ def fit_torch_trainer(loop: Callable[[LoopInputs], None], train: Any, model: Mod
     have their own cwd). CPU workers each reserve ``threads_per_worker`` CPUs (0: the
     cluster's CPUs split evenly) and use as many torch threads; GPU workers one GPU.
     Checkpoints and Ray Train's run state go to ``out/ray_results`` (the last two kept), so a
-    re-run with the same ``out`` resumes; ``max_failures`` restarts a crashed worker group.
+    re-run with the same ``out`` resumes; ``max_failures`` restarts a crashed worker group
+    (up to that many times; each restart resumes from the last reported checkpoint, and its
+    first logged line carries ``resumed_from``). ``ALIGNER_TEST_KILL_WORKER`` (tests only,
+    :mod:`aligner.training.faults`) is read here, on the driver, and shipped to the workers.
     """
     import shutil
 
@@ -428,7 +444,8 @@ def fit_torch_trainer(loop: Callable[[LoopInputs], None], train: Any, model: Mod
                                         // num_workers)
     paths = {k: str(Path(getattr(model, k)).resolve()) for k in ("checkpoint", "pretrained")
              if getattr(model, k) and Path(getattr(model, k)).exists()}
-    inputs = LoopInputs(train, dataclasses.replace(model, **paths), ray.put(data), threads)
+    inputs = LoopInputs(train, dataclasses.replace(model, **paths), ray.put(data), threads,
+                        WorkerFault.from_env())
     trainer = TorchTrainer(
         _worker_main, train_loop_config={"loop": loop, "inputs": inputs},
         scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,

@@ -50,3 +50,20 @@ def test_init_ray_with_a_dead_address_is_a_clear_error_within_seconds():
     assert r.returncode != 0
     assert f"no Ray cluster answers at 127.0.0.1:{port}" in r.stderr
     assert time.perf_counter() - t0 < 60  # the import of ray included; no minutes of retries
+
+
+def test_worker_env_vars_leave_out_what_a_submitted_job_already_sets():
+    """Ray refuses to merge a job's runtime env with the driver's ``ray.init`` one when both set
+    the same variable, so a job's own ``env_vars`` are not passed again."""
+    import json
+
+    from aligner.runtime.raycluster import worker_env_vars
+
+    env = {"HF_HUB_OFFLINE": "1", "ALIGNER_LOG_LEVEL": "DEBUG", "PATH": "/bin"}
+    assert worker_env_vars(env) == {"HF_HUB_OFFLINE": "1", "ALIGNER_LOG_LEVEL": "DEBUG"}
+    job = {"runtime_env": {"working_dir": "gcs://_ray_pkg_x.zip",
+                           "env_vars": {"HF_HUB_OFFLINE": "1"}}, "metadata": {}}
+    submitted = {**env, "RAY_JOB_CONFIG_JSON_ENV_VAR": json.dumps(job)}
+    assert worker_env_vars(submitted) == {"ALIGNER_LOG_LEVEL": "DEBUG"}
+    no_env_vars = {**env, "RAY_JOB_CONFIG_JSON_ENV_VAR": json.dumps({"runtime_env": None})}
+    assert worker_env_vars(no_env_vars) == worker_env_vars(env)
