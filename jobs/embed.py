@@ -1,9 +1,12 @@
 """Embed an image corpus with the retriever's image tower and score its aesthetics (Ray Data).
 
     python -m jobs.embed --config jobs/configs/embed.yaml input=out/world/corpus output=out/emb
-    ray job submit --working-dir . -- python -m jobs.embed input=s3://bucket/corpus output=...
+    ray job submit --working-dir . -- python -m jobs.embed input=s3://bucket/corpus \
+        output=s3://bucket/embeddings
 
-The work is :func:`aligner.retrieval.embed.run_embed`; ``--help`` lists every field.
+The work is :func:`aligner.retrieval.embed.run_embed`; ``--help`` lists every field. The
+workers write the embeddings (the driver sees only part records); inputs and outputs are local
+paths or ``s3://`` / ``gs://`` URIs (``AWS_ENDPOINT_URL`` for S3-compatible stores).
 """
 
 from __future__ import annotations

@@ -107,10 +107,14 @@ def _caption_text(raw: bytes, ext: str) -> str:
 class _Fetcher:
     """Reads URIs through pyarrow filesystems (cached per scheme/host) with a thread pool."""
 
-    def __init__(self, root: str, threads: int = 16) -> None:
+    def __init__(self, root: str, root_fs: pafs.FileSystem | None = None,
+                 threads: int = 16) -> None:
         self.root = root
         self.threads = threads
         self._fs: dict[str, pafs.FileSystem] = {}
+        scheme, sep, rest = root.partition("://")
+        if root_fs is not None and sep:  # URIs in the corpus's own bucket use its filesystem
+            self._fs[f"{scheme}://{rest.split('/', 1)[0]}"] = root_fs
 
     def _resolve(self, target: str) -> tuple[pafs.FileSystem, str]:
         scheme, sep, rest = target.partition("://")
@@ -142,12 +146,11 @@ class _Fetcher:
             return list(pool.map(self._read, uris))
 
 
-def _iter_parquet(shard: Shard, rows: _Rows) -> Iterator[pa.Table]:
+def _iter_parquet(shard: Shard, rows: _Rows, fs: pafs.FileSystem) -> Iterator[pa.Table]:
     import pyarrow.parquet as pq
 
-    fs, _ = resolve(shard.root)
     path = shard.paths[0]
-    fetcher = _Fetcher(shard.root) if "uri" in shard.columns else None
+    fetcher = _Fetcher(shard.root, fs) if "uri" in shard.columns else None
     with fs.open_input_file(path) as f:
         pf = pq.ParquetFile(f)
         meta = pf.metadata
@@ -197,8 +200,7 @@ def _id_or(value: Any) -> str:
     return "" if value is None else str(value)
 
 
-def _iter_files(shard: Shard, rows: _Rows) -> Iterator[pa.Table]:
-    fs, _ = resolve(shard.root)
+def _iter_files(shard: Shard, rows: _Rows, fs: pafs.FileSystem) -> Iterator[pa.Table]:
     caps = shard.captions or ("",) * len(shard.paths)
     for rel, cap_rel in zip(shard.paths, caps, strict=True):
         path = posixpath.join(shard.root, rel)
@@ -242,8 +244,7 @@ def _emit_sample(rows: _Rows, tar_path: str, key: str, files: dict[str, bytes]) 
              f"no_image: sample has {sorted(files)}, none of {list(IMAGE_EXTS)}", "read")
 
 
-def _iter_tar(shard: Shard, rows: _Rows) -> Iterator[pa.Table]:
-    fs, _ = resolve(shard.root)
+def _iter_tar(shard: Shard, rows: _Rows, fs: pafs.FileSystem) -> Iterator[pa.Table]:
     path = shard.paths[0]
     key: str | None = None
     files: dict[str, bytes] = {}
@@ -284,19 +285,28 @@ def _iter_tar(shard: Shard, rows: _Rows) -> Iterator[pa.Table]:
                      f"(after {rows.count} samples)", "read")
 
 
-def iter_shard(shard: Shard, batch_rows: int = DEFAULT_BATCH_ROWS) -> Iterator[pa.Table]:
+def iter_shard(shard: Shard, batch_rows: int = DEFAULT_BATCH_ROWS,
+               fs: pafs.FileSystem | None = None) -> Iterator[pa.Table]:
     """Stream a shard's rows as Arrow tables (:func:`raw_schema`) of at most ``batch_rows``.
 
     The last table's rows carry ``shard_total`` = the number of rows the shard produced; a
     shard that produces nothing yields one failure row (``empty_shard``), so every shard ends
     with a count. Errors reading single items become failure rows; none is raised.
+
+    Args:
+        shard: the shard.
+        batch_rows: rows per table.
+        fs: the corpus's filesystem (default: resolved from ``shard.root`` here). The driver
+            passes the one it planned with, so a Ray worker reads an object store with the
+            driver's endpoint even where its own environment does not name one.
     """
     import pyarrow as pa
 
     rows = _Rows(shard, batch_rows)
+    fs = fs if fs is not None else resolve(shard.root)[0]
     gen = {"parquet": _iter_parquet, "files": _iter_files, "tar": _iter_tar}[shard.kind]
     pending: pa.Table | None = None
-    for table in gen(shard, rows):
+    for table in gen(shard, rows, fs):
         if pending is not None:
             yield pending
         pending = table
@@ -317,39 +327,45 @@ class ReadShards:
     """Ray Data ``map_batches`` UDF (runs as tasks): shard descriptors -> streamed raw rows.
 
     Input batch: ``{"shard": [json, ...]}`` (pyarrow); yields :func:`raw_schema` tables.
+    ``fs``: the corpus's filesystem (see :func:`iter_shard`).
     """
 
-    def __init__(self, batch_rows: int = DEFAULT_BATCH_ROWS) -> None:
+    def __init__(self, batch_rows: int = DEFAULT_BATCH_ROWS,
+                 fs: pafs.FileSystem | None = None) -> None:
         self.batch_rows = batch_rows
+        self.fs = fs
 
     def __call__(self, batch: pa.Table) -> Iterator[pa.Table]:
         for text in batch.column("shard").to_pylist():
-            yield from iter_shard(Shard.from_json(text), self.batch_rows)
+            yield from iter_shard(Shard.from_json(text), self.batch_rows, self.fs)
 
 
-def read_shards(shards: list[Shard], batch_rows: int = DEFAULT_BATCH_ROWS) -> ray.data.Dataset:
-    """A Ray Data dataset of the raw rows of ``shards`` (one read task per shard)."""
+def read_shards(shards: list[Shard], batch_rows: int = DEFAULT_BATCH_ROWS,
+                fs: pafs.FileSystem | None = None) -> ray.data.Dataset:
+    """A Ray Data dataset of the raw rows of ``shards`` (one read task per shard); ``fs`` is
+    the corpus's filesystem, shipped to the read tasks (see :func:`iter_shard`)."""
     import ray.data
 
     if not shards:
         raise ValueError("no shards to read")
     items = [{"shard": s.to_json()} for s in shards]
     ds = ray.data.from_items(items, override_num_blocks=len(items))
-    return ds.map_batches(ReadShards(batch_rows), batch_size=1, batch_format="pyarrow")
+    return ds.map_batches(ReadShards(batch_rows, fs), batch_size=1, batch_format="pyarrow")
 
 
-def read_shard_columns(shard: Shard, columns: list[str]) -> pa.Table | None:
+def read_shard_columns(shard: Shard, columns: list[str],
+                       fs: pafs.FileSystem | None = None) -> pa.Table | None:
     """The given columns of a Parquet shard's rows, in shard order (None for other kinds).
 
     Used to carry extra corpus columns (``split`` ...) into outputs without streaming them
     through the pipeline; reads only the row groups the shard covers. Missing columns are left
-    out; None when none is present.
+    out; None when none is present. ``fs``: the corpus's filesystem (default: from the root).
     """
     import pyarrow.parquet as pq
 
     if shard.kind != "parquet":
         return None
-    fs, _ = resolve(shard.root)
+    fs = fs if fs is not None else resolve(shard.root)[0]
     with fs.open_input_file(shard.paths[0]) as f:
         pf = pq.ParquetFile(f)
         have = [c for c in columns if c in pf.schema_arrow.names]

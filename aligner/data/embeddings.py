@@ -1,4 +1,4 @@
-"""The embeddings table: its schema, its one writer and its readers.
+"""The embeddings table: its schema, its resume metadata and its readers.
 
 An embeddings dataset is what ``jobs.embed`` writes (and what the index, the preference builder
 and the evaluation read)::
@@ -11,10 +11,16 @@ and the evaluation read)::
     <out>/skipped.parquet                 input files that are not images (path, reason)
     <out>/shards.json                     the shard plan and the model it was started with
     <out>/manifest.json                   model (name, pretrained, checkpoint, hash, D), counts
+    <out>/_parts/<shard_id>/part-*.parquet  in flight only: rows the workers wrote for a shard
+                                          that is not finished yet (never read as data)
 
-Writer: :class:`ShardWriter` groups streamed rows by shard and writes each shard once it is
-complete (failures first, then the embeddings file, each atomically); the embeddings file is
-the shard's "done" marker (:func:`done_shards`), so a re-run skips finished shards.
+``<out>`` is a local directory or an ``s3://`` / ``gs://`` prefix (:class:`aligner.data.io.Store`).
+
+Writers: the embed job's workers (:mod:`aligner.data.embedding_parts`): part files per block,
+merged into ``embeddings/<shard_id>.parquet`` by a Ray task once the shard is complete
+(failures first, then the embeddings file, each all-or-nothing). The embeddings file is the
+shard's "done" marker (:func:`done_shards`), so a re-run skips finished shards and
+:func:`clean_partial` removes what unfinished ones left.
 
 Readers: :func:`embedding_files` accepts an embed output (its ``embeddings/``) or any directory
 of Parquet files with ``id`` and ``embedding``; :func:`read_embeddings` reads them whole,
@@ -27,7 +33,6 @@ groups it needs, :func:`embedding_matrix` turns the column into ``[N, D]`` float
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 from collections.abc import Iterable, Iterator, Sequence
@@ -39,14 +44,7 @@ import pyarrow as pa
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
-from aligner.data.images import FAILURE_COLUMNS
-from aligner.data.io import (
-    FAILURES_DIR,
-    atomic_write_table,
-    atomic_write_text,
-    parquet_files,
-    remove_temp_files,
-)
+from aligner.data.io import FAILURES_DIR, Store, parquet_files
 
 if TYPE_CHECKING:
     from aligner.data.corpus_plan import Shard
@@ -70,142 +68,37 @@ def embeddings_schema(dim: int, extra: pa.Schema | None = None) -> pa.Schema:
     return schema
 
 
-# --------------------------------------------------------------------------- writing / resume
+# --------------------------------------------------------------------------- resume / metadata
 
-def done_shards(out_dir: str | Path) -> set[str]:
+def as_store(out: str | Path | Store) -> Store:
+    """An output directory (local path, ``s3://`` / ``gs://`` URI, or a store) as a store."""
+    return out if isinstance(out, Store) else Store(out)
+
+
+def done_shards(out_dir: str | Path | Store) -> set[str]:
     """Ids of the shards whose embeddings file exists (finished, possibly with 0 rows)."""
-    d = Path(out_dir) / EMBEDDINGS_DIR
-    return {p.stem for p in d.glob("*.parquet") if not p.name.startswith(".")} \
-        if d.is_dir() else set()
+    store = as_store(out_dir)
+    return {name[:-len(".parquet")] for name, _ in store.list_files(EMBEDDINGS_DIR, ".parquet")}
 
 
-def clean_partial(out_dir: str | Path, pending: list[str]) -> int:
-    """Remove temp files and the failure files of unfinished shards; returns how many."""
-    n = sum(remove_temp_files(Path(out_dir) / sub) for sub in (EMBEDDINGS_DIR, FAILURES_DIR))
-    fail_dir = Path(out_dir) / FAILURES_DIR
+def clean_partial(out_dir: str | Path | Store, pending: list[str]) -> int:
+    """Remove what unfinished shards left: temp files, their failure files and every part
+    file (:mod:`aligner.data.embedding_parts`); returns how many files."""
+    from aligner.data.embedding_parts import PARTS_DIR
+
+    store = as_store(out_dir)
+    n = sum(store.remove_temp_files(sub) for sub in (EMBEDDINGS_DIR, FAILURES_DIR))
+    n += store.delete_tree(PARTS_DIR)
     for sid in pending:
-        p = fail_dir / f"{sid}.parquet"
-        if p.exists():
-            p.unlink()
-            n += 1
+        n += store.delete(f"{FAILURES_DIR}/{sid}.parquet")
     return n
 
 
-@dataclasses.dataclass
-class _ShardBuffer:
-    chunks: list[dict[str, np.ndarray]] = dataclasses.field(default_factory=list)
-    rows: set[int] = dataclasses.field(default_factory=set)
-    total: int = -1
-
-    def complete(self) -> bool:
-        return self.total >= 0 and len(self.rows) >= self.total
-
-
-class ShardWriter:
-    """Driver-side sink: groups streamed rows by shard, writes each shard once complete.
-
-    Args:
-        out_dir: the job's output directory.
-        shards: the shards this run processes (by id).
-        dim: embedding size D.
-        keep_columns: corpus columns to carry into the output (Parquet corpora; read back from
-            the corpus by row position at write time, so they never travel through Ray).
-    """
-
-    def __init__(self, out_dir: str | Path, shards: list[Shard], dim: int,
-                 keep_columns: tuple[str, ...] = ()) -> None:
-        self.out = Path(out_dir)
-        (self.out / EMBEDDINGS_DIR).mkdir(parents=True, exist_ok=True)
-        (self.out / FAILURES_DIR).mkdir(parents=True, exist_ok=True)
-        self.shards = {s.shard_id: s for s in shards}
-        self.dim = dim
-        self.keep_columns = tuple(c for c in keep_columns if c != "caption")
-        self.buffers: dict[str, _ShardBuffer] = {}
-        self.written: set[str] = set()
-        self.rows_in = self.rows_out = self.rows_failed = 0
-        self.failure_reasons: dict[str, int] = {}
-
-    def add(self, batch: dict[str, np.ndarray]) -> list[str]:
-        """Take one streamed batch; returns the ids of shards written because of it."""
-        sids = batch["shard_id"]
-        finished = []
-        for sid in dict.fromkeys(sids.tolist()):
-            if sid in self.written:
-                continue  # a late duplicate from a retried task
-            m = sids == sid
-            part = {k: v[m] for k, v in batch.items()}
-            buf = self.buffers.setdefault(sid, _ShardBuffer())
-            buf.chunks.append(part)
-            buf.rows.update(part["row"].tolist())
-            totals = part["shard_total"]
-            if (totals >= 0).any():
-                buf.total = int(totals[totals >= 0][0])
-            if buf.complete():
-                self._write(sid)
-                finished.append(sid)
-        return finished
-
-    def pending(self) -> list[str]:
-        """Shards that started streaming but are not complete."""
-        return sorted(self.buffers)
-
-    def _write(self, sid: str) -> None:
-        buf = self.buffers.pop(sid)
-        cols = {k: np.concatenate([c[k] for c in buf.chunks]) for k in buf.chunks[0]}
-        order = np.argsort(cols["row"], kind="stable")
-        cols = {k: v[order] for k, v in cols.items()}
-        keep = np.ones(len(order), bool)
-        keep[1:] = cols["row"][1:] != cols["row"][:-1]  # retried rows: same position
-        cols = {k: v[keep] for k, v in cols.items()}
-        reason = cols["reason"].astype(object)
-        stage = cols["stage"].astype(object)
-        seen: set[str] = set()
-        for i, id_ in enumerate(cols["id"]):  # ids must be unique: later copies fail
-            if not reason[i] and id_ in seen:
-                reason[i], stage[i] = f"duplicate_id: {id_!r} already in this shard", "read"
-            seen.add(id_)
-        bad = np.asarray([bool(r) for r in reason], bool)
-        ok = ~bad
-        shard = self.shards.get(sid)
-        if bad.any():
-            fail = pa.table({"id": pa.array(cols["id"][bad].tolist(), pa.string()),
-                             "source": pa.array(cols["source"][bad].tolist(), pa.string()),
-                             "reason": pa.array(reason[bad].tolist(), pa.string()),
-                             "stage": pa.array(stage[bad].tolist(), pa.string())})
-            assert tuple(fail.column_names) == FAILURE_COLUMNS
-            atomic_write_table(fail, self.out / FAILURES_DIR / f"{sid}.parquet")
-            for code, n in count_reasons(reason[bad]).items():
-                self.failure_reasons[code] = self.failure_reasons.get(code, 0) + n
-        emb = np.ascontiguousarray(cols["embedding"][ok], np.float32).reshape(-1, self.dim)
-        captions = [c if c else None for c in cols["caption"][ok].tolist()]
-        table = pa.table({
-            "id": pa.array(cols["id"][ok].tolist(), pa.string()),
-            "embedding": pa.FixedSizeListArray.from_arrays(pa.array(emb.ravel(), pa.float32()),
-                                                           self.dim),
-            "aesthetic": pa.array(cols["aesthetic"][ok], pa.float32()),
-            "caption": pa.array(captions, pa.string()),
-            "source": pa.array(cols["source"][ok].tolist(), pa.string()),
-        })
-        if self.keep_columns and shard is not None:
-            from aligner.data.corpus_shards import read_shard_columns
-
-            extra = read_shard_columns(shard, list(self.keep_columns))
-            if extra is not None:
-                rows = pa.array(cols["row"][ok], pa.int64())
-                for name in extra.column_names:
-                    table = table.append_column(name, extra.column(name).take(rows))
-        atomic_write_table(table, self.out / EMBEDDINGS_DIR / f"{sid}.parquet")
-        self.written.add(sid)
-        self.rows_in += int(len(reason))
-        self.rows_out += int(ok.sum())
-        self.rows_failed += int(bad.sum())
-
-
-def write_skipped(out_dir: str | Path, skipped: Sequence[tuple[str, str]]) -> None:
+def write_skipped(out_dir: str | Path | Store, skipped: Sequence[tuple[str, str]]) -> None:
     """``skipped.parquet``: the input files that are not data (``path``, ``reason``)."""
     table = pa.table({"path": pa.array([p for p, _ in skipped], pa.string()),
                       "reason": pa.array([r for _, r in skipped], pa.string())})
-    atomic_write_table(table, Path(out_dir) / SKIPPED_FILE)
+    as_store(out_dir).write_table(SKIPPED_FILE, table)
 
 
 def count_reasons(reasons: Iterable[str]) -> dict[str, int]:
@@ -217,19 +110,19 @@ def count_reasons(reasons: Iterable[str]) -> dict[str, int]:
     return dict(sorted(out.items()))
 
 
-def write_plan(out_dir: str | Path, shards: list[Shard], model: dict[str, Any],
+def write_plan(out_dir: str | Path | Store, shards: list[Shard], model: dict[str, Any],
                input_uri: str, checkpoint_hash: str | None = None) -> None:
     """Record the shard plan and the model an output was started with (``shards.json``)."""
-    atomic_write_text(Path(out_dir) / PLAN_FILE, json.dumps({
+    as_store(out_dir).write_text(PLAN_FILE, json.dumps({
         "input": input_uri, "model": model, "checkpoint_hash": checkpoint_hash,
         "shards": [{"shard_id": s.shard_id, "what": s.describe(), "num_rows": s.num_rows}
                    for s in shards]}, indent=1))
 
 
-def read_plan(out_dir: str | Path) -> dict[str, Any] | None:
+def read_plan(out_dir: str | Path | Store) -> dict[str, Any] | None:
     """``shards.json`` of an output, or None."""
-    p = Path(out_dir) / PLAN_FILE
-    return json.loads(p.read_text()) if p.is_file() else None
+    text = as_store(out_dir).read_text(PLAN_FILE)
+    return json.loads(text) if text is not None else None
 
 
 # --------------------------------------------------------------------------- reading
@@ -309,20 +202,17 @@ def embedding_matrix(table: pa.Table | pa.RecordBatch) -> np.ndarray:
     return _matrix(col, dim, "embedding")
 
 
-def output_counts(out_dir: str | Path) -> dict[str, int]:
+def output_counts(out_dir: str | Path | Store) -> dict[str, int]:
     """Rows in the output's embeddings and failures (Parquet footers only)."""
+    store = as_store(out_dir)
     out = {"rows_out": 0, "rows_failed": 0, "shards_done": 0}
     for sub, key in ((EMBEDDINGS_DIR, "rows_out"), (FAILURES_DIR, "rows_failed")):
-        d = Path(out_dir) / sub
-        for p in sorted(d.glob("*.parquet")) if d.is_dir() else []:
-            if p.name.startswith("."):
-                continue
-            out[key] += pq.ParquetFile(p).metadata.num_rows
+        for name, _ in store.list_files(sub, ".parquet"):
+            out[key] += store.num_rows(f"{sub}/{name}")
             if sub == EMBEDDINGS_DIR:
                 out["shards_done"] += 1
     out["rows_in"] = out["rows_out"] + out["rows_failed"]
     return out
-
 
 
 class ShardInfo(NamedTuple):

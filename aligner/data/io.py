@@ -6,6 +6,10 @@ files a directory holds (recursively, sorted; hidden ``.x``/``_x`` names and ``f
 directories are never data). Every file a job writes goes through :func:`atomic_write`
 (a temp file in the same directory, then ``os.replace``), so a reader never sees half a file
 and a crash leaves only a ``.*.tmp`` file that the next run can remove.
+
+:class:`Store` is the same contract for writers that run on Ray workers and for outputs in
+object storage: a directory given as a local path or an ``s3://`` / ``gs://`` URI
+(:func:`filesystem`), written all-or-nothing through pyarrow filesystems.
 """
 
 from __future__ import annotations
@@ -151,3 +155,235 @@ def json_safe(o: Any) -> Any:
     if o is None or isinstance(o, (str, int, float, bool)):
         return o
     return str(o)
+
+
+# --------------------------------------------------------------------------- local or object storage
+
+OBJECT_STORE_SCHEMES = ("s3", "gs", "gcs")
+
+
+def filesystem(uri: str | Path) -> tuple[Any, str]:
+    """A local path or an ``s3://`` / ``gs://`` URI -> (pyarrow filesystem, path inside it).
+
+    Object stores go through ``pyarrow.fs.FileSystem.from_uri``, which takes credentials and
+    the endpoint from the usual places (``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID`` ...,
+    ``GOOGLE_APPLICATION_CREDENTIALS``); the resolved endpoint (and S3 credentials taken from
+    the environment) travel with the filesystem when it is pickled to a Ray worker.
+
+    Raises:
+        ValueError: a URI whose scheme is not a local path, ``file://``, ``s3://`` or
+            ``gs://``, or that names no bucket.
+    """
+    import pyarrow as pa
+    import pyarrow.fs as pafs
+
+    text = str(uri)
+    scheme, sep, rest = text.partition("://")
+    if not sep:
+        return pafs.LocalFileSystem(), os.path.abspath(text)
+    if scheme != "file" and scheme not in OBJECT_STORE_SCHEMES:
+        raise ValueError(f"{text!r}: unsupported URI scheme {scheme!r} (use a local path, "
+                         "file://, s3://bucket/prefix or gs://bucket/prefix)")
+    if scheme != "file" and not rest.split("/", 1)[0]:
+        raise ValueError(f"{text!r} names no bucket (expected {scheme}://bucket/prefix)")
+    try:
+        fs, path = pafs.FileSystem.from_uri(text)
+    except (pa.ArrowInvalid, OSError) as e:
+        raise ValueError(f"{text!r} is not a usable URI: {e}") from e
+    return _with_env_credentials(fs), path
+
+
+def _with_env_credentials(fs: Any) -> Any:
+    """An S3 filesystem that carries the driver's ``AWS_ACCESS_KEY_ID`` / ``..._SECRET_...`` /
+    ``AWS_SESSION_TOKEN`` explicitly when they come from the environment, so a Ray worker that
+    unpickles it needs no credentials of its own (and does not probe for them: that costs
+    seconds per process where no instance metadata service answers)."""
+    key, secret = os.environ.get("AWS_ACCESS_KEY_ID"), os.environ.get("AWS_SECRET_ACCESS_KEY")
+    if fs.type_name != "s3" or not key or not secret:
+        return fs
+    rebuild, (opts,) = fs.__reduce__()
+    if opts.get("access_key"):
+        return fs
+    opts = dict(opts, access_key=key, secret_key=secret,
+                session_token=os.environ.get("AWS_SESSION_TOKEN"))
+    return rebuild(opts)
+
+
+class Store:
+    """A directory on a local disk or in an object store, for writers that run anywhere.
+
+    Picklable (the pyarrow filesystem is), so a Ray task can be handed one and write beside
+    the driver. Writes are all-or-nothing: on a local disk through a temp file and
+    ``os.replace`` (as :func:`atomic_write`); on an object store a single upload, which the
+    store makes visible only once complete. A tree is deleted with one batch call where the
+    store has it, else file by file.
+
+    Args:
+        uri: local path, ``file://``, ``s3://bucket/prefix`` or ``gs://bucket/prefix``.
+    """
+
+    def __init__(self, uri: str | Path) -> None:
+        self.uri = str(uri).rstrip("/") or "/"
+        self.fs, self.root = filesystem(self.uri)
+        self.root = self.root.rstrip("/") or "/"
+
+    @property
+    def is_local(self) -> bool:
+        return self.fs.type_name == "local"
+
+    def local_path(self) -> Path | None:
+        """The directory as a local ``Path`` (None on an object store)."""
+        return Path(self.root) if self.is_local else None
+
+    def path(self, *parts: str) -> str:
+        """The path of ``parts`` inside the filesystem."""
+        return "/".join([self.root, *[p.strip("/") for p in parts if p]])
+
+    def uri_of(self, *parts: str) -> str:
+        """``parts`` as a URI (or local path) that :class:`Store` accepts."""
+        return "/".join([self.uri, *[p.strip("/") for p in parts if p]])
+
+    def sub(self, *parts: str) -> Store:
+        """A store for a subdirectory."""
+        return Store(self.uri_of(*parts))
+
+    def check(self, what: str = "output") -> None:
+        """Fail early on an object store whose bucket does not exist (or cannot be reached).
+
+        Raises:
+            FileNotFoundError: the bucket does not exist.
+            PermissionError / OSError: the store refuses or cannot be reached (as pyarrow says).
+        """
+        import pyarrow.fs as pafs
+
+        if self.is_local:
+            return
+        bucket = self.root.split("/", 1)[0]
+        if self.fs.get_file_info(bucket).type == pafs.FileType.NotFound:
+            raise FileNotFoundError(f"{what} {self.uri}: bucket {bucket!r} does not exist "
+                                    "(create it first)")
+
+    def exists(self, rel: str) -> bool:
+        import pyarrow.fs as pafs
+
+        return self.fs.get_file_info(self.path(rel)).type != pafs.FileType.NotFound
+
+    def is_file(self, rel: str) -> bool:
+        import pyarrow.fs as pafs
+
+        return self.fs.get_file_info(self.path(rel)).type == pafs.FileType.File
+
+    def list_files(self, rel: str = "", suffix: str = "", recursive: bool = False,
+                   ) -> list[tuple[str, int]]:
+        """``(path relative to rel, size)`` of the files in ``rel`` ending in ``suffix``,
+        sorted; names starting with ``.`` (temp files) are left out. ``[]`` when ``rel`` does
+        not exist."""
+        import pyarrow.fs as pafs
+
+        base = self.path(rel)
+        sel = pafs.FileSelector(base, allow_not_found=True, recursive=recursive)
+        out = []
+        for info in self.fs.get_file_info(sel):
+            name = info.path[len(base):].lstrip("/")
+            if info.type != pafs.FileType.File or not name.endswith(suffix):
+                continue
+            if any(part.startswith(".") for part in name.split("/")):
+                continue
+            out.append((name, int(info.size or 0)))
+        return sorted(out)
+
+    def read_bytes(self, rel: str) -> bytes:
+        with self.fs.open_input_stream(self.path(rel)) as f:
+            return f.read()
+
+    def read_text(self, rel: str) -> str | None:
+        """A text file, or None when it does not exist."""
+        return self.read_bytes(rel).decode("utf-8") if self.is_file(rel) else None
+
+    def read_table(self, rel: str, columns: Sequence[str] | None = None) -> pa.Table:
+        import pyarrow.parquet as pq
+
+        return pq.read_table(self.path(rel), filesystem=self.fs,
+                             columns=list(columns) if columns else None)
+
+    def num_rows(self, rel: str) -> int:
+        """Rows of a Parquet file, from its footer."""
+        import pyarrow.parquet as pq
+
+        with self.fs.open_input_file(self.path(rel)) as f:
+            return int(pq.ParquetFile(f).metadata.num_rows)
+
+    def write_bytes(self, rel: str, data: bytes) -> None:
+        """Write a file all-or-nothing (see the class docstring)."""
+        if self.is_local:
+            with atomic_write(self.path(rel)) as tmp:
+                tmp.write_bytes(data)
+            return
+        with self.fs.open_output_stream(self.path(rel)) as f:
+            f.write(data)
+
+    def write_text(self, rel: str, text: str) -> None:
+        self.write_bytes(rel, text.encode("utf-8"))
+
+    def write_table(self, rel: str, table: pa.Table, **kwargs: Any) -> None:
+        """Write an Arrow table as Parquet, all-or-nothing (``kwargs``: ``pq.write_table``)."""
+        import pyarrow.parquet as pq
+
+        if self.is_local:
+            atomic_write_table(table, self.path(rel), **kwargs)
+            return
+        import pyarrow as pa
+
+        buf = pa.BufferOutputStream()  # serialised first: an error here uploads nothing
+        pq.write_table(table, buf, **kwargs)
+        self.write_bytes(rel, buf.getvalue().to_pybytes())
+
+    def delete(self, rel: str) -> bool:
+        """Delete a file; False when there was none."""
+        if not self.is_file(rel):
+            return False
+        self._delete_file(self.path(rel))
+        return True
+
+    def _delete_file(self, path: str) -> None:
+        import pyarrow.fs as pafs
+
+        try:
+            self.fs.delete_file(path)
+        except OSError:
+            # pyarrow's S3 client re-creates an emptied parent as a ``dir/`` marker object
+            # after the delete; servers that refuse such keys fail only that second step.
+            if self.fs.get_file_info(path).type != pafs.FileType.NotFound:
+                raise
+
+    def delete_tree(self, rel: str) -> int:
+        """Delete every file under ``rel`` (temp files included) and the directory; returns
+        how many files."""
+        import pyarrow.fs as pafs
+
+        base = self.path(rel)
+        if self.is_local:
+            n = sum(len(files) for _, _, files in os.walk(base))
+            shutil.rmtree(base, ignore_errors=True)
+            return n
+        infos = self.fs.get_file_info(pafs.FileSelector(base, allow_not_found=True,
+                                                        recursive=True))
+        files = [i.path for i in infos if i.type == pafs.FileType.File]
+        if not files:
+            return 0
+        try:
+            self.fs.delete_dir(base)  # one batch call (DeleteObjects) on S3, GCS, MinIO
+            return len(files)
+        except OSError:
+            pass  # a server without the batch call: file by file
+        for p in files:
+            self._delete_file(p)
+        return len(files)
+
+    def remove_temp_files(self, rel: str) -> int:
+        """Local disks: the temp files an interrupted write left in ``rel`` (object stores
+        have none: an unfinished upload is never visible)."""
+        return remove_temp_files(self.path(rel)) if self.is_local else 0
+
+    def __repr__(self) -> str:
+        return f"Store({self.uri!r})"

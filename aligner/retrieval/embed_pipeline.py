@@ -1,30 +1,40 @@
-"""The embedding pipeline's parts: decode/encode UDFs, actor-pool sizing, the shard writer and
-the reader of finished outputs.
+"""The embedding pipeline's parts: decode/encode UDFs, the worker-side writer, actor-pool
+settings.
 
 The pipeline (built by :func:`build_pipeline`, run by ``jobs/embed.py``)::
 
     read_shards (tasks, one per shard; aligner.data.corpus_shards)
       -> DecodeImages (tasks, fused with the read: decode + validate, the model's eval
          transform, the pixel-based aesthetic score)
-      -> EncodeImages (actor pool: the model, loaded once per actor; embedding-based scorers)
-      -> driver: ShardWriter groups rows by shard and writes each shard once it is complete
+      -> EncodeImages (actor pool: the model, loaded once per actor; embedding-based scorers;
+         actors restart and their batches are retried when a process dies)
+      -> WriteParts (tasks: each block's rows -> one part file per shard, in the output)
+      -> driver: small part records only (shard, row ranges, the shard's total); a shard whose
+         rows are all written is finalised by a Ray task (aligner.data.embedding_parts)
 
-Every input row reaches the driver exactly once, either with an embedding or with a failure
-``reason``; nothing is dropped on the way. That is what lets the writer know a shard is
-complete (``len(rows seen) == shard_total``) and write it atomically:
-``failures/<shard>.parquet`` first (if any), then ``embeddings/<shard>.parquet`` through a
-temp file and ``os.replace``. The embeddings file is the shard's "done" marker: a re-run skips
-shards whose file exists, and a crash leaves only temp files, removed on the next start.
+Why the workers write: the rows never pass through the driver, so the driver's memory and
+network stay flat however many actors there are, and the job scales past one machine (and
+past one driver's write bandwidth) without one job per input subset. The embeddings land in
+the output directory, local or ``s3://`` / ``gs://`` (:class:`aligner.data.io.Store`), from
+whichever node encoded them.
 
-Why the driver writes: per-shard files and exact done markers need one place that sees all of a
-shard's rows, and the rows that reach it are small (id, caption, ``[D]`` floats: about 1 KB at
-D=256; pixels and image bytes never leave the workers). One driver writes well over 10^5 rows/s,
-more than the model stage produces per GPU; for bigger clusters run one job per input subset.
+Exactly once: every input row leaves the encode stage exactly once, with an embedding or a
+failure ``reason``; nothing is dropped on the way. A part's file name is a function of the
+row positions it holds, so a batch replayed after an actor died (or a write task retried)
+overwrites its own part instead of adding a copy, and writes are all-or-nothing (temp file +
+rename locally; an object-store upload is visible only once complete). The driver counts
+distinct row positions per shard from the part records and finalises a shard when they reach
+``shard_total``; the finaliser (a Ray task) merges the parts sorted by position, keeps one row
+per position, checks that exactly ``shard_total`` positions are there, and writes
+``failures/<shard>.parquet`` (if any) then ``embeddings/<shard>.parquet``, the shard's "done"
+marker. A re-run skips done shards and deletes the parts of unfinished ones, which are redone
+whole. The price: every vector is written twice (part, then merged file).
 
 Output layout (``out/``): ``embeddings/*.parquet`` (``id, embedding
 fixed_size_list<float32>[D], aesthetic float32, caption, source`` + kept corpus columns),
 ``failures/*.parquet`` (``id, source, reason, stage``), ``shards.json`` (the plan and the model
-it was started with), ``config.yaml``, ``manifest.json``.
+it was started with), ``config.yaml``, ``manifest.json``; ``_parts/`` only while shards are in
+flight.
 """
 
 from __future__ import annotations
@@ -32,6 +42,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+import warnings
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -45,9 +56,11 @@ from aligner.data.images import (
 
 if TYPE_CHECKING:
     import pyarrow as pa
+    import pyarrow.fs as pafs
     import ray.data
 
     from aligner.data.corpus_plan import Shard
+    from aligner.data.io import Store
     from aligner.runtime.raycluster import ActorPlan
 
 log = logging.getLogger(__name__)
@@ -209,26 +222,56 @@ class EncodeImages:
         return batch
 
 
+# --------------------------------------------------------------------------- write (tasks)
+
+class WriteParts:
+    """``map_batches`` UDF for tasks: encoded rows -> part files in the output, part records out.
+
+    Passed as an instance (tasks; ships the output store, a few hundred bytes). Input:
+    :class:`EncodeImages` output. Output: the records of
+    :func:`aligner.data.embedding_parts.write_parts` (no embeddings).
+    """
+
+    def __init__(self, store: Store, dim: int) -> None:
+        self.store = store
+        self.dim = dim
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        from aligner.data.embedding_parts import write_parts
+
+        return write_parts(self.store, batch, self.dim)
+
+
 def build_pipeline(shards: list[Shard], preprocess: Any, spec: dict[str, Any], plan: ActorPlan,
-                   batch_size: int = 256, max_pixels: int = DEFAULT_MAX_PIXELS,
-                   scorer: str = "lowlevel", batch_rows: int = 64) -> ray.data.Dataset:
-    """The lazy Ray Data pipeline: read -> decode/preprocess/score -> encode.
+                   store: Store, dim: int, batch_size: int = 256,
+                   max_pixels: int = DEFAULT_MAX_PIXELS, scorer: str = "lowlevel",
+                   batch_rows: int = 64, input_fs: pafs.FileSystem | None = None,
+                   actor_restarts: int = 4) -> ray.data.Dataset:
+    """The lazy Ray Data pipeline: read -> decode/preprocess/score -> encode -> write parts.
 
     Args:
         shards: the pending shards.
         preprocess: the model's eval transform (``retriever.preprocess``).
         spec: ``dataclasses.asdict(ModelSpec)`` for the actors.
         plan: from :func:`aligner.runtime.raycluster.plan_model_actors`.
+        store: the job's output directory (parts go to its ``_parts/``).
+        dim: embedding size D.
         batch_size: images per model call.
         max_pixels: decode limit.
         scorer: aesthetic scorer name.
         batch_rows: rows per read/decode batch (bounds a task's memory).
+        input_fs: the corpus's filesystem, shipped to the read tasks.
+        actor_restarts: how often a model actor whose process died is restarted, and how
+            often its unfinished batches are retried on the new one.
+
+    Returns:
+        A dataset of part records (:data:`aligner.data.embedding_parts.PART_RECORD_COLUMNS`).
     """
     import ray.data
 
     from aligner.data.corpus_shards import read_shards
 
-    ds = read_shards(shards, batch_rows)
+    ds = read_shards(shards, batch_rows, input_fs)
     decode = DecodeImages(preprocess, max_pixels, scorer)
     # Ray Data buffers a task's output up to target_max_block_size (128 MB) before emitting a
     # block: a whole shard of pixels would then reach the model at once, at the end of the
@@ -236,10 +279,22 @@ def build_pipeline(shards: list[Shard], preprocess: Any, spec: dict[str, Any], p
     row_bytes = 4 * int(np.prod(decode.pixel_shape)) + 512
     ds.context.target_max_block_size = max(1 << 20, row_bytes * batch_rows)
     ds = ds.map_batches(decode, batch_size=None, batch_format="pyarrow", zero_copy_batch=True)
-    return ds.map_batches(
-        EncodeImages, batch_size=batch_size, batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(size=plan.size),
-        fn_constructor_kwargs={"spec": spec, "device": plan.device,
-                               "torch_threads": plan.threads, "batch_size": batch_size,
-                               "scorer": scorer},
-        num_cpus=plan.num_cpus, num_gpus=plan.num_gpus)
+    # Ray 2.60 takes actor restarts and task retries only as extra remote args (deprecated
+    # for 2.64, without a named replacement yet). Its own default is -1 (forever), which would
+    # replay a batch that kills its process forever; a bound turns that into a failed job.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*ray_remote_args.* is deprecated")
+        ds = ds.map_batches(
+            EncodeImages, batch_size=batch_size, batch_format="numpy",
+            compute=ray.data.ActorPoolStrategy(size=plan.size),
+            fn_constructor_kwargs={"spec": spec, "device": plan.device,
+                                   "torch_threads": plan.threads, "batch_size": batch_size,
+                                   "scorer": scorer},
+            num_cpus=plan.num_cpus, num_gpus=plan.num_gpus,
+            max_restarts=actor_restarts, max_task_retries=actor_restarts)
+        # Writing is I/O: a small CPU share, so write tasks never wait behind the model actors.
+        return ds.map_batches(WriteParts(store, dim), batch_size=None, batch_format="numpy",
+                              num_cpus=WRITE_TASK_CPUS, max_retries=actor_restarts)
+
+
+WRITE_TASK_CPUS = 0.25

@@ -1,4 +1,5 @@
-"""The embedding job end to end on the session's local Ray, plus its driver-side parts.
+"""The embedding job end to end on the session's local Ray, plus its in-process parts (the
+part writer and the finaliser: tests/unit/test_embedding_parts.py).
 
 Job logs are checked through captured stderr: ``setup_logging`` reconfigures the root logger
 (``force=True``), which removes pytest's ``caplog`` handler.
@@ -24,7 +25,6 @@ from PIL import Image, ImageDraw
 
 from aligner.data.corpus_plan import plan_shards
 from aligner.data.embeddings import (
-    ShardWriter,
     embedding_matrix,
     iter_embeddings,
     read_embeddings,
@@ -329,44 +329,6 @@ def test_actor_pool_plans():
     assert plan_model_actors({"CPU": 16.0, "GPU": 2.0}, num_actors=5).size == 2
     fixed = plan_model_actors({"CPU": 2.0}, num_actors=3)
     assert fixed.size == 3 and fixed.size * fixed.num_cpus <= 1.0
-
-
-def _batch(shard_id: str, rows: list[int], total: int, ids: list[str] | None = None,
-           reasons: list[str] | None = None) -> dict[str, np.ndarray]:
-    n = len(rows)
-    emb = np.random.default_rng(rows[0] if rows else 0).normal(size=(n, 4)).astype(np.float32)
-    return {"id": np.array(ids or [f"x{r}" for r in rows], dtype=object),
-            "source": np.array([f"s#{r}" for r in rows], dtype=object),
-            "row": np.array(rows, np.int64), "caption": np.array([""] * n, dtype=object),
-            "reason": np.array(reasons or [""] * n, dtype=object),
-            "stage": np.array(["decode" if r else "" for r in (reasons or [""] * n)], dtype=object),
-            "shard_id": np.array([shard_id] * n, dtype=object),
-            "shard_total": np.array([total] * n, np.int64),
-            "embedding": emb, "aesthetic": np.zeros(n, np.float32)}
-
-
-def test_shard_writer_writes_complete_shards_once(tmp_path):
-    writer = ShardWriter(tmp_path, [], dim=4)
-    assert writer.add(_batch("a", [0, 1], -1)) == []
-    assert writer.add(_batch("b", [0], 1)) == ["b"]  # one-row shard, complete at once
-    assert writer.add(_batch("a", [1, 2], 4)) == []  # row 1 again: a retried task
-    assert not (tmp_path / "embeddings" / "a.parquet").exists()
-    assert writer.add(_batch("a", [3], 4, reasons=["corrupt: bad"])) == ["a"]
-    assert writer.add(_batch("a", [3], 4)) == []  # late duplicate after the write
-    a = pq.read_table(tmp_path / "embeddings" / "a.parquet")
-    assert a.column("id").to_pylist() == ["x0", "x1", "x2"]  # in row order, deduplicated
-    assert pq.read_table(tmp_path / "failures" / "a.parquet").column("id").to_pylist() == ["x3"]
-    assert (writer.rows_in, writer.rows_out, writer.rows_failed) == (5, 4, 1)
-    assert writer.pending() == []
-
-
-def test_shard_writer_duplicate_ids_become_failures(tmp_path):
-    writer = ShardWriter(tmp_path, [], dim=4)
-    writer.add(_batch("s", [0, 1, 2], 3, ids=["p", "q", "p"]))
-    assert pq.read_table(tmp_path / "embeddings" / "s.parquet").column("id").to_pylist() == [
-        "p", "q"]
-    fail = pq.read_table(tmp_path / "failures" / "s.parquet").to_pylist()
-    assert fail[0]["id"] == "p" and fail[0]["reason"].startswith("duplicate_id")
 
 
 def test_plan_is_deterministic_for_resume(parquet_corpus):
