@@ -19,11 +19,46 @@ from typing import Any
 
 from ray.serve import Application
 
-from serving.config import AppArgs
-from serving.deployments import Judge, Rephraser, Reranker, Retriever
+from serving.config import AppArgs, ModelArgs
+from serving.deployments import IndexShard, Judge, Rephraser, Reranker, Retriever
 from serving.ingress import Ingress
 
 log = logging.getLogger("serving")
+
+
+def shard_groups(n_shards: int, groups: int) -> list[list[int]]:
+    """Shard numbers ``0..n_shards-1`` in ``groups`` contiguous groups, sizes differing by at
+    most one.
+
+    Raises:
+        ValueError: more groups than shards.
+    """
+    if groups > n_shards:
+        raise ValueError(f"shard_groups={groups} but the index has {n_shards} shard(s): "
+                         "build it with at least that many (jobs.build_index shards=...)")
+    base, extra = divmod(n_shards, groups)
+    out, lo = [], 0
+    for g in range(groups):
+        hi = lo + base + (g < extra)
+        out.append(list(range(lo, hi)))
+        lo = hi
+    return out
+
+
+def shard_deployments(model: str, m: ModelArgs) -> dict[str, list[Any]]:
+    """With ``shard_groups`` > 1: per index of the model, one bound :class:`IndexShard` per
+    group of its shards (``shard_<model>_<index>_<g>``); empty otherwise."""
+    if m.shard_groups <= 1:
+        return {}
+    from aligner.runtime.manifest import read_manifest
+
+    out: dict[str, list[Any]] = {}
+    for index, path in m.indexes.items():
+        groups = shard_groups(len(read_manifest(path)["shards"]), m.shard_groups)
+        out[index] = [IndexShard.options(name=f"shard_{model}_{index}_{g}").bind(
+            path, numbers, m.mmap, m.nprobe, m.ef_search, m.k_factor)
+            for g, numbers in enumerate(groups)]
+    return out
 
 
 def build_app(args: dict[str, Any]) -> Application:
@@ -41,7 +76,8 @@ def build_app(args: dict[str, Any]) -> Application:
                          f"environment variable {cfg.auth.api_key_env} (or auth.api_key), or "
                          "auth.protect=none on a trusted network")
     retrievers = {name: Retriever.options(name=f"retriever_{name}").bind(
-        name, m.model_dump(), cfg.limits.max_image_pixels) for name, m in cfg.models.items()}
+        name, m.model_dump(), cfg.limits.max_image_pixels, shard_deployments(name, m))
+        for name, m in cfg.models.items()}
     reranker = Reranker.options(name="reranker").bind(
         cfg.reranker.n, cfg.reranker.weight, cfg.reranker.scorer, cfg.reranker.reward_model,
         cfg.reranker.reward_embeddings)

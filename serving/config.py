@@ -29,6 +29,14 @@ class ModelArgs(_Strict):
     mmap: bool = Field(False, description="memory-map the index files")
     nprobe: int | None = Field(None, ge=1, description="IVF lists to visit")
     ef_search: int | None = Field(None, ge=1, description="HNSW search breadth")
+    k_factor: float | None = Field(None, ge=1, description=(
+        "a refine index (RFlat, Refine(...)) re-scores k_factor x k candidates exactly"))
+    shard_groups: int = Field(1, ge=1, le=256, description=(
+        "1: the retriever replica holds every shard of its indexes; G > 1: each index's S "
+        "shards are split into G groups, each served by its own deployment "
+        "(shard_<model>_<index>_<g>), and the retriever fans a query out to them and merges "
+        "the top k exactly (deduplication, the aesthetic shift and the proxy judge then need "
+        "an unsharded index)"))
 
     @field_validator("indexes")
     @classmethod
@@ -115,6 +123,8 @@ class LimitArgs(_Strict):
     max_body_bytes: int = Field(8 << 20, ge=1024)
     max_image_pixels: int = Field(40_000_000, ge=1)
     max_metadata_ids: int = Field(1000, ge=1)
+    max_nprobe: int = Field(1024, ge=1, description="largest nprobe a request may ask for")
+    max_k_factor: float = Field(64.0, ge=1, description="largest k_factor a request may ask for")
     rate_per_s: float = Field(100.0, gt=0, description="requests per second per client")
     rate_burst: int = Field(200, ge=1)
     request_timeout_s: float = Field(20.0, gt=0)

@@ -3,6 +3,9 @@
 * :class:`Retriever` - a query encoder (text and image, each batched with ``@serve.batch``)
   and its faiss indexes (:class:`aligner.retrieval.service.SearchService`); one deployment per
   model (``retriever_base``, ``retriever_aligned`` ...).
+* :class:`IndexShard` - some shards of one sharded index (``shard_<model>_<index>_<g>``,
+  with ``shard_groups`` > 1): the retriever fans each query out to every group and merges the
+  top k exactly (:class:`aligner.retrieval.index.RemoteShardsIndex`).
 * :class:`Reranker` - the cascade re-ranker over retrieved candidates: ``z(sim) + w
   z(aesthetic)`` in the top N (the aesthetic scorer now; a learned reward model later).
 * :class:`Rephraser` - the rephrase back ends (template, local LLM, OpenAI-compatible
@@ -68,22 +71,31 @@ class Retriever:
         max_image_pixels: bigger query images are refused.
     """
 
-    def __init__(self, name: str, model: dict[str, Any], max_image_pixels: int) -> None:
+    def __init__(self, name: str, model: dict[str, Any], max_image_pixels: int,
+                 shards: dict[str, list[Any]] | None = None) -> None:
+        from aligner.retrieval.index import RemoteShardsIndex
         from aligner.retrieval.models import ModelSpec
         from aligner.retrieval.service import SearchService
 
         spec = ModelSpec(name=model.get("name") or "builtin", pretrained=model.get("pretrained"),
                          checkpoint=model.get("checkpoint"))
         self.name = name
+        remote = {index: RemoteShardsIndex.open(model["indexes"][index], fan_out(handles),
+                                                mmap=model.get("mmap", False))
+                  for index, handles in (shards or {}).items()}
         self.service = SearchService.open(spec, model["indexes"], max_image_pixels,
                                           mmap=model.get("mmap", False),
                                           nprobe=model.get("nprobe"),
-                                          ef_search=model.get("ef_search"))
+                                          ef_search=model.get("ef_search"),
+                                          k_factor=model.get("k_factor"), remote=remote)
         self.hist = step_histogram()
 
     def check_health(self) -> None:
-        """Unhealthy (the replica is replaced) when an index lost its vectors."""
+        """Unhealthy (the replica is replaced) when an index lost its vectors (shard groups
+        have their own health checks)."""
         for name, index in self.service.indexes.items():
+            if not index.shards:
+                continue
             if index.ntotal <= 0:
                 raise RuntimeError(f"index {name} holds no vectors")
 
@@ -132,13 +144,16 @@ class Retriever:
                     embedding: list[float] | None = None, text_weight: float = 1.0,
                     image_weight: float = 1.0, k: int = 10, index: str | None = None,
                     aesthetic_weight: float = 0.0, dedup_threshold: float | None = None,
-                    page: tuple[int, int] | None = None) -> dict[str, Any]:
+                    page: tuple[int, int] | None = None, nprobe: int | None = None,
+                    k_factor: float | None = None) -> dict[str, Any]:
         """Encode a query (text, encoded image bytes, both weighted, or a raw embedding) and
         search it: ids, scores and aesthetics of the top ``k``, the rows (caption ...) of
         ``page = (offset, size)`` and timings; or an error value (a bad image 400, an unknown
-        index 400, a wrong embedding size or a zero query 422)."""
+        index 400, a wrong embedding size or a zero query 422). ``nprobe`` and ``k_factor``
+        apply to this search only (None: the model's settings)."""
         kw = {"k": k, "index": index, "aesthetic_weight": aesthetic_weight,
-              "dedup_threshold": dedup_threshold, "page": page}
+              "dedup_threshold": dedup_threshold, "page": page, "nprobe": nprobe,
+              "k_factor": k_factor}
         if text and image is None and embedding is None and text_weight > 0:
             return await self._text_queries((text, kw))
         t0 = time.perf_counter()
@@ -158,11 +173,13 @@ class Retriever:
 
     def _search_now(self, vector: np.ndarray, k: int, index: str | None,
                     aesthetic_weight: float, dedup_threshold: float | None,
-                    page: tuple[int, int] | None) -> dict[str, Any]:
+                    page: tuple[int, int] | None, nprobe: int | None = None,
+                    k_factor: float | None = None) -> dict[str, Any]:
         try:
             with _Timed(self.hist, "knn"):
                 r = self.service.search(np.asarray(vector, np.float32), k, index,
-                                        aesthetic_weight, dedup_threshold)
+                                        aesthetic_weight, dedup_threshold, nprobe=nprobe,
+                                        k_factor=k_factor)
             idx = self.service.index(index)
             aes = idx.table.column("aesthetic").take(r.positions).to_numpy(zero_copy_only=False)
             out: dict[str, Any] = {
@@ -207,6 +224,51 @@ class Retriever:
         aes = idx.table.column("aesthetic").take(pos).to_numpy(zero_copy_only=False)
         return {"similarity": (vecs @ np.asarray(query, np.float32)).tolist(),
                 "aesthetic": aes.astype(np.float64).tolist(), "vectors": vecs.tolist()}
+
+
+def fan_out(handles: list[Any]) -> Any:
+    """A :class:`aligner.retrieval.index.RemoteShardsIndex` fan-out over shard deployments:
+    every group is asked at once, then each answer is awaited. It blocks, so it runs in the
+    retriever's worker thread (``_search_now``), never on the replica's event loop."""
+
+    def call(queries: np.ndarray, k: int, params: dict[str, Any]) -> list[tuple[Any, Any]]:
+        pending = [h.search.remote(queries, k, params) for h in handles]
+        return [(r["scores"], r["positions"]) for r in (p.result() for p in pending)]
+
+    return call
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=64,
+                  health_check_period_s=10)
+class IndexShard:
+    """Some shards of one index (``shard_numbers`` of its manifest), searched for the
+    retriever that fans queries out to every group; the answer is positions (rows of the
+    index's ``ids.parquet``) and scores, merged by the retriever.
+
+    Memory per replica: the vectors of its shards (about ``N x bytes per vector / G`` for G
+    equal groups) plus the index's id table (memory-mapped with ``mmap``).
+    """
+
+    def __init__(self, path: str, shard_numbers: list[int], mmap: bool = False,
+                 nprobe: int | None = None, ef_search: int | None = None,
+                 k_factor: float | None = None) -> None:
+        from aligner.retrieval.index import SearchIndex
+
+        self.index = SearchIndex.load(path, mmap=mmap, shards=shard_numbers, nprobe=nprobe,
+                                      ef_search=ef_search, k_factor=k_factor)
+        self.shard_numbers = list(shard_numbers)
+
+    def check_health(self) -> None:
+        """Unhealthy (the replica is replaced) when its shards lost their vectors."""
+        if self.index.ntotal <= 0:
+            raise RuntimeError(f"shards {self.shard_numbers} hold no vectors")
+
+    async def search(self, queries: np.ndarray, k: int,
+                     params: dict[str, Any] | None = None) -> dict[str, np.ndarray]:
+        """``{"scores": [B, k], "positions": [B, k]}`` of this group's shards (``params``:
+        nprobe, ef_search, k_factor for this search only)."""
+        r = await asyncio.to_thread(self.index.search, queries, k, **(params or {}))
+        return {"scores": r.scores, "positions": r.positions}
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=64)

@@ -253,6 +253,11 @@ class Ingress:
                                      f"{lim.max_query_chars}")
         if req.k > lim.max_k:
             raise HTTPException(400, f"k={req.k} is over the limit of {lim.max_k}")
+        if req.nprobe is not None and req.nprobe > lim.max_nprobe:
+            raise HTTPException(400, f"nprobe={req.nprobe} is over the limit of {lim.max_nprobe}")
+        if req.k_factor is not None and req.k_factor > lim.max_k_factor:
+            raise HTTPException(400, f"k_factor={req.k_factor:g} is over the limit of "
+                                     f"{lim.max_k_factor:g}")
         page = req.page_size or min(req.k, lim.max_page_size)
         if page > lim.max_page_size:
             raise HTTPException(400, f"page_size={page} is over the limit of "
@@ -293,7 +298,8 @@ class Ingress:
             text=echo.searched if req.text else None, image=image, embedding=req.embedding,
             text_weight=req.text_weight, image_weight=req.image_weight,
             k=max(req.k, rerank_n), index=req.index, aesthetic_weight=req.aesthetic_weight,
-            dedup_threshold=req.dedup_threshold if req.deduplicate else None, page=window),
+            dedup_threshold=req.dedup_threshold if req.deduplicate else None, page=window,
+            nprobe=req.nprobe, k_factor=req.k_factor),
             "search")
         timings.update(res["timings_ms"])
         ids, scores, aes = res["ids"], res["scores"], res["aesthetic"]

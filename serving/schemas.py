@@ -40,6 +40,10 @@ class SearchRequest(_Strict):
     dedup_threshold: float = Field(0.96, gt=0, le=1)
     aesthetic_weight: float = Field(0.0, ge=-5, le=5,
                                     description="clip-retrieval's aesthetic query shift")
+    nprobe: int | None = Field(None, ge=1, description="IVF lists to visit, this request only "
+                               "(up to limits.max_nprobe; default: the model's)")
+    k_factor: float | None = Field(None, ge=1, description="a refine index re-scores k_factor x "
+                                   "k candidates, this request only (up to limits.max_k_factor)")
 
     @model_validator(mode="after")
     def _something(self) -> SearchRequest:

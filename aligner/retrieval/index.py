@@ -107,6 +107,72 @@ def set_search_params(index, nprobe: int | None = None, ef_search: int | None = 
     return applied
 
 
+def search_parameters(index, nprobe: int | None = None, ef_search: int | None = None,
+                      k_factor: float | None = None) -> tuple[Any, dict[str, float]]:
+    """faiss ``SearchParameters`` for one search call, and the parameters that apply.
+
+    Unlike :func:`set_search_params`, which changes the index for every later search, these
+    ride along with one ``index.search(x, k, params=...)`` call: concurrent requests with
+    different values (a serving replica) do not interfere. Reaches through ``IndexIDMap``,
+    ``IndexPreTransform`` (OPQ/PCA) and ``IndexRefine`` (``k_factor``) to an IVF index
+    (``nprobe``; ``efSearch`` of an HNSW coarse quantiser) or an HNSW index (``efSearch``);
+    a parameter the index does not have is left out (as ``set_search_params`` skips it).
+
+    Returns:
+        ``(params, applied)``: params is None when nothing applies; it keeps its nested
+        parameter objects alive (``referenced_objects``) for as long as it lives.
+
+    Raises:
+        ValueError: ``k_factor < 1``, ``nprobe < 1`` or ``ef_search < 1``.
+    """
+    faiss = _faiss()
+    for name, v in (("k_factor", k_factor), ("nprobe", nprobe), ("ef_search", ef_search)):
+        if v is not None and v < 1:
+            raise ValueError(f"{name} must be >= 1, got {v}")
+    keep: list[Any] = []
+    applied: dict[str, float] = {}
+
+    def build(ix) -> Any:
+        ix = _unwrap_idmap(ix)
+        p: Any = None
+        if isinstance(ix, faiss.IndexRefine):
+            base = build(ix.base_index)
+            if k_factor is None and base is None:
+                return None
+            p = faiss.IndexRefineSearchParameters()
+            if k_factor is not None:
+                p.k_factor = float(k_factor)
+                applied["k_factor"] = float(k_factor)
+            if base is not None:
+                p.base_index_params = base
+        elif isinstance(ix, faiss.IndexPreTransform):
+            inner = build(ix.index)
+            if inner is not None:
+                p = faiss.SearchParametersPreTransform()
+                p.index_params = inner
+        elif isinstance(ix, faiss.IndexIVF):
+            quant = build(ix.quantizer) if ef_search is not None else None
+            if nprobe is not None or quant is not None:
+                p = faiss.SearchParametersIVF()
+                p.nprobe = int(nprobe) if nprobe is not None else int(ix.nprobe)
+                if nprobe is not None:
+                    applied["nprobe"] = int(nprobe)
+                if quant is not None:
+                    p.quantizer_params = quant
+        elif isinstance(ix, faiss.IndexHNSW) and ef_search is not None:
+            p = faiss.SearchParametersHNSW()
+            p.efSearch = int(ef_search)
+            applied["efSearch"] = int(ef_search)
+        if p is not None:
+            keep.append(p)
+        return p
+
+    params = build(index)
+    if params is not None:
+        params.referenced_objects = keep
+    return params, applied
+
+
 def _mmap_flag(manifest: dict[str, Any]) -> int:
     """The faiss read flag that memory-maps an index of this manifest's kind.
 
@@ -273,18 +339,26 @@ class SearchIndex:
                if self.manifest.get("shard_mode") == "round_robin" else local + info["offset"])
         return np.where(local < 0, -1, pos).astype(np.int64)
 
-    def search(self, queries: np.ndarray, k: int = 10) -> SearchResult:
+    def search(self, queries: np.ndarray, k: int = 10, nprobe: int | None = None,
+               ef_search: int | None = None, k_factor: float | None = None) -> SearchResult:
         """Top-k by inner product for ``[B, D]`` float32 queries (one ``[D]`` query is accepted).
 
+        ``nprobe``, ``ef_search`` and ``k_factor`` apply to this call only (see
+        :func:`search_parameters`); None keeps the index's own settings.
+
         Raises:
-            ValueError: ``k < 1`` or queries of the wrong shape (see :func:`check_queries`).
+            ValueError: ``k < 1``, a parameter < 1 or queries of the wrong shape (see
+                :func:`check_queries`).
         """
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
         q = check_queries(queries, self.dim)
+        params = None
+        if self.shards and (nprobe, ef_search, k_factor) != (None, None, None):
+            params, _ = search_parameters(self.shards[0], nprobe, ef_search, k_factor)
         scores, positions = [], []
         for number, shard in zip(self.shard_numbers, self.shards, strict=True):
-            s, local = shard.search(q, k)
+            s, local = shard.search(q, k) if params is None else shard.search(q, k, params=params)
             scores.append(s)
             positions.append(self._to_positions(number, local))
         s, p = merge_topk(scores, positions, k)
@@ -346,6 +420,65 @@ class SearchIndex:
                 except RuntimeError:
                     return None
         return out
+
+
+class RemoteShardsIndex(SearchIndex):
+    """An index whose shards are searched elsewhere (serving's shard deployments).
+
+    It holds the id table and the manifest, not the vectors: :meth:`search` hands the
+    queries to ``fan_out(queries, k, params) -> [(scores [B, k_s], positions [B, k_s]), ...]``
+    (one pair per shard group, positions already global rows of ``ids.parquet``, as
+    :meth:`SearchIndex.search` of a partly loaded index returns them) and merges the lists
+    exactly (:func:`merge_topk`), so the answer equals one index holding every shard.
+    ``vectors_at`` returns None: deduplication, the aesthetic shift and the judge's row views
+    need the vectors, which stay in the shard replicas.
+    """
+
+    def __init__(self, table: pa.Table, manifest: dict[str, Any],
+                 fan_out: Any) -> None:
+        self.shards = []
+        self.table = table
+        self.manifest = manifest
+        self.shard_numbers = list(range(len(manifest["shards"])))
+        self._ids = table.column("id")
+        self.fan_out = fan_out
+
+    @classmethod
+    def open(cls, path: str | Path, fan_out: Any, mmap: bool = False) -> RemoteShardsIndex:
+        """The id table and manifest of an index directory, searched through ``fan_out``.
+
+        Raises:
+            FileNotFoundError: the directory or its manifest is missing.
+        """
+        path = Path(path)
+        if not path.is_dir():
+            raise FileNotFoundError(f"index directory {path} does not exist")
+        return cls(pq.read_table(path / IDS_FILE, memory_map=mmap), read_manifest(path), fan_out)
+
+    @property
+    def ntotal(self) -> int:
+        return int(self.manifest["ntotal"])
+
+    def set_params(self, nprobe: int | None = None, ef_search: int | None = None,
+                   k_factor: float | None = None) -> dict[str, float]:
+        """Nothing to set here: the shard replicas hold their own defaults."""
+        return {}
+
+    def search(self, queries: np.ndarray, k: int = 10, nprobe: int | None = None,
+               ef_search: int | None = None, k_factor: float | None = None) -> SearchResult:
+        """The merged top-k of every shard group (see the class docstring)."""
+        if k < 1:
+            raise ValueError(f"k must be >= 1, got {k}")
+        q = check_queries(queries, self.dim)
+        params = {n: v for n, v in (("nprobe", nprobe), ("ef_search", ef_search),
+                                    ("k_factor", k_factor)) if v is not None}
+        parts = self.fan_out(q, k, params)
+        s, p = merge_topk([np.asarray(a, np.float32) for a, _ in parts],
+                          [np.asarray(b, np.int64) for _, b in parts], k)
+        return SearchResult(s, self.ids_at(p), p)
+
+    def vectors_at(self, positions: Sequence[int]) -> np.ndarray | None:
+        return None
 
 
 # ----------------------------------------------------------------------------- exact search

@@ -82,11 +82,22 @@ class SearchService:
     @classmethod
     def open(cls, model: ModelSpec, index_dirs: dict[str, str | Path],
              max_image_pixels: int = DEFAULT_MAX_PIXELS, mmap: bool = False,
-             nprobe: int | None = None, ef_search: int | None = None) -> SearchService:
-        """Load the model and every named index (on CPU unless CUDA is present)."""
+             nprobe: int | None = None, ef_search: int | None = None,
+             k_factor: float | None = None,
+             remote: dict[str, SearchIndex] | None = None) -> SearchService:
+        """Load the model and every named index (on CPU unless CUDA is present).
+
+        ``nprobe``, ``ef_search`` and ``k_factor`` become the indexes' defaults (each index
+        keeps the parameters it does not have unset). ``remote`` holds indexes already open
+        elsewhere (a :class:`aligner.retrieval.index.RemoteShardsIndex` over shard replicas)
+        by name; they take the place of the directory of the same name.
+        """
         t0 = time.time()
         retriever = load_retriever(model)
-        indexes = {name: SearchIndex.load(path, mmap=mmap, nprobe=nprobe, ef_search=ef_search)
+        remote = remote or {}
+        indexes = {name: remote[name] if name in remote else
+                   SearchIndex.load(path, mmap=mmap, nprobe=nprobe, ef_search=ef_search,
+                                    k_factor=k_factor)
                    for name, path in index_dirs.items()}
         log.info("search service: %s with indexes %s loaded in %.1f s", retriever.describe(),
                  {n: i.ntotal for n, i in indexes.items()}, time.time() - t0)
@@ -184,8 +195,11 @@ class SearchService:
         return d
 
     def search(self, query: np.ndarray, k: int, index: str | None = None,
-               aesthetic_weight: float = 0.0, dedup_threshold: float | None = None) -> Ranked:
-        """The top ``k`` for one ``[D]`` query vector.
+               aesthetic_weight: float = 0.0, dedup_threshold: float | None = None,
+               nprobe: int | None = None, k_factor: float | None = None,
+               ef_search: int | None = None) -> Ranked:
+        """The top ``k`` for one ``[D]`` query vector; ``nprobe``, ``k_factor`` and
+        ``ef_search`` apply to this search only (None: the index's own settings).
 
         Raises:
             KeyError: an unknown index. ValueError: a bad ``k`` or query, or a shift / dedup
@@ -201,7 +215,8 @@ class SearchService:
         knn = dedup_ms = 0.0
         while True:  # with deduplication: widen until k results remain or the index is spent
             t0 = time.perf_counter()
-            res = idx.search(q[None, :], n)
+            res = idx.search(q[None, :], n, nprobe=nprobe, ef_search=ef_search,
+                             k_factor=k_factor)
             knn += 1000 * (time.perf_counter() - t0)
             pos, scores = res.positions[0], res.scores[0]
             keep = pos >= 0
