@@ -2,6 +2,8 @@
 
     python bench/bench_embed.py --n 10000                     # throughput table
     python bench/bench_embed.py --n 10000 --mem-n 50000       # + memory at 10k vs 50k
+    python bench/bench_embed.py --n 10000 --mem-n 1000,100000 --json out.json   # a series
+    python bench/bench_embed.py --n 500 --mem-n 200 --no-ray  # plain loop only (no Ray)
 
 Both sides embed the same generated corpus (64x64 PNGs of coloured shapes, Parquet files of
 5,000 rows) with the same model (``builtin`` unless ``--model``) and batch size:
@@ -14,6 +16,11 @@ Both sides embed the same generated corpus (64x64 PNGs of coloured shapes, Parqu
   reported apart; the job's start-up is the time until the first rows reach the driver
   (driver model load, workers importing torch, actors loading the model); steady-state is the
   rest.
+
+Scaling: ``--n`` and every ``--mem-n`` size make one series (each size its own Ray job in
+its own subprocess): the job's wall time, the time after its first rows, and peak memory per
+N; ``--json`` writes it with the throughput table. ``--no-ray`` times the series with the
+plain loop instead (same sampler, no Ray: a smoke run that needs no cluster).
 
 Memory: every 0.25 s the sum over the driver and all its descendants (raylet, GCS, every
 worker and actor) of PSS (proportional set size, from /proc/<pid>/smaps_rollup: shared pages,
@@ -175,12 +182,20 @@ def ray_job(corpus: Path, out: Path, model: str, batch_size: int, rows_per_shard
 
 
 def one_run(args: argparse.Namespace) -> dict:
-    """Child mode: one Ray job over a corpus of ``args.n`` images, with memory sampling."""
+    """Child mode: one run over a corpus of ``args.n`` images, with memory sampling: the Ray
+    job (its seconds include its start-up) or, with ``--no-ray``, the plain loop (its
+    seconds exclude the model load)."""
     work = Path(args.workdir)
     corpus = make_corpus(work / f"corpus-{args.n}", args.n)
     with MemorySampler() as mem:
-        res = ray_job(corpus, work / f"out-{args.n}", args.model, args.batch_size,
-                      args.rows_per_shard)
+        if args.no_ray:
+            res = plain_loop(corpus, args.model, args.batch_size, score=True)
+            res.update(rows_in=res["rows"], rows_out=res["rows"], rows_failed=0,
+                       pipeline_s=res["loop_s"], startup_s=0.0,
+                       steady_rows_per_s=res["rows_per_s"], job_s=res["load_s"] + res["loop_s"])
+        else:
+            res = ray_job(corpus, work / f"out-{args.n}", args.model, args.batch_size,
+                          args.rows_per_shard)
     res.update(peak_pss_mb=mem.peak_pss / 2**20, peak_rss_mb=mem.peak_rss / 2**20, n=args.n)
     return res
 
@@ -188,7 +203,7 @@ def one_run(args: argparse.Namespace) -> dict:
 def child(args: argparse.Namespace, n: int) -> dict:
     cmd = [sys.executable, __file__, "--child", "--n", str(n), "--workdir", args.workdir,
            "--model", args.model, "--batch-size", str(args.batch_size),
-           "--rows-per-shard", str(args.rows_per_shard)]
+           "--rows-per-shard", str(args.rows_per_shard)] + (["--no-ray"] if args.no_ray else [])
     out = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if out.returncode:
         sys.stderr.write(out.stderr[-4000:])
@@ -196,20 +211,37 @@ def child(args: argparse.Namespace, n: int) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def series_row(r: dict) -> dict:
+    """One point of the scaling series: N, seconds (whole run; after the first rows), peak
+    memory (PSS; RSS)."""
+    return {"n": r["n"], "rows_out": r["rows_out"], "rows_failed": r["rows_failed"],
+            "seconds": r["pipeline_s"], "after_first_rows_s": r["pipeline_s"] - r["startup_s"],
+            "startup_s": r["startup_s"], "rows_per_s": r["rows_in"] / r["pipeline_s"],
+            "steady_rows_per_s": r["steady_rows_per_s"], "peak_pss_mb": r["peak_pss_mb"],
+            "peak_rss_mb": r["peak_rss_mb"]}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--n", type=int, default=10_000, help="images for the throughput comparison")
-    p.add_argument("--mem-n", type=int, default=0, help="also measure peak memory at this N")
+    p.add_argument("--mem-n", default="",
+                   help="comma-separated further sizes of the scaling series (time, memory)")
     p.add_argument("--model", default="builtin")
     p.add_argument("--repeat", type=int, default=2, help="plain-loop runs (the best counts)")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--rows-per-shard", type=int, default=2_000)
     p.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "bench_embed"))
+    p.add_argument("--no-ray", action="store_true",
+                   help="plain loop only: the series is timed with it (no Ray cluster)")
+    p.add_argument("--json", default="", help="also write the results to this JSON file")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
         print(json.dumps(one_run(args), default=str))
         return 0
+    sizes = sorted({args.n, *(int(float(v)) for v in args.mem_n.split(",") if v.strip())})
+    if min(sizes) < 1:
+        p.error("sizes must be positive")
 
     work = Path(args.workdir)
     t = time.perf_counter()
@@ -220,8 +252,9 @@ def main(argv: list[str] | None = None) -> int:
                  for _ in range(args.repeat)), key=lambda r: r["rows_per_s"])
     plain_ns = max((plain_loop(corpus, args.model, args.batch_size, score=False)
                     for _ in range(args.repeat)), key=lambda r: r["rows_per_s"])
-    ray_res = child(args, args.n)
-    mem = child(args, args.mem_n) if args.mem_n else None
+    runs = {n: child(args, n) for n in sizes}  # each its own process (and Ray)
+    ray_res = runs[args.n]
+    runner = "plain loop" if args.no_ray else "ray job"
 
     rows = ray_res["rows_in"]
     overall = rows / ray_res["pipeline_s"]
@@ -234,26 +267,35 @@ def main(argv: list[str] | None = None) -> int:
                       plain["loop_s"], "1.00x"))
     print(line.format("plain loop without the score", plain_ns["rows_per_s"], plain_ns["loop_s"],
                       f"{plain_ns['rows_per_s'] / plain['rows_per_s']:.2f}x"))
-    print(line.format("ray job, whole pipeline (incl. start-up)", overall, ray_res["pipeline_s"],
-                      f"{overall / plain['rows_per_s']:.2f}x"))
-    print(line.format("ray job, steady state (after first rows)", steady,
-                      rows / steady if steady else float("nan"),
-                      f"{steady / plain['rows_per_s']:.2f}x"))
-    print(f"start-up: ray.init {ray_res['ray_init_s']:.1f} s; job until first rows "
-          f"{ray_res['startup_s']:.1f} s; plain model load {plain['load_s']:.1f} s; "
-          f"job total {ray_res['job_s']:.1f} s")
-    print(f"ray job rows in/out/failed: {ray_res['rows_in']}/{ray_res['rows_out']}/"
+    if not args.no_ray:
+        print(line.format("ray job, whole pipeline (incl. start-up)", overall,
+                          ray_res["pipeline_s"], f"{overall / plain['rows_per_s']:.2f}x"))
+        print(line.format("ray job, steady state (after first rows)", steady,
+                          rows / steady if steady else float("nan"),
+                          f"{steady / plain['rows_per_s']:.2f}x"))
+        print(f"start-up: ray.init {ray_res['ray_init_s']:.1f} s; job until first rows "
+              f"{ray_res['startup_s']:.1f} s; plain model load {plain['load_s']:.1f} s; "
+              f"job total {ray_res['job_s']:.1f} s")
+    print(f"{runner} rows in/out/failed: {ray_res['rows_in']}/{ray_res['rows_out']}/"
           f"{ray_res['rows_failed']}")
-    print("\npeak memory, driver + all Ray processes (PSS sum; RSS sum in brackets)")
-    runs = [ray_res] + ([mem] if mem else [])
-    for r in runs:
+    print(f"\npeak memory, {runner}: driver + all its child processes (PSS sum; RSS sum in "
+          "brackets)")
+    for r in runs.values():
         print(f"  N={r['n']:>7d}: {r['peak_pss_mb']:8.0f} MB  ({r['peak_rss_mb']:.0f} MB)  "
               f"{r['rows_in'] / r['pipeline_s']:.0f} rows/s overall, "
-              f"{r['steady_rows_per_s']:.0f} steady")
-    if mem:
-        print(f"  ratio N={mem['n']} / N={ray_res['n']}: "
-              f"{mem['peak_pss_mb'] / ray_res['peak_pss_mb']:.2f}x (PSS), "
-              f"{mem['peak_rss_mb'] / ray_res['peak_rss_mb']:.2f}x (RSS)")
+              f"{r['steady_rows_per_s']:.0f} steady, {r['pipeline_s']:.1f} s")
+    lo, hi = runs[sizes[0]], runs[sizes[-1]]
+    if len(sizes) > 1:
+        print(f"  ratio N={hi['n']} / N={lo['n']}: "
+              f"{hi['peak_pss_mb'] / lo['peak_pss_mb']:.2f}x (PSS), "
+              f"{hi['peak_rss_mb'] / lo['peak_rss_mb']:.2f}x (RSS)")
+    if args.json:
+        out = {"n": args.n, "model": args.model, "batch_size": args.batch_size,
+               "cpus": os.cpu_count(), "runner": runner,
+               "plain": plain, "plain_no_score": plain_ns,
+               "job": {k: v for k, v in ray_res.items() if isinstance(v, int | float | str)},
+               "series": [series_row(runs[n]) for n in sizes]}
+        Path(args.json).write_text(json.dumps(out, indent=1, default=str))
     return 0
 
 

@@ -232,8 +232,39 @@ def run_one(emb: Path, out: Path, factory: str, queries: np.ndarray, k: int, all
     return rows, positions
 
 
+def needs(n: int, dim: int) -> dict[str, float]:
+    """Bytes one size needs at its peak: RAM for the Flat reference plus one more index with
+    full vectors (an ``RFlat`` refine or IVF-Flat), held together while that index is timed;
+    disk for the Parquet vectors (float32 does not compress) plus both index files."""
+    vectors = n * dim * 4
+    return {"ram": 2 * vectors, "disk": 3 * vectors}
+
+
+def check_resources(n: int, dim: int, work: Path) -> None:
+    """Fail before generating data, with the numbers, when N x dim cannot fit this machine.
+
+    Raises:
+        SystemExit: not enough available memory or free disk under ``work``.
+    """
+    import psutil
+
+    need = needs(n, dim)
+    have = {"ram": psutil.virtual_memory().available, "disk": shutil.disk_usage(work).free}
+    have["disk"] += dir_bytes(work / f"emb-{n}" / "embeddings", "*.parquet")  # reused data
+    short = [k for k in need if need[k] > have[k]]
+    if short:
+        gb = 2**30
+        raise SystemExit(
+            f"N={n:,} x dim {dim} float32 needs about {need['ram'] / gb:.1f} GiB of RAM (the Flat "
+            f"reference and one full-vector index, {n * dim * 4 / gb:.1f} GiB each) and "
+            f"{need['disk'] / gb:.1f} GiB of disk under {work}; this machine has "
+            f"{have['ram'] / gb:.1f} GiB available and {have['disk'] / gb:.1f} GiB free. Use a "
+            f"smaller --dim (bench/run_all.py --index-dim) or a bigger machine.")
+
+
 def bench_n(n: int, args, work: Path, hnsw_rate: dict[int, float]) -> list[dict[str, Any]]:
     k, dim = 10, args.dim
+    check_resources(n, dim, work)
     lists = ivf_lists(n)
     train = min(n, args.train_sample)
     print(f"\nN = {n:,}  (dim {dim}, IVF{lists}, train_sample {train:,}, "

@@ -17,7 +17,7 @@ as the job and the serving deployment run it, on rows of ``k`` rendered world im
   (the client's overhead: JSON, data URLs, threads; a real endpoint adds its model time);
 * ``vllm`` - only with CUDA and the gpu extra (skipped here otherwise, and says so).
 
-Prints a table and JSON, and writes ``bench/judge_results.json``. Absolute numbers belong
+Prints a table and JSON, and writes ``bench/judge_results.json`` (``--out``). Absolute numbers belong
 to this machine; the proxies' and the client's costs are what carry over.
 """
 
@@ -109,6 +109,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--pairs", type=int, default=24, help="pairs judged per back end")
     ap.add_argument("--k", type=int, default=5, help="images per row")
     ap.add_argument("--backends", nargs="*", default=list(BACKENDS), choices=BACKENDS)
+    ap.add_argument("--out", default=str(REPO / "bench" / "judge_results.json"),
+                    help="where the JSON results go")
     args = ap.parse_args(argv)
 
     import torch
@@ -159,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name:<14} {r['judge']:<34} {r['judgments_per_s']:>12.2f} "
                   f"{r['ok']:>5} {r['load_s']:>7.1f}")
     print(json.dumps(out, indent=2))
-    (REPO / "bench" / "judge_results.json").write_text(json.dumps(out, indent=2))
+    Path(args.out).write_text(json.dumps(out, indent=2))
     return 0
 
 

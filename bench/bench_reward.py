@@ -8,7 +8,7 @@ pass; users asked for batching. The one-at-a-time path here does the same (the p
 once, each image decoded, encoded and scored on its own); the batched path is
 ``RewardModel.score(prompt, images)``. Both run on the same images (rendered world images,
 PNG-encoded, as a caller would pass files), so the ratio is the batching gain alone. Prints images/s for each and the ratio, and checks the two agree; writes
-``bench/reward_results.json``. Ratios, not absolute times, carry over to another machine.
+``bench/reward_results.json`` (``--out``). Ratios, not absolute times, carry over to another machine.
 """
 
 from __future__ import annotations
@@ -47,6 +47,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--n", type=int, default=256, help="images scored per run")
     ap.add_argument("--batch", type=int, default=64, help="batch size of the batched path")
     ap.add_argument("--repeats", type=int, default=3, help="timed runs of each path (best kept)")
+    ap.add_argument("--out", default=str(REPO / "bench" / "reward_results.json"),
+                    help="where the JSON results go")
     args = ap.parse_args(argv)
 
     import torch
@@ -85,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"reward scoring, {args.n} images ({out['threads']} threads): batched "
           f"{rate['batched']:.0f} img/s, one at a time {rate['one_at_a_time']:.0f} img/s, "
           f"ratio {out['ratio_batched_over_one_at_a_time']:.2f}x (max |diff| {diff:.2e})")
-    (REPO / "bench" / "reward_results.json").write_text(json.dumps(out, indent=2))
+    Path(args.out).write_text(json.dumps(out, indent=2))
     return 0
 
 

@@ -2,6 +2,10 @@
 
     python bench/bench_serve.py --workdir out          # after python -m jobs.quickstart
     python bench/bench_serve.py --workdir out --seconds 20 --concurrency 1,8,32
+    python bench/serve_world.py --out /tmp/sw && python bench/bench_serve.py --workdir /tmp/sw
+
+``--workdir`` is a quickstart output directory (``base`` and ``aligned`` models, HNSW indexes)
+or a directory built by ``bench/serve_world.py`` (its ``serve_world.json`` names the models).
 
 Deploys ``serving.app:build_app`` on a local Ray (Serve's proxy on 127.0.0.1) over the
 quickstart's models and indexes, then sends ``POST /v1/search`` requests (the world's queries,
@@ -9,8 +13,13 @@ in turn) from C client threads, each with its own keep-alive connection, for ``-
 per setting: plain search, + rerank, + rephrase (template back end), and Serve's floor (an
 echo deployment behind the same proxy: the cost of any Serve request). Prints p50 / p99
 latency, throughput and errors per setting, and the in-process reference (the library's
-:class:`aligner.retrieval.service.SearchService`: encode + search of one query on one thread),
-with the overhead ratio p50(HTTP, C=1) / p50(in-process) and the search's ratios to the floor. Writes ``bench/serve_results.json``.
+:class:`aligner.retrieval.service.SearchService`: encode + search of one query, torch and
+faiss on one thread as in a retriever replica (Ray sets ``OMP_NUM_THREADS=1`` for its 0.25
+CPU; on a loaded machine two OpenMP threads wait on each other and run many times slower),
+timed before Ray starts and again after it stops; the quieter run, by p50, is the reference
+on a shared machine, and both are kept), with the overhead ratio p50(HTTP, C=1) / p50(in-process) and the search's ratios to the
+floor. Writes ``bench/serve_results.json`` (``--out``). Ray is a new local one (never a
+cluster already running on the machine).
 Ratios, not absolute times, are what carries over to another machine.
 """
 
@@ -85,6 +94,26 @@ def load(port: int, queries: list[str], conc: int, seconds: float, extra: dict,
             "per_s": round(len(lat) / wall, 1)}
 
 
+def in_process(svc, queries: list[str], seconds: float) -> dict:  # noqa: ANN001 - a SearchService
+    """Encode + search of one query at a time, torch and faiss on one thread, for
+    ``seconds``."""
+    import faiss
+    import torch
+
+    torch.set_num_threads(1)
+    faiss.omp_set_num_threads(1)
+    ref: list[float] = []
+    stop = time.perf_counter() + seconds
+    i = 0
+    while time.perf_counter() < stop:
+        t0 = time.perf_counter()
+        svc.search(svc.encode_texts([queries[i % len(queries)]])[0], 10)
+        ref.append(1000 * (time.perf_counter() - t0))
+        i += 1
+    return {"requests": len(ref), "p50_ms": round(pct(ref, 0.5), 2),
+            "p99_ms": round(pct(ref, 0.99), 2), "per_s": round(len(ref) / seconds, 1)}
+
+
 def _echo_deployment():
     from ray import serve
 
@@ -99,14 +128,43 @@ def _echo_deployment():
     return Echo
 
 
-def main() -> int:
+def served_models(work: Path) -> dict:
+    """What to serve from ``work``: corpus, queries file, models (name -> checkpoint, index),
+    the default (the in-process reference) and the pair compared.
+
+    Raises:
+        FileNotFoundError: ``work`` is neither a quickstart output nor a serve world.
+    """
+    spec_file = work / "serve_world.json"
+    if spec_file.is_file():
+        spec = json.loads(spec_file.read_text())
+        names = list(spec["models"])
+        return {"corpus": spec["corpus"], "queries": spec["queries"], "models": spec["models"],
+                "default": spec["default"], "compare": names[:2]}
+    models = {"base": {"checkpoint": str(work / "base" / "checkpoint"),
+                       "index": str(work / "index")},
+              "aligned": {"checkpoint": str(work / "aligned" / "checkpoint"),
+                          "index": str(work / "index_aligned")}}
+    missing = [m["index"] for m in models.values() if not Path(m["index"]).is_dir()]
+    if missing:
+        raise FileNotFoundError(f"{work} is neither a quickstart output (missing {missing}) nor "
+                                "a serve world (no serve_world.json): run python -m "
+                                "jobs.quickstart or bench/serve_world.py first")
+    return {"corpus": str(work / "world" / "corpus"),
+            "queries": str(work / "world" / "queries" / "queries.parquet"), "models": models,
+            "default": "aligned", "compare": ["base", "aligned"]}
+
+
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--workdir", default="out", help="the quickstart's output directory")
+    p.add_argument("--workdir", default="out",
+                   help="a quickstart output directory or a bench/serve_world.py directory")
     p.add_argument("--seconds", type=float, default=15.0)
     p.add_argument("--concurrency", default="1,8,32")
     p.add_argument("--out", default=str(REPO / "bench" / "serve_results.json"))
-    a = p.parse_args()
+    a = p.parse_args(argv)
     work = Path(a.workdir).resolve()
+    world = served_models(work)
     env = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled",
            "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "ALIGNER_API_KEY": "bench"}
     os.environ.update(env)
@@ -120,34 +178,25 @@ def main() -> int:
 
     Echo = _echo_deployment()  # noqa: N806 - a deployment class
 
-    queries = read_queries(work / "world" / "queries" / "queries.parquet")["query"].to_pylist()
+    queries = read_queries(world["queries"])["query"].to_pylist()
     # the in-process reference: encode + search, one query at a time
-    svc = SearchService.open(ModelSpec(checkpoint=str(work / "aligned" / "checkpoint")),
-                             {"hnsw": str(work / "index_aligned")})
+    ref_model = world["models"][world["default"]]
+    svc = SearchService.open(ModelSpec(checkpoint=ref_model["checkpoint"]),
+                             {"hnsw": ref_model["index"]})
     for q in queries[:20]:
         svc.search(svc.encode_texts([q])[0], 10)
-    ref: list[float] = []
-    stop = time.perf_counter() + a.seconds
-    i = 0
-    while time.perf_counter() < stop:
-        t0 = time.perf_counter()
-        svc.search(svc.encode_texts([queries[i % len(queries)]])[0], 10)
-        ref.append(1000 * (time.perf_counter() - t0))
-        i += 1
-    inproc = {"requests": len(ref), "p50_ms": round(pct(ref, 0.5), 2),
-              "p99_ms": round(pct(ref, 0.99), 2), "per_s": round(len(ref) / a.seconds, 1)}
-    del svc
+    in_runs = [in_process(svc, queries, a.seconds)]  # again after the HTTP runs (below)
 
-    ray.init(include_dashboard=False, logging_level="WARNING", log_to_driver=False,
-             runtime_env={"env_vars": {"PYTHONPATH": str(REPO), **env}})
+    ray.init(address="local", include_dashboard=False, logging_level="WARNING",
+             log_to_driver=False, runtime_env={"env_vars": {"PYTHONPATH": str(REPO), **env}})
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port},
                 logging_config={"enable_access_log": False, "log_level": "WARNING"})
-    args = {"corpus": str(work / "world" / "corpus"), "data_dir": str(work / "serving"),
-            "models": {"base": {"checkpoint": str(work / "base" / "checkpoint"),
-                                "indexes": {"hnsw": str(work / "index")}},
-                       "aligned": {"checkpoint": str(work / "aligned" / "checkpoint"),
-                                   "indexes": {"hnsw": str(work / "index_aligned")}}},
+    args = {"corpus": world["corpus"], "data_dir": str(work / "serving"),
+            "models": {name: {"checkpoint": m["checkpoint"], "indexes": {"hnsw": m["index"]}}
+                       for name, m in world["models"].items()},
+            "default_model": world["default"], "compare": world["compare"],
+            "judge": {"model": world["default"]},
             "log_requests": False,
             "limits": {"rate_per_s": 1e6, "rate_burst": 1_000_000}}
     serve.run(build_app(args), name="aligner", route_prefix="/")
@@ -171,12 +220,18 @@ def main() -> int:
             print(json.dumps(r), flush=True)
     serve.shutdown()
     ray.shutdown()
+    in_runs.append(in_process(svc, queries, a.seconds))
+    # the machine is shared: the quieter of the two runs (before and after) is the reference
+    inproc = min(in_runs, key=lambda r: r["p50_ms"])
     c1 = next(r for r in rows if r["setting"] == "search" and r["concurrency"] == 1)
     f1 = next(r for r in rows if r["setting"] == "serve floor" and r["concurrency"] == 1)
     top = max(int(c) for c in a.concurrency.split(","))
     ftop = next(r for r in rows if r["setting"] == "serve floor" and r["concurrency"] == top)
     stop_ = next(r for r in rows if r["setting"] == "search" and r["concurrency"] == top)
-    result = {"machine": {"cpus": os.cpu_count()}, "in_process": inproc, "http": rows,
+    result = {"machine": {"cpus": os.cpu_count()}, "seconds_per_setting": a.seconds,
+              "served": {"workdir": str(work), "models": sorted(world["models"]),
+                         "reference": world["default"]},
+              "in_process": inproc, "in_process_runs": in_runs, "http": rows,
               "overhead_p50_ratio": round(c1["p50_ms"] / inproc["p50_ms"], 2),
               "floor_p50_ratio": round(c1["p50_ms"] / f1["p50_ms"], 2),
               "floor_throughput_ratio": round(stop_["per_s"] / ftop["per_s"], 2)}
