@@ -46,8 +46,8 @@ def machine_md(m: dict[str, Any], suite: dict[str, Any]) -> list[str]:
         f"{gpu}; Python {m['python']}, torch {v['torch']}, faiss {v['faiss-cpu'] or v['faiss-gpu']}, "
         f"ray {v['ray']}, open_clip {v['open_clip_torch']}; {m['date']}, git "
         f"{git[:12]}{' (with uncommitted changes)' if m['git']['dirty'] else ''}. Load average "
-        f"{m['load_average']} before, {m.get('load_average_after', 'n/a')} after (the machine "
-        f"was shared). Scale `{suite['scale']}`, {suite.get('wall_s', 0) / 60:.1f} minutes: "
+        f"{m['load_average']} before, {m.get('load_average_after', 'n/a')} after (1, 5 and 15 "
+        f"minutes). Scale `{suite['scale']}`, {suite.get('wall_s', 0) / 60:.1f} minutes: "
         f"`{suite['command']}`.",
         "",
         "Absolute times belong to this machine and its load; the ratios (each measured side by "
