@@ -34,6 +34,18 @@ from tests.helpers.net import free_port  # noqa: E402
 METRICS_PORT = free_port()
 
 
+@pytest.fixture(scope="module")
+def one_faiss_thread():
+    """faiss on one OpenMP thread for a module (``pytestmark = pytest.mark.usefixtures(...)``):
+    timings and results of the index tests do not depend on the machine's cores."""
+    import faiss
+
+    before = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    yield
+    faiss.omp_set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def ray_session():
     """One local Ray for the whole test session (started on first use); its Prometheus

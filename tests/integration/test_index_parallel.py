@@ -33,14 +33,7 @@ D = 32
 VOLATILE = {"created_utc", "wall_time_s", "timings_s", "parallel", "host", "git_commit"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_faiss_thread():
-    import faiss
-
-    before = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(1)
-    yield
-    faiss.omp_set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_faiss_thread")
 
 
 def with_bad_rows(root: Path, x: np.ndarray, ids: list[str], files: int) -> Path:

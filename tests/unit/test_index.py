@@ -30,14 +30,7 @@ from aligner.runtime.manifest import read_manifest, write_manifest
 D = 64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_faiss_thread():
-    import faiss
-
-    before = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(1)
-    yield
-    faiss.omp_set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_faiss_thread")
 
 
 # ----------------------------------------------------------------------------- data helpers

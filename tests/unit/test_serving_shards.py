@@ -22,14 +22,7 @@ from tests.unit.test_index import clustered, make_ids, numpy_topk, random_unit, 
 D = 256  # the built-in model's embedding size (the retriever test encodes nothing)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_faiss_thread():
-    import faiss
-
-    before = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(1)
-    yield
-    faiss.omp_set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_faiss_thread")
 
 
 class LocalHandle:
