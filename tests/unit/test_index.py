@@ -205,16 +205,22 @@ def test_sharded_flat_equals_unsharded(tmp_path, mode):
 # ----------------------------------------------------------------------------- IVF / PQ recall
 
 
-@pytest.fixture(scope="module")
-def clustered_set(tmp_path_factory):
+def make_clustered_set(tmp_path_factory):
     """20k unit vectors of size 64 around 100 Gaussian centres (noise std 0.5 per dim, i.e.
-    about 27 degrees from the centre), 200 queries near the same centres, numpy's exact top-10.
+    about 27 degrees from the centre), written as an embed output in 4 files, 200 queries near
+    the same centres, numpy's exact top-10: ``(embeddings dir, x, queries, top-10 positions)``.
     """
     centres = np.random.default_rng(10).standard_normal((100, D)).astype(np.float32)
     x = clustered(20_000, centres, 0.5, seed=11)
     q = clustered(200, centres, 0.5, seed=12)
     emb = write_embed_output(tmp_path_factory.mktemp("clustered"), x, files=4)
     return emb, x, q, numpy_topk(q, x, 10)[1]
+
+
+@pytest.fixture(scope="module")
+def clustered_set(tmp_path_factory):
+    """:func:`make_clustered_set`, once per module."""
+    return make_clustered_set(tmp_path_factory)
 
 
 def test_ivf_flat_recall_and_nprobe(clustered_set, tmp_path):

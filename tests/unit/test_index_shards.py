@@ -25,9 +25,8 @@ from aligner.retrieval.metrics import neighbour_recall
 from aligner.runtime.manifest import read_manifest
 from tests.unit.test_index import (
     assert_exact,
-    clustered,
+    make_clustered_set,
     make_ids,
-    numpy_topk,
     random_unit,
     write_embed_output,
 )
@@ -115,13 +114,8 @@ def test_bad_build_arguments_are_value_errors(tmp_path):
 
 @pytest.fixture(scope="module")
 def clustered_emb(tmp_path_factory):
-    """20k unit vectors of size 64 around 100 centres (the set of ``test_index.py``'s
-    IVF-PQ test), 200 queries, numpy's exact top-10."""
-    centres = np.random.default_rng(10).standard_normal((100, D)).astype(np.float32)
-    x = clustered(20_000, centres, 0.5, seed=11)
-    q = clustered(200, centres, 0.5, seed=12)
-    emb = write_embed_output(tmp_path_factory.mktemp("clustered"), x, files=4)
-    return emb, x, q, numpy_topk(q, x, 10)[1]
+    """The set of ``test_index.py``'s IVF-PQ tests (:func:`make_clustered_set`)."""
+    return make_clustered_set(tmp_path_factory)
 
 
 def test_refine_stage_lifts_ivf_pq_recall(clustered_emb, tmp_path):
