@@ -195,10 +195,11 @@ def _load_in_subprocess(index: Path, mmap: bool, q_file: Path, out: Path) -> flo
 
 @pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="needs Linux /proc")
 def test_mmap_keeps_a_refine_stage_out_of_process_memory(tmp_path):
-    """60k x 128 float32 vectors (29 MB) in a refine stage: read into anonymous memory
-    without mmap; with mmap they stay in the page cache (measured: +37 MB vs +2 MB, index
-    loaded and searched) and the search results are the same."""
-    x = random_unit(60_000, d=128, seed=31)
+    """200k x 128 float32 vectors (98 MB) in a refine stage: read into anonymous memory
+    without mmap; with mmap they stay in the page cache, and the search results are the same.
+    (With 60k vectors, 29 MB, the load's other allocations, about 2-12 MB from run to run,
+    made the comparison flaky under load; the bound is unchanged.)"""
+    x = random_unit(200_000, d=128, seed=31)
     q = random_unit(50, d=128, seed=32)
     emb = write_embed_output(tmp_path / "emb", x, files=2)
     build_index(emb, tmp_path / "idx", "IVF64,PQ16,RFlat", train_sample=4000, nprobe=8,
