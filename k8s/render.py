@@ -86,6 +86,11 @@ def pod(c: dict[str, Any], gpu: bool = False) -> dict[str, Any]:
     return {"spec": spec}
 
 
+#: Ray token auth (Ray >= 2.52, KubeRay >= 1.5.1): the operator generates a token into a Secret
+#: named after the RayCluster (key ``auth_token``) and sets RAY_AUTH_MODE / RAY_AUTH_TOKEN on
+#: every Ray container, RayJob submitters included; clients read the token from that Secret.
+AUTH_OPTIONS: dict[str, str] = {"mode": "token"}
+
 HEAD_PORTS = {"gcs-server": 6379, "dashboard": 8265, "client": 10001, "serve": 8000}
 #: required: a pod without the secret does not start (rather than serve writes unprotected)
 API_KEY_ENV = [{"name": "ALIGNER_API_KEY", "valueFrom": {"secretKeyRef": {
@@ -119,6 +124,7 @@ def cluster(workers: list[dict[str, Any]], autoscale: bool, head: dict | None = 
             ) -> dict[str, Any]:
     """A RayClusterSpec (``enableInTreeAutoscaling`` when groups may grow or shrink)."""
     spec: dict[str, Any] = {"rayVersion": RAY_VERSION, "enableInTreeAutoscaling": autoscale,
+                            "authOptions": AUTH_OPTIONS,
                             "headGroupSpec": head or head_group(), "workerGroupSpecs": workers}
     if autoscale:
         spec["autoscalerOptions"] = {"idleTimeoutSeconds": 600, "upscalingMode": "Default"}

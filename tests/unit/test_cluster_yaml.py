@@ -86,7 +86,7 @@ def test_node_types_split_cpu_and_gpu_work(prepared):
 def test_setup_installs_the_lock_and_swallows_no_error(prepared):
     raw = load()
     # the repository (with the lock) is mounted where the install line reads it
-    (dest, src), = raw["file_mounts"].items()
+    (dest, src), = [(d, s) for d, s in raw["file_mounts"].items() if s == "."]
     assert (REPO / src / "requirements.txt").is_file()
     installs = [c for c in raw["setup_commands"] if "pip install" in c and " -r " in c]
     assert installs == [f"cd {dest.replace('/home/ubuntu', '~')} && ~/venv/bin/pip install "
@@ -122,3 +122,20 @@ def test_ports_of_the_job_api_and_serve():
         assert all(not r["CidrIp"].startswith("0.0.0.0") for r in rule["IpRanges"])
     serve = yaml.safe_load((REPO / "serving" / "config.yaml").read_text())
     assert serve["http_options"]["port"] == 8000
+
+
+def test_every_node_starts_ray_with_token_auth(prepared):
+    raw = load()
+    # the token of the machine that runs `ray up` goes to every node (file mounts reach all)
+    assert raw["file_mounts"]["/home/ubuntu/.ray/auth_token"] == "~/.ray/auth_token"
+    for key in ("head_start_ray_commands", "worker_start_ray_commands"):
+        starts = [c for c in prepared[key] if "ray start" in c]
+        assert starts and all(c.startswith("export RAY_AUTH_MODE=token;") for c in starts), key
+        # a node without the token stops before `ray start` (which would run without auth)
+        check = prepared[key].index(starts[0]) - 1
+        assert prepared[key][check].startswith("test -s ~/.ray/auth_token ||") \
+            and "exit 1" in prepared[key][check], key
+    # interactive shells on a node (`ray attach`, `ray exec ... ray status`) send the token
+    gpu = prepared["available_node_types"]["gpu_worker"]["worker_setup_commands"]
+    for cmds in (prepared["setup_commands"], gpu):
+        assert any("echo 'export RAY_AUTH_MODE=token' >> ~/.bashrc" in c for c in cmds)

@@ -77,6 +77,11 @@ def check_pod_template(t: dict[str, Any], where: str, gpus: bool) -> None:
 def check_cluster_spec(spec: dict[str, Any], where: str) -> None:
     """The fields KubeRay's RayClusterSpec requires, and what its controller validates."""
     assert re.fullmatch(r"\d+\.\d+\.\d+", spec["rayVersion"]), f"{where}: rayVersion"
+    # Ray token auth on every cluster (KubeRay >= 1.5.1 AuthOptions; needs Ray >= 2.52)
+    assert spec["authOptions"]["mode"] == "token", f"{where}: the cluster runs without auth"
+    assert set(spec["authOptions"]) <= {"mode", "secretName", "enableK8sTokenAuth"}, where
+    assert tuple(map(int, spec["rayVersion"].split("."))) >= (2, 52, 0), \
+        f"{where}: token auth needs Ray >= 2.52"
     head = spec["headGroupSpec"]
     assert all(isinstance(v, str) for v in head["rayStartParams"].values()), \
         f"{where}: rayStartParams values must be strings"
@@ -122,6 +127,9 @@ def test_the_shape_check_rejects_what_kuberay_rejects():
     spec = load(K8S / "rayjob-embed.yaml")["spec"]["rayClusterSpec"]
     for breaks in (lambda s: s["workerGroupSpecs"][0].pop("maxReplicas"),
                    lambda s: s["headGroupSpec"].pop("rayStartParams"),
+                   lambda s: s.pop("authOptions"),
+                   lambda s: s.update({"authOptions": {"mode": "disabled"}}),
+                   lambda s: s.update({"rayVersion": "2.51.0"}),
                    lambda s: s["headGroupSpec"]["rayStartParams"].update({"num-cpus": 0}),
                    lambda s: s["workerGroupSpecs"][0].update({"minReplicas": 13}),
                    lambda s: s["workerGroupSpecs"][1]["template"]["spec"]["containers"][0]
