@@ -12,11 +12,25 @@ index files sharing one trained quantiser (one serving replica can load a subset
 By default one process adds every vector (faiss uses every core of its machine).
 ``parallel=true`` trains once here, then adds each shard in its own Ray task
 (``cpus_per_task`` CPUs each) on the cluster the job runs on; the output equals the serial
-build's, and ``output`` must be on a filesystem every Ray node shares:
+build's. A local ``output`` must then be on a filesystem every Ray node shares:
 
     python -m jobs.build_index embeddings=/mnt/shared/emb output=/mnt/shared/index \
         factory="IVF16384,PQ64x4fsr,RFlat" train_sample=500000 shards=8 parallel=true \
         cpus_per_task=4 nprobe=64 k_factor=32
+
+``embeddings`` and ``output`` may also be ``s3://`` / ``gs://`` URIs (pyarrow filesystems;
+credentials and endpoint from the usual places, ``AWS_ENDPOINT_URL`` ...). The index is then
+built in a local temp directory and uploaded, each file all-or-nothing and the manifest last,
+so a reader never sees half an index. With ``parallel=true`` and a URI output no shared
+filesystem is needed: each shard task reads the trained quantiser from the store (the
+output's ``_parts/``, removed afterwards), builds its shard locally and uploads it, and with a
+URI input the tasks read their rows from the store:
+
+    python -m jobs.build_index embeddings=s3://bucket/emb output=s3://bucket/index \
+        factory="IVF16384,PQ64x4fsr,RFlat" train_sample=500000 shards=8 parallel=true
+
+``jobs.search index=s3://bucket/index`` and serving load such an index through a local cache
+(``aligner.retrieval.index_store``).
 """
 
 from __future__ import annotations
@@ -25,13 +39,14 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from aligner.data.io import Store
 from aligner.retrieval.index import SearchIndex
 from aligner.retrieval.index_build import (
     DEFAULT_BATCH_SIZE,
     DEFAULT_K_FACTOR,
     DEFAULT_TRAIN_SAMPLE,
 )
-from aligner.runtime.config import save_config, to_dict
+from aligner.runtime.config import dump_yaml, to_dict
 from aligner.runtime.job import job_main
 
 DEFAULT_YAML = Path(__file__).parent / "configs" / "build_index.yaml"
@@ -41,9 +56,10 @@ DEFAULT_YAML = Path(__file__).parent / "configs" / "build_index.yaml"
 class IndexConfig:
     """Build a faiss index over an embeddings directory."""
 
-    embeddings: str = field(default="out/embeddings",
-                            metadata={"help": "embeddings directory (jobs.embed output)"})
-    output: str = field(default="out/index", metadata={"help": "index directory to write"})
+    embeddings: str = field(default="out/embeddings", metadata={
+        "help": "embeddings directory (jobs.embed output): local path or s3://, gs:// URI"})
+    output: str = field(default="out/index", metadata={
+        "help": "index directory to write: local path or s3://, gs:// URI"})
     factory: str = field(default="HNSW32", metadata={
         "help": "faiss index_factory string: Flat (exact), HNSW32 (fast, no training), "
                 "IVF{n},PQ{m} (large corpora), IVF{n},PQ{m}x4fsr,RFlat (+ exact re-ranking)"})
@@ -61,7 +77,8 @@ class IndexConfig:
         "help": "a refine stage (RFlat, Refine(...)) re-scores k_factor x k candidates "
                 f"(0: {DEFAULT_K_FACTOR:g} when the factory has one)"})
     parallel: bool = field(default=False, metadata={
-        "help": "add each shard in its own Ray task (output on a shared filesystem)"})
+        "help": "add each shard in its own Ray task (a local output on a shared "
+                "filesystem; an s3://, gs:// output needs none)"})
     cpus_per_task: float = field(default=1.0, metadata={
         "help": "CPUs (and faiss threads) per shard task of a parallel build"})
     ray_address: str = field(default="", metadata={
@@ -83,7 +100,8 @@ class IndexConfig:
 
 
 def run(cfg: IndexConfig) -> SearchIndex:
-    """Build the index, save its config beside it; returns it (loaded).
+    """Build the index, save its config beside it (``config.yaml``, in the object store for
+    a URI output); returns it (loaded).
 
     Raises:
         FileNotFoundError, ValueError: as :func:`aligner.retrieval.index_build.build_index`.
@@ -98,7 +116,7 @@ def run(cfg: IndexConfig) -> SearchIndex:
                         k_factor=cfg.k_factor or None, parallel=cfg.parallel,
                         cpus_per_task=cfg.cpus_per_task, ray_address=cfg.ray_address or None,
                         progress=cfg.progress, config=to_dict(cfg), started=time.time())
-    save_config(cfg, Path(cfg.output) / "config.yaml")
+    Store(cfg.output).write_text("config.yaml", dump_yaml(cfg))
     return index
 
 

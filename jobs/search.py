@@ -4,7 +4,8 @@
 
 ``query`` may be a list (``query='["a cat", "a dog"]'``). The query encoder defaults to the
 model recorded in the index manifest (the one that embedded the corpus) and the images come
-from the corpus recorded there; ``model.name=ViT-B-32 model.pretrained=...`` /
+from the corpus recorded there; ``index`` may be an ``s3://`` / ``gs://`` URI (loaded from a
+local cached copy: ``aligner.retrieval.index_store``); ``model.name=ViT-B-32 model.pretrained=...`` /
 ``model.checkpoint=DIR`` and ``corpus=`` override them. Writes
 ``search.png`` (one row of results per query) and ``search.html`` (self-contained) to
 ``output``.
@@ -29,7 +30,9 @@ DEFAULT_YAML = Path(__file__).parent / "configs" / "search.yaml"
 class SearchConfig:
     """Text-to-image search over a faiss index."""
 
-    index: str = field(default="out/index", metadata={"help": "index directory (jobs.build_index)"})
+    index: str = field(default="out/index", metadata={
+        "help": "index directory (jobs.build_index): local path, or s3://, gs:// URI (downloaded "
+                "into a local cache, $ALIGNER_CACHE/index)"})
     # str first: one query containing a comma must stay one query (a bare list[str] splits
     # "a cat, sleeping" into two); a YAML list ('["a cat", "a dog"]') is still a list
     query: str | list[str] = field(default_factory=list, metadata={"help": "query text(s)"})

@@ -25,7 +25,9 @@ class ModelArgs(_Strict):
     checkpoint: str | None = Field(None, description="checkpoint dir (jobs.pretrain / align)")
     name: str = Field("builtin", description="open_clip name when there is no checkpoint")
     pretrained: str | None = Field(None, description="open_clip pretrained tag or weights file")
-    indexes: dict[str, str] = Field(..., description="index name -> index dir; first = default")
+    indexes: dict[str, str] = Field(..., description=(
+        "index name -> index dir (local path, or s3://, gs:// URI: loaded from a local cache); "
+        "first = default"))
     mmap: bool = Field(False, description="memory-map the index files")
     nprobe: int | None = Field(None, ge=1, description="IVF lists to visit")
     ef_search: int | None = Field(None, ge=1, description="HNSW search breadth")
@@ -190,13 +192,16 @@ class AppArgs(_Strict):
         """Fail at start-up, naming the path, when a checkpoint or an index is missing.
 
         Raises:
-            FileNotFoundError: a missing checkpoint or index directory.
+            FileNotFoundError: a missing checkpoint or index directory (an index in object
+                storage: no manifest at its URI, or no bucket).
         """
+        from aligner.data.io import file_exists, join_path
+
         for name, m in self.models.items():
             if m.checkpoint and not Path(m.checkpoint).is_dir():
                 raise FileNotFoundError(f"models.{name}.checkpoint {m.checkpoint} does not exist")
-            for iname, path in m.indexes.items():
-                if not (Path(path) / "manifest.json").is_file():
+            for iname, path in m.indexes.items():  # a local path or an s3:// / gs:// URI
+                if not file_exists(join_path(path, "manifest.json")):
                     raise FileNotFoundError(f"models.{name}.indexes.{iname}: {path} is not a "
                                             "finished index (no manifest.json)")
         if "://" not in self.corpus and not Path(self.corpus).exists():

@@ -23,7 +23,9 @@ shard's "done" marker (:func:`done_shards`), so a re-run skips finished shards a
 :func:`clean_partial` removes what unfinished ones left.
 
 Readers: :func:`embedding_files` accepts an embed output (its ``embeddings/``) or any directory
-of Parquet files with ``id`` and ``embedding``; :func:`read_embeddings` reads them whole,
+of Parquet files with ``id`` and ``embedding``, as a local path or an ``s3://`` / ``gs://``
+URI (:func:`aligner.data.io.parquet_files_at`: every reader opens its files through a pyarrow
+filesystem, the local disk being ``LocalFileSystem``); :func:`read_embeddings` reads them whole,
 :func:`iter_embeddings` and :func:`iter_embedding_batches` stream them (the index builder never
 holds a corpus in memory), :func:`sample_vectors` draws a training sample reading only the row
 groups it needs, :func:`embedding_matrix` turns the column into ``[N, D]`` float32.
@@ -44,7 +46,14 @@ import pyarrow as pa
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
-from aligner.data.io import FAILURES_DIR, Store, parquet_files
+from aligner.data.io import (
+    FAILURES_DIR,
+    Store,
+    filesystem,
+    is_uri,
+    join_path,
+    parquet_files_at,
+)
 
 if TYPE_CHECKING:
     from aligner.data.corpus_plan import Shard
@@ -127,57 +136,96 @@ def read_plan(out_dir: str | Path | Store) -> dict[str, Any] | None:
 
 # --------------------------------------------------------------------------- reading
 
-def _files(p: Path) -> list[Path]:
-    return parquet_files(p / EMBEDDINGS_DIR if (p / EMBEDDINGS_DIR).is_dir() else p, "embeddings")
+class EmbeddingFile(NamedTuple):
+    """One Parquet file of an embeddings dataset and how to open it."""
+
+    shown: Path | str  # a local Path (as the dataset was named) or the file's URI
+    fs: Any            # the pyarrow filesystem that holds it (LocalFileSystem for a path)
+    path: str          # its path inside ``fs``
 
 
-def embedding_files(path: str | Path) -> list[Path]:
-    """The Parquet files of an embeddings dataset: ``path/embeddings/*.parquet`` for an embed
-    job output, else every Parquet file under ``path`` (:func:`aligner.data.io.parquet_files`).
+def shown_root(path: str | Path) -> Path | str:
+    """How messages and manifests name a dataset: a ``Path`` for a local path, else the URI."""
+    return str(path).rstrip("/") if is_uri(path) else Path(path)
+
+
+def _is_dir(path: str | Path) -> bool:
+    import pyarrow.fs as pafs
+
+    fs, inner = filesystem(path)
+    return fs.get_file_info(inner).type == pafs.FileType.Directory
+
+
+def _files(path: str | Path) -> list[EmbeddingFile]:
+    """``path/embeddings/`` when ``path`` holds one (an embed job output), else ``path``:
+    its Parquet files (:func:`aligner.data.io.parquet_files_at`).
 
     Raises:
-        FileNotFoundError: ``path`` does not exist or holds no Parquet files.
+        FileNotFoundError: nothing at ``path``, or its bucket does not exist.
     """
-    p = Path(path)
-    files = _files(p)
+    sub = join_path(path, EMBEDDINGS_DIR)
+    fs, files = parquet_files_at(sub if _is_dir(sub) else path, "embeddings")
+    return [EmbeddingFile(shown, fs, inner) for shown, inner in files]
+
+
+def _some_files(path: str | Path) -> list[EmbeddingFile]:
+    """:func:`_files`, raising as :func:`embedding_files` when there are none."""
+    files = _files(path)
     if not files:
-        raise FileNotFoundError(f"embeddings: {p} holds no Parquet files")
+        raise FileNotFoundError(f"embeddings: {shown_root(path)} holds no Parquet files")
     return files
+
+
+def embedding_files(path: str | Path) -> list[Path | str]:
+    """The Parquet files of an embeddings dataset: ``path/embeddings/*.parquet`` for an embed
+    job output, else every Parquet file under ``path`` (:func:`aligner.data.io.parquet_files`);
+    local ``Path`` s, or URIs for an ``s3://`` / ``gs://`` dataset.
+
+    Raises:
+        FileNotFoundError: ``path`` (or its bucket) does not exist or holds no Parquet files.
+    """
+    return [f.shown for f in _some_files(path)]
 
 
 def read_embeddings(path: str | Path, columns: list[str] | None = None) -> pa.Table:
     """All rows of an embeddings dataset as one Arrow table (no images are read).
 
     Args:
-        path: an embed job output (holding ``embeddings/``) or a directory of Parquet files.
+        path: an embed job output (holding ``embeddings/``) or a directory of Parquet files;
+            a local path or an ``s3://`` / ``gs://`` URI.
         columns: a subset (e.g. ``["id", "embedding"]``); default all.
 
     Returns:
         A table with ``embedding: fixed_size_list<float32>[D]``; see :func:`embedding_matrix`.
     """
-    tables = [pq.read_table(p, columns=columns) for p in embedding_files(path)]
+    tables = [pq.read_table(f.path, filesystem=f.fs, columns=columns)
+              for f in _some_files(path)]
     tables = [t for t in tables if t.num_rows] or tables[:1]
     return pa.concat_tables(tables, promote_options="permissive")
 
 
 def iter_embeddings(path: str | Path, batch_size: int = 65_536,
                     columns: list[str] | None = None) -> Iterator[pa.RecordBatch]:
-    """Stream an embeddings dataset as record batches (bounded memory, for huge corpora)."""
-    for p in embedding_files(path):
-        yield from pq.ParquetFile(p).iter_batches(batch_size=batch_size, columns=columns)
+    """Stream an embeddings dataset (local path or URI) as record batches (bounded memory,
+    for huge corpora)."""
+    for f in _some_files(path):
+        yield from pq.ParquetFile(f.path, filesystem=f.fs).iter_batches(
+            batch_size=batch_size, columns=columns)
 
 
 def lookup_embeddings(path: str | Path, ids: Sequence[str],
                       columns: Sequence[str] = ("id", "embedding", "aesthetic")) -> pa.Table:
-    """The rows of some ids, read with a pushed-down ``id`` filter (never the whole set)."""
-    d = ds.dataset([str(f) for f in embedding_files(path)], format="parquet")
+    """The rows of some ids, read with a pushed-down ``id`` filter (never the whole set);
+    ``path`` is a local path or a URI."""
+    files = _some_files(path)
+    d = ds.dataset([f.path for f in files], filesystem=files[0].fs, format="parquet")
     return d.to_table(columns=list(columns), filter=ds.field("id").isin(sorted(set(ids))))
 
 
 def model_record(path: str | Path) -> dict[str, Any]:
-    """What an embed output's manifest says about the model that embedded it (name,
-    pretrained, checkpoint, checkpoint_hash, embed_dim, image_size); ``{}`` when the manifest
-    does not record one.
+    """What an embed output's manifest (local path or URI) says about the model that embedded
+    it (name, pretrained, checkpoint, checkpoint_hash, embed_dim, image_size); ``{}`` when
+    the manifest does not record one.
 
     Raises:
         FileNotFoundError: no ``manifest.json``.
@@ -216,17 +264,41 @@ def output_counts(out_dir: str | Path | Store) -> dict[str, int]:
 
 
 class ShardInfo(NamedTuple):
-    """One embeddings Parquet file: path, row count, row-group sizes and vector size."""
+    """One embeddings Parquet file: path, row count, row-group sizes and vector size.
 
-    path: Path
+    ``path`` is what messages and manifests show (a local ``Path``, or the file's URI);
+    ``fs`` and ``fs_path`` open it (default: ``path`` on the local disk). Picklable: a Ray
+    task handed one reads the file from wherever it is (an S3 filesystem carries its
+    endpoint and, from the driver's environment, its keys: :func:`aligner.data.io.filesystem`).
+    """
+
+    path: Path | str
     rows: int
     row_groups: list[int]
     dim: int | None
     has_caption: bool
     has_aesthetic: bool
+    fs: Any = None
+    fs_path: str = ""
+
+    def source(self) -> tuple[Any, str]:
+        """(pyarrow filesystem, path inside it): the local disk unless ``fs`` is set."""
+        import pyarrow.fs as pafs
+
+        return self.fs or pafs.LocalFileSystem(), self.fs_path or str(self.path)
+
+    def parquet_file(self) -> pq.ParquetFile:
+        """The file, opened (its footer read)."""
+        fs, path = self.source()
+        return pq.ParquetFile(path, filesystem=fs)
+
+    def dataset(self) -> ds.Dataset:
+        """The file as a one-file ``pyarrow.dataset``."""
+        fs, path = self.source()
+        return ds.dataset(path, filesystem=fs, format="parquet")
 
 
-def _embedding_dim(field: pa.Field, path: Path) -> int | None:
+def _embedding_dim(field: pa.Field, path: Path | str) -> int | None:
     tp = field.type
     if pa.types.is_fixed_size_list(tp):
         return int(tp.list_size)
@@ -238,25 +310,31 @@ def _embedding_dim(field: pa.Field, path: Path) -> int | None:
 def inspect_embeddings(root: str | Path) -> list[ShardInfo]:
     """Schema and row counts of every embeddings file, from the Parquet footers only.
 
+    Args:
+        root: an embed job output or a directory of Parquet files; a local path or an
+            ``s3://`` / ``gs://`` URI.
+
     Raises:
-        FileNotFoundError: ``root`` does not exist.
+        FileNotFoundError: ``root`` (or its bucket) does not exist.
         ValueError: no Parquet files, missing ``id``/``embedding`` columns, or files whose
             vector sizes differ.
     """
-    files = _files(Path(root))
+    files = _files(root)
     if not files:
         raise ValueError(f"no embeddings: {root} holds no Parquet files")
     infos = []
     for f in files:
-        meta = pq.ParquetFile(f).metadata
+        meta = pq.ParquetFile(f.path, filesystem=f.fs).metadata
         schema = meta.schema.to_arrow_schema()
         missing = {"id", "embedding"} - set(schema.names)
         if missing:
-            raise ValueError(f"{f}: missing column(s) {sorted(missing)}; have {schema.names}")
+            raise ValueError(f"{f.shown}: missing column(s) {sorted(missing)}; "
+                             f"have {schema.names}")
         infos.append(ShardInfo(
-            f, meta.num_rows, [meta.row_group(i).num_rows for i in range(meta.num_row_groups)],
-            _embedding_dim(schema.field("embedding"), f), "caption" in schema.names,
-            "aesthetic" in schema.names))
+            f.shown, meta.num_rows,
+            [meta.row_group(i).num_rows for i in range(meta.num_row_groups)],
+            _embedding_dim(schema.field("embedding"), f.shown), "caption" in schema.names,
+            "aesthetic" in schema.names, f.fs, f.path))
     dims = {i.dim for i in infos if i.dim is not None}
     if len(dims) > 1:
         by_dim = {d: next(str(i.path) for i in infos if i.dim == d) for d in sorted(dims)}
@@ -326,8 +404,7 @@ def iter_embedding_batches(infos: Sequence[ShardInfo], batch_size: int = 65_536,
     for info in infos:
         cols = ["id", "embedding"] + [c for c, ok in (("aesthetic", info.has_aesthetic),
                                                        ("caption", info.has_caption and caption)) if ok]
-        for batch in ds.dataset(str(info.path), format="parquet").to_batches(
-                columns=cols, batch_size=batch_size):
+        for batch in info.dataset().to_batches(columns=cols, batch_size=batch_size):
             if batch.num_rows:
                 yield _clean_batch(batch, info.dim, caption, str(info.path))
 
@@ -350,7 +427,7 @@ def sample_vectors(infos: Sequence[ShardInfo], n: int, seed: int = 0) -> np.ndar
         for g, rows in enumerate(info.row_groups):
             lo, hi = np.searchsorted(picks, [start, start + rows])
             if hi > lo:
-                pf = pf or pq.ParquetFile(info.path)
+                pf = pf or info.parquet_file()
                 col = pf.read_row_group(g, columns=["embedding"]).column("embedding")
                 col = col.take(pa.array(picks[lo:hi] - start)).combine_chunks()
                 col = col.filter(col.is_valid())

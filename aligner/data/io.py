@@ -10,6 +10,8 @@ and a crash leaves only a ``.*.tmp`` file that the next run can remove.
 :class:`Store` is the same contract for writers that run on Ray workers and for outputs in
 object storage: a directory given as a local path or an ``s3://`` / ``gs://`` URI
 (:func:`filesystem`), written all-or-nothing through pyarrow filesystems.
+:func:`parquet_files_at` is :func:`parquet_files` for a local path or a URI (readers that take
+either: the embeddings, an index in object storage).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import contextlib
 import json
 import os
 import shutil
+import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -209,6 +212,82 @@ def _with_env_credentials(fs: Any) -> Any:
     return rebuild(opts)
 
 
+def is_uri(path: str | Path) -> bool:
+    """Whether ``path`` is a URI (``scheme://...``: ``s3://``, ``gs://``, ``file://``) rather
+    than a local path."""
+    return "://" in str(path)
+
+
+def join_path(base: str | Path, *parts: str) -> Path | str:
+    """``parts`` below ``base``: a ``Path`` for a local path (kept as given, relative or not),
+    a ``/``-joined string for a URI. What messages and manifests show."""
+    if is_uri(base):
+        return "/".join([str(base).rstrip("/"), *[p.strip("/") for p in parts if p]])
+    return Path(base, *parts)
+
+
+def file_exists(path: str | Path) -> bool:
+    """Whether a file exists at a local path or a URI (False for a missing bucket too).
+
+    Raises:
+        ValueError: an unsupported URI (see :func:`filesystem`).
+    """
+    import pyarrow.fs as pafs
+
+    fs, inner = filesystem(path)
+    return fs.get_file_info(inner).type == pafs.FileType.File
+
+
+def read_text_at(path: str | Path) -> str | None:
+    """A text file at a local path or a URI; None when there is none."""
+    import pyarrow.fs as pafs
+
+    fs, inner = filesystem(path)
+    if fs.get_file_info(inner).type != pafs.FileType.File:
+        return None
+    with fs.open_input_stream(inner) as f:
+        return f.read().decode("utf-8")
+
+
+def _is_data(rel: str) -> bool:
+    """The :func:`parquet_files` rule for a path relative to the dataset's root."""
+    *dirs, name = rel.split("/")
+    if any(d.startswith((".", "_")) or d == FAILURES_DIR for d in dirs):
+        return False
+    return name.endswith(".parquet") and not name.startswith((".", "_"))
+
+
+def parquet_files_at(path: str | Path, what: str = "table",
+                     ) -> tuple[Any, list[tuple[Path | str, str]]]:
+    """:func:`parquet_files` for a local path or an ``s3://`` / ``gs://`` URI.
+
+    Returns:
+        ``(filesystem, [(shown, path inside the filesystem), ...])``: ``shown`` is what
+        messages and manifests name (a local ``Path`` as :func:`parquet_files` returns it, or
+        the file's URI); the same files in the same order as :func:`parquet_files` for a
+        local path (which it calls: ``os.walk`` does not follow linked directories).
+
+    Raises:
+        FileNotFoundError: nothing at ``path``, or its bucket does not exist.
+        ValueError: an unsupported URI.
+    """
+    import pyarrow.fs as pafs
+
+    if not is_uri(path):
+        return pafs.LocalFileSystem(), [(f, str(f)) for f in parquet_files(path, what)]
+    store = Store(path)
+    store.check(what)
+    shown = store.uri
+    kind = store.fs.get_file_info(store.root).type
+    if kind == pafs.FileType.File:
+        return store.fs, [(shown, store.root)]
+    if kind == pafs.FileType.NotFound:
+        raise FileNotFoundError(f"{what}: {shown} does not exist")
+    names = [name for name, _ in store.list_files("", recursive=True) if _is_data(name)]
+    names.sort(key=lambda n: n.split("/"))  # the order of local Paths: part by part
+    return store.fs, [(join_path(shown, n), store.path(n)) for n in names]
+
+
 class Store:
     """A directory on a local disk or in an object store, for writers that run anywhere.
 
@@ -384,6 +463,71 @@ class Store:
         """Local disks: the temp files an interrupted write left in ``rel`` (object stores
         have none: an unfinished upload is never visible)."""
         return remove_temp_files(self.path(rel)) if self.is_local else 0
+
+    @contextlib.contextmanager
+    def writing(self, rel: str) -> Iterator[Path]:
+        """Yield a local path to fill (a file); when the block ends without an error it
+        becomes ``rel``, all-or-nothing: on a local disk through :func:`atomic_write`, on an
+        object store one :meth:`upload` of a local temp file. Nothing is written on an error.
+        """
+        if self.is_local:
+            with atomic_write(self.path(rel)) as tmp:
+                yield tmp
+            return
+        with tempfile.TemporaryDirectory(prefix="aligner-upload-") as d:
+            tmp = Path(d) / Path(rel).name
+            yield tmp
+            self.upload(tmp, rel)
+
+    def upload(self, local: str | Path, rel: str) -> int:
+        """Copy a local file to ``rel``, all-or-nothing; returns its size in bytes.
+
+        On a local disk through a temp file and ``os.replace``; on an object store one write
+        of the whole file from a memory map (no copy in process memory), which the store makes
+        visible only once complete. As with :meth:`write_bytes`, the whole file goes in one
+        call: pyarrow's S3 stream completes whatever it was given when it is closed, so a
+        Python error between two writes would publish a partial object; one write leaves no
+        such gap (with S3's default background writes, a failed part upload fails the close
+        rather than completing the object).
+        """
+        import pyarrow as pa
+
+        size = os.path.getsize(local)
+        if self.is_local:
+            with atomic_write(self.path(rel)) as tmp:
+                shutil.copyfile(local, tmp)
+            return size
+        if not size:
+            self.write_bytes(rel, b"")
+            return 0
+        with pa.memory_map(str(local)) as src, self.fs.open_output_stream(self.path(rel)) as f:
+            f.write(src.read_buffer())
+        return size
+
+    def download(self, rel: str, local: str | Path, chunk: int = 8 << 20) -> int:
+        """Copy ``rel`` to a local file, all-or-nothing: streamed into a uniquely named temp
+        file beside it (``.<name>.*.tmp``, so threads and processes never share one), then
+        ``os.replace``. Returns the bytes copied.
+
+        Raises:
+            FileNotFoundError: no file at ``rel``.
+        """
+        local = Path(local)
+        if not self.is_file(rel):
+            raise FileNotFoundError(f"{self.uri_of(rel)} does not exist")
+        local.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=local.parent, prefix=f".{local.name}.", suffix=".tmp")
+        n = 0
+        try:
+            with os.fdopen(fd, "wb") as out, self.fs.open_input_stream(self.path(rel)) as src:
+                while block := src.read(chunk):
+                    out.write(block)
+                    n += len(block)
+            os.replace(tmp, local)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        return n
 
     def __repr__(self) -> str:
         return f"Store({self.uri!r})"

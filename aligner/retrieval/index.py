@@ -27,6 +27,10 @@ with ``IO_FLAG_MMAP_IFC``, which in faiss 1.15 also maps the IVF lists under the
 stage. The mapped bytes are page cache, not process memory: a replica's own (anonymous)
 memory stays at the quantisers and graph links, and the kernel pages vectors in as queries
 touch them (measured in ``tests/unit/test_index_shards.py``).
+
+An index in object storage (``s3://`` / ``gs://``) is loaded from a local copy that
+:func:`aligner.retrieval.index_store.local_index_dir` downloads into a cache (reused while
+the remote manifest is unchanged); from there on it is a local index, memory-mapping included.
 """
 
 from __future__ import annotations
@@ -277,7 +281,9 @@ class SearchIndex:
         """Load an index directory written by :func:`build_index`.
 
         Args:
-            path: the index directory.
+            path: the index directory: a local path, or an ``s3://`` / ``gs://`` URI whose
+                files (the manifest, ``ids.parquet``, the shards asked for) are downloaded into
+                a local cache first (:mod:`aligner.retrieval.index_store`).
             mmap: memory-map the vectors instead of reading them (see the module docstring:
                 ``IO_FLAG_MMAP`` for IVF lists, ``IO_FLAG_MMAP_IFC`` for flat codes, HNSW
                 storage and a refine stage's vectors).
@@ -288,10 +294,13 @@ class SearchIndex:
                 build's, else faiss' 1).
 
         Raises:
-            FileNotFoundError: the directory, its manifest or a shard file is missing.
+            FileNotFoundError: the directory, its manifest or a shard file is missing (or,
+                for a URI, its bucket).
             ValueError: a shard number the manifest does not have.
         """
-        path = Path(path)
+        from aligner.retrieval.index_store import local_index_dir
+
+        path = local_index_dir(path, shards)
         if not path.is_dir():
             raise FileNotFoundError(f"index directory {path} does not exist")
         manifest = read_manifest(path)
@@ -445,12 +454,15 @@ class RemoteShardsIndex(SearchIndex):
 
     @classmethod
     def open(cls, path: str | Path, fan_out: Any, mmap: bool = False) -> RemoteShardsIndex:
-        """The id table and manifest of an index directory, searched through ``fan_out``.
+        """The id table and manifest of an index directory (a local path or a URI, as
+        :meth:`SearchIndex.load`: no shard file is downloaded), searched through ``fan_out``.
 
         Raises:
             FileNotFoundError: the directory or its manifest is missing.
         """
-        path = Path(path)
+        from aligner.retrieval.index_store import local_index_dir
+
+        path = local_index_dir(path, shards=[])
         if not path.is_dir():
             raise FileNotFoundError(f"index directory {path} does not exist")
         return cls(pq.read_table(path / IDS_FILE, memory_map=mmap), read_manifest(path), fan_out)

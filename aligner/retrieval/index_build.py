@@ -15,7 +15,17 @@ Parallel build (``parallel=True``): the template is trained once here (on the dr
 Ray tasks scan the embedding files (one task per file: valid rows, failures, the ids part) and
 S tasks each add their positions into a copy of the trained template and write their shard
 file (:mod:`aligner.retrieval.index_parallel`). The output, manifest included, is the serial
-build's; the output directory must be on a filesystem every Ray node shares.
+build's; a local output directory must be on a filesystem every Ray node shares, an
+object-store output needs none (below).
+
+Object storage: ``embeddings`` may be an ``s3://`` / ``gs://`` URI (read through pyarrow
+filesystems, by the driver and by the parallel build's tasks), and so may ``out_dir``: the
+build then runs in a local temp directory and :func:`aligner.retrieval.index_store.
+publish_index` uploads it (old manifest deleted first, every file all-or-nothing, the
+manifest last). In a parallel build into a store, the trained template goes to the store's
+``_parts/`` and each shard task reads it from there, builds its shard in a local temp file and
+uploads it; the driver uploads ``ids.parquet``, the failures and, last, the manifest. A bad
+input (no bucket, no embeddings, a bad factory) fails before anything is written there.
 
 Re-ranking: a factory with a refine stage (``IVF4096,PQ64x4fsr,RFlat``,
 ``...,Refine(SQfp16)``) keeps exact (or float16) vectors beside the codes and re-scores
@@ -30,9 +40,12 @@ list) and a warning is logged; the manifest then records both factory strings.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
+import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -47,8 +60,9 @@ from aligner.data.embeddings import (
     inspect_embeddings,
     iter_embedding_batches,
     sample_vectors,
+    shown_root,
 )
-from aligner.data.io import FAILURES_DIR, atomic_write_table
+from aligner.data.io import FAILURES_DIR, Store, atomic_write_table, join_path
 from aligner.retrieval.index import (
     IDS_FILE,
     IDS_SCHEMA,
@@ -58,6 +72,12 @@ from aligner.retrieval.index import (
     _unwrap_idmap,
     has_refine,
     set_search_params,
+)
+from aligner.retrieval.index_store import (
+    MANIFEST_FILE,
+    as_local,
+    publish_index,
+    remote_store,
 )
 from aligner.runtime.manifest import read_manifest, write_manifest
 
@@ -130,7 +150,7 @@ def _skip_polysemous_training(index) -> None:
 # ----------------------------------------------------------------------------- build
 
 
-def _embeddings_info(root: Path) -> dict[str, Any]:
+def _embeddings_info(root: Path | str) -> dict[str, Any]:
     try:
         m = read_manifest(root)
     except FileNotFoundError:
@@ -214,7 +234,7 @@ def train_template(infos: list[ShardInfo], dim: int, factory: str, train_sample:
 
 def _add_serial(infos: list[ShardInfo], template: Any, out: Path, schema: pa.Schema,
                 caption: bool, dim: int, shards: int, shard_mode: ShardMode,
-                batch_size: int, progress: bool, root: Path) -> Added:
+                batch_size: int, progress: bool, root: Path | str) -> Added:
     """Stream every batch once, in this process, into S copies of the template; write
     ``ids.parquet`` as rows are added, then the shard files."""
     faiss = _faiss()
@@ -266,8 +286,9 @@ def build_index(embeddings: str | Path, out_dir: str | Path, factory: str = "Fla
 
     Args:
         embeddings: directory of Parquet files (``id``, ``embedding``, ``aesthetic``,
-            ``caption?``), read recursively.
-        out_dir: index directory to write (see the module docstring).
+            ``caption?``), read recursively; a local path or an ``s3://`` / ``gs://`` URI.
+        out_dir: index directory to write (see the module docstring): a local path, or an
+            ``s3://`` / ``gs://`` URI (built locally, then uploaded).
         factory: a ``faiss.index_factory`` string; the metric is inner product. A refine
             stage (``...,RFlat``, ``...,Refine(SQfp16)``) re-ranks with stored vectors.
         train_sample: rows drawn across all files to train IVF/PQ/OPQ (ignored for
@@ -284,7 +305,8 @@ def build_index(embeddings: str | Path, out_dir: str | Path, factory: str = "Fla
         k_factor: a refine stage re-scores ``k_factor x k`` candidates; saved as the
             default (:data:`DEFAULT_K_FACTOR` when the factory has a refine stage).
         parallel: add the vectors in Ray tasks, one per shard (see the module docstring);
-            the result equals the serial build's.
+            the result equals the serial build's. A local ``out_dir`` must be on a
+            filesystem every Ray node shares; a URI needs none.
         cpus_per_task: CPUs each shard task reserves (and faiss threads it uses).
         ray_address: the Ray cluster of a parallel build (default: ``RAY_ADDRESS``, else a
             local Ray).
@@ -296,14 +318,18 @@ def build_index(embeddings: str | Path, out_dir: str | Path, factory: str = "Fla
         The built index, in memory (the same content as ``SearchIndex.load(out_dir)``).
 
     Raises:
-        FileNotFoundError: ``embeddings`` does not exist.
+        FileNotFoundError: ``embeddings`` (or a bucket of ``embeddings`` or ``out_dir``)
+            does not exist.
         ValueError: no rows, mixed vector sizes, a bad factory string, too few training
             vectors, ``shards < 1``, a bad ``shard_mode``, ``batch_size``,
-            ``cpus_per_task`` or ``k_factor``.
+            ``cpus_per_task`` or ``k_factor``, an unsupported URI.
     """
     t0 = time.time()
-    embeddings, out = Path(embeddings), Path(out_dir)
     _check_args(shards, shard_mode, batch_size, cpus_per_task, k_factor)
+    remote = remote_store(out_dir)  # None: a local directory, written in place
+    if remote is not None:
+        remote.check("index output")
+    embeddings = shown_root(embeddings)
     infos = inspect_embeddings(embeddings)
     total = sum(i.rows for i in infos)
     if total == 0:
@@ -324,51 +350,89 @@ def build_index(embeddings: str | Path, out_dir: str | Path, factory: str = "Fla
         k_factor = DEFAULT_K_FACTOR
     search_params = set_search_params(template, nprobe, ef_search, k_factor)
 
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "manifest.json").unlink(missing_ok=True)  # the manifest marks a finished build
-    caption = any(i.has_caption for i in infos)
-    schema = IDS_SCHEMA if caption else IDS_SCHEMA.remove(IDS_SCHEMA.get_field_index("caption"))
-    if parallel:
-        from aligner.retrieval.index_parallel import add_parallel
+    with _build_dir(remote, out_dir) as out:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / MANIFEST_FILE).unlink(missing_ok=True)  # the manifest marks a finished build
+        caption = any(i.has_caption for i in infos)
+        schema = IDS_SCHEMA if caption else IDS_SCHEMA.remove(IDS_SCHEMA.get_field_index("caption"))
+        if parallel:
+            from aligner.retrieval.index_parallel import add_parallel
 
-        added = add_parallel(infos, template, out, schema, caption, dim, shards, shard_mode,
-                             batch_size, cpus_per_task, ray_address, progress)
-    else:
-        added = _add_serial(infos, template, out, schema, caption, dim, shards, shard_mode,
-                            batch_size, progress, embeddings)
+            if remote is not None:
+                remote.delete(MANIFEST_FILE)  # the tasks upload shards before the manifest
+            added = add_parallel(infos, template, out, remote or Store(out), schema, caption,
+                                 dim, shards, shard_mode, batch_size, cpus_per_task,
+                                 ray_address, progress)
+        else:
+            added = _add_serial(infos, template, out, schema, caption, dim, shards, shard_mode,
+                                batch_size, progress, embeddings)
+        _check_added(added, total, embeddings, join_path(out_dir, FAILURES_DIR))
+        _write_failures(out, added.failures)
+
+        manifest = {
+            "factory": trained.factory, "factory_requested": factory, "metric": "inner_product",
+            "dim": dim, "ntotal": added.indexed,
+            "ivf": _faiss().try_extract_index_ivf(template) is not None, "refine": refine,
+            "shard_mode": shard_mode, "shards": added.shards, "parallel": parallel,
+            "search_params": search_params,
+            "train_sample": {"requested": train_sample if trained.n_train else 0,
+                             "used": trained.n_train, "seed": seed},
+            "timings_s": {"train": round(trained.t_train, 3), "add": round(added.t_add, 3),
+                          "build": round(time.time() - t0, 3)},
+            "embeddings": emb_info,
+            "input_files": [{"path": str(i.path), "rows": i.rows} for i in infos],
+            "counts": {"rows_in": total, "indexed": added.indexed,
+                       "failed": len(added.failures), "not_normalised": added.not_normalised},
+        }
+        written = write_manifest(out, "build_index", config=config, started=started or t0,
+                                 **manifest)
+        if remote is not None:
+            publish_index(out, remote)
+        log.info("indexed %d vectors of size %d into %d shard(s) of %s in %.1fs%s",
+                 added.indexed, dim, shards, trained.factory, time.time() - t0,
+                 " (parallel)" if parallel else "")
+        indexes = added.indexes if added.indexes is not None else \
+            [_read_shard(remote or Store(out), m["file"]) for m in added.shards]
+        return SearchIndex(indexes, pq.read_table(out / IDS_FILE), written)
+
+
+def _check_added(added: Added, total: int, embeddings: Path | str,
+                 failures_at: Path | str) -> None:
+    """Refuse a build that indexed nothing; warn about rows that failed or are not unit length.
+
+    Raises:
+        ValueError: no valid row.
+    """
     if added.indexed == 0:
         failures = added.failures
-        raise ValueError(f"no embeddings: none of the {total} rows under {embeddings} is valid "
-                         f"(first failure: {failures[0] if failures else None})")
+        raise ValueError(f"no embeddings: none of the {total} rows under {embeddings} is "
+                         f"valid (first failure: {failures[0] if failures else None})")
     if added.not_normalised:
-        log.warning("%d of %d embeddings are not L2-normalised (|norm - 1| > %g): scores are "
-                    "inner products, not cosines", added.not_normalised, added.indexed, NORM_TOL)
+        log.warning("%d of %d embeddings are not L2-normalised (|norm - 1| > %g): scores "
+                    "are inner products, not cosines", added.not_normalised, added.indexed,
+                    NORM_TOL)
     if added.failures:
-        log.warning("%d rows could not be indexed; see %s", len(added.failures),
-                    out / FAILURES_DIR)
-    _write_failures(out, added.failures)
+        log.warning("%d rows could not be indexed; see %s", len(added.failures), failures_at)
 
-    manifest = {
-        "factory": trained.factory, "factory_requested": factory, "metric": "inner_product",
-        "dim": dim, "ntotal": added.indexed,
-        "ivf": _faiss().try_extract_index_ivf(template) is not None, "refine": refine,
-        "shard_mode": shard_mode, "shards": added.shards, "parallel": parallel,
-        "search_params": search_params,
-        "train_sample": {"requested": train_sample if trained.n_train else 0,
-                         "used": trained.n_train, "seed": seed},
-        "timings_s": {"train": round(trained.t_train, 3), "add": round(added.t_add, 3),
-                      "build": round(time.time() - t0, 3)},
-        "embeddings": emb_info,
-        "input_files": [{"path": str(i.path), "rows": i.rows} for i in infos],
-        "counts": {"rows_in": total, "indexed": added.indexed, "failed": len(added.failures),
-                   "not_normalised": added.not_normalised},
-    }
-    written = write_manifest(out, "build_index", config=config, started=started or t0, **manifest)
-    log.info("indexed %d vectors of size %d into %d shard(s) of %s in %.1fs%s", added.indexed,
-             dim, shards, trained.factory, time.time() - t0, " (parallel)" if parallel else "")
-    indexes = added.indexes if added.indexes is not None else \
-        [_faiss().read_index(str(out / m["file"])) for m in added.shards]
-    return SearchIndex(indexes, pq.read_table(out / IDS_FILE), written)
+
+@contextlib.contextmanager
+def _build_dir(remote: Store | None, out_dir: str | Path) -> Iterator[Path]:
+    """Where the build writes: ``out_dir`` itself, or a local temp directory that is
+    uploaded to an object store (removed afterwards)."""
+    if remote is None:
+        yield as_local(out_dir)
+        return
+    with tempfile.TemporaryDirectory(prefix="aligner-index-") as tmp:
+        yield Path(tmp)
+
+
+def _read_shard(store: Store, name: str) -> Any:
+    """A shard file a parallel build's task wrote: read in place, or from the object store."""
+    faiss = _faiss()
+    local = store.local_path()
+    if local is not None:
+        return faiss.read_index(str(local / name))
+    return faiss.deserialize_index(np.frombuffer(store.read_bytes(name), np.uint8))
 
 
 def _check_args(shards: int, shard_mode: str, batch_size: int, cpus_per_task: float,

@@ -6,26 +6,30 @@ of Ray tasks:
 1. *scan*, one task per embeddings file: stream the file, drop the rows that cannot be
    indexed (the same checks as the serial build, :func:`aligner.data.embeddings.
    iter_embedding_batches`), write the valid rows' ``id, aesthetic[, caption]`` to a part
-   file and return the counts and failures. The driver concatenates the parts, in file
-   order, into ``ids.parquet``; a file's first position is the number of valid rows before
-   it.
-2. *shard*, one task per shard: deserialise the trained template (put in the object store
-   once), stream the files that hold the shard's positions (``contiguous``: the files that
-   overlap its range; ``round_robin``: every file, so the input is read S times), add its
-   rows in position order and write ``shard-NN.faiss`` atomically.
+   file (``<output>/_parts/``) and return the counts and failures. The driver concatenates
+   the parts, in file order, into ``ids.parquet``; a file's first position is the number of
+   valid rows before it.
+2. *shard*, one task per shard: deserialise the trained template, stream the files that hold
+   the shard's positions (``contiguous``: the files that overlap its range; ``round_robin``:
+   every file, so the input is read S times), add its rows in position order and write
+   ``shard-NN.faiss`` all-or-nothing.
 
 Both rounds see the same valid rows in the same order as the serial build, so positions,
 shard contents, ``ids.parquet`` and the manifest are the serial build's. The tasks write into
-the output directory, so it must be on a filesystem every Ray node shares (a missing part or
-shard file after a task succeeded is reported as exactly that). Memory per shard task: the
-template, its shard and one record batch. Failed tasks are retried by Ray; every file is
-written to a temp name and renamed, so a retry never leaves half a file.
+the output (a :class:`aligner.data.io.Store`). A local output directory must be on a
+filesystem every Ray node shares (a missing part or shard file after a task succeeded is
+reported as exactly that); the template travels through Ray's object store. An ``s3://`` /
+``gs://`` output needs no shared filesystem: the template is uploaded to ``_parts/`` and each
+shard task reads it from there, writes its shard to a local temp file and uploads it; the
+embedding files are read from wherever they are (a URI input is read from the store by each
+task). Memory per shard task: the template, its shard and one record batch. Failed tasks are
+retried by Ray; every file is written to a temp name and renamed (or uploaded in one piece),
+so a retry never leaves half a file. ``_parts/`` is removed at the end, also after a failure.
 """
 
 from __future__ import annotations
 
 import logging
-import shutil
 import time
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -36,15 +40,16 @@ import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
 from aligner.data.embeddings import NORM_TOL, ShardInfo, iter_embedding_batches
-from aligner.data.io import atomic_write
+from aligner.data.io import Store, atomic_write, join_path
 from aligner.retrieval.index import IDS_FILE, ShardMode, _faiss
 from aligner.retrieval.index_build import Added, shard_bounds, shard_file, shard_mask
 
 log = logging.getLogger(__name__)
 
 PARTS_DIR = "_parts"
+TEMPLATE_FILE = "template.faiss"
 SHARED_FS = ("the output directory must be on a filesystem that every Ray node shares "
-             "(NFS, a mounted bucket) for a parallel build")
+             "(NFS, a mounted bucket) for a parallel build, or an s3:// / gs:// URI")
 
 
 class FileScan(NamedTuple):
@@ -53,19 +58,30 @@ class FileScan(NamedTuple):
     valid: int                      # rows that can be indexed
     failures: list[dict[str, Any]]  # rows that cannot, with the reason
     not_normalised: int
-    part: str                       # the ids part file it wrote
+    part: str                       # the ids part file it wrote (in the parts store)
+
+
+class StoredTemplate(NamedTuple):
+    """The trained template as a file in a store (an object-store output's ``_parts/``)."""
+
+    store: Store
+    name: str
+
+    def read(self) -> np.ndarray:
+        """The ``faiss.serialize_index`` bytes."""
+        return np.frombuffer(self.store.read_bytes(self.name), np.uint8)
 
 
 def scan_file(info: ShardInfo, dim: int, batch_size: int, caption: bool, schema: pa.Schema,
-              part: str) -> FileScan:
-    """(Ray task) Check one file's rows and write the valid ones' ids part.
+              parts: Store, part: str) -> FileScan:
+    """(Ray task) Check one file's rows and write the valid ones' ids part to ``parts``.
 
     Raises:
         ValueError: vectors of another size than ``dim``.
     """
     valid = off_norm = 0
     failures: list[dict[str, Any]] = []
-    with atomic_write(part) as tmp, pq.ParquetWriter(tmp, schema) as writer:
+    with parts.writing(part) as tmp, pq.ParquetWriter(tmp, schema) as writer:
         for batch in iter_embedding_batches([info], batch_size, caption):
             failures += batch.failures
             x = batch.vectors
@@ -80,18 +96,19 @@ def scan_file(info: ShardInfo, dim: int, batch_size: int, caption: bool, schema:
     return FileScan(valid, failures, off_norm, part)
 
 
-def build_shard(template: np.ndarray, files: list[tuple[ShardInfo, int]], shard: int,
-                shards: int, mode: ShardMode, bounds: np.ndarray, batch_size: int, path: str,
-                threads: int) -> int:
+def build_shard(template: np.ndarray | StoredTemplate, files: list[tuple[ShardInfo, int]],
+                shard: int, shards: int, mode: ShardMode, bounds: np.ndarray, batch_size: int,
+                out: Store, name: str, threads: int) -> int:
     """(Ray task) Add shard ``shard``'s positions into a copy of the template; write it.
 
     Args:
-        template: the trained, empty index, ``faiss.serialize_index`` bytes.
+        template: the trained, empty index, ``faiss.serialize_index`` bytes, or where in
+            the output store they are.
         files: ``(file, first position)`` of every file that may hold the shard's rows, in
             stream order.
         shard, shards, mode, bounds: which positions are this shard's (``shard_mask``).
         batch_size: rows per streamed ``add``.
-        path: the shard file to write.
+        out, name: the output and the shard file's name in it (written all-or-nothing).
         threads: faiss (OpenMP) threads, the task's CPUs.
 
     Returns:
@@ -99,6 +116,8 @@ def build_shard(template: np.ndarray, files: list[tuple[ShardInfo, int]], shard:
     """
     faiss = _faiss()
     faiss.omp_set_num_threads(threads)
+    if isinstance(template, StoredTemplate):
+        template = template.read()
     index = faiss.deserialize_index(template)
     for info, start in files:
         pos = start
@@ -112,7 +131,7 @@ def build_shard(template: np.ndarray, files: list[tuple[ShardInfo, int]], shard:
             elif sel.any():
                 index.add(np.ascontiguousarray(x[sel]))
             pos += n
-    with atomic_write(path) as tmp:
+    with out.writing(name) as tmp:
         faiss.write_index(index, str(tmp))
     return int(index.ntotal)
 
@@ -146,64 +165,101 @@ def _gather(refs: list[Any], desc: str, progress: bool) -> list[Any]:
     return ray.get(refs)
 
 
-def _write_ids(out: Path, scans: list[FileScan], schema: pa.Schema) -> None:
-    """Concatenate the ids parts, in file order, into ``ids.parquet``; remove the parts."""
+def _write_ids(out: Path, scans: list[FileScan], schema: pa.Schema, parts: Store) -> None:
+    """Concatenate the ids parts, in file order, into ``out/ids.parquet`` (local)."""
     with atomic_write(out / IDS_FILE) as tmp, pq.ParquetWriter(tmp, schema) as writer:
         for scan in scans:
-            part = Path(scan.part)
-            if not part.is_file():
-                raise FileNotFoundError(f"{part}, written by a Ray task, is not visible here: "
-                                        f"{SHARED_FS}")
-            writer.write_table(pq.read_table(part, schema=schema))
-    shutil.rmtree(out / PARTS_DIR, ignore_errors=True)
+            if not parts.is_file(scan.part):
+                raise FileNotFoundError(f"{join_path(parts.uri, scan.part)}, written by a Ray "
+                                        f"task, is not visible here: {SHARED_FS}")
+            writer.write_table(pq.read_table(parts.path(scan.part), filesystem=parts.fs,
+                                             schema=schema))
 
 
-def add_parallel(infos: list[ShardInfo], template: Any, out: Path, schema: pa.Schema,
-                 caption: bool, dim: int, shards: int, mode: ShardMode, batch_size: int,
-                 cpus_per_task: float, ray_address: str | None, progress: bool) -> Added:
+def _template_arg(template: Any, store: Store) -> Any:
+    """What the shard tasks get as the template: a Ray object for a local output, the
+    template's file in the store's ``_parts/`` for an object store."""
+    import ray
+
+    blob = _faiss().serialize_index(template)
+    if store.is_local:
+        return ray.put(blob)
+    name = f"{PARTS_DIR}/{TEMPLATE_FILE}"
+    store.write_bytes(name, blob.tobytes())
+    return StoredTemplate(store, name)
+
+
+def _scan_all(infos: list[ShardInfo], dim: int, batch_size: int, caption: bool,
+              schema: pa.Schema, parts: Store, progress: bool) -> list[FileScan]:
+    """Round 1: one scan task per embeddings file (see the module docstring)."""
+    import ray
+
+    scan = ray.remote(num_cpus=1)(scan_file)
+    return _gather([scan.remote(info, dim, batch_size, caption, schema, parts,
+                                f"ids-{i:05d}.parquet") for i, info in enumerate(infos)],
+                   "scan", progress)
+
+
+def _build_all(infos: list[ShardInfo], scans: list[FileScan], template: Any, store: Store,
+               shards: int, mode: ShardMode, batch_size: int, cpus_per_task: float,
+               progress: bool) -> list[dict[str, Any]]:
+    """Round 2: one task per shard; returns the manifest's shard rows.
+
+    Raises:
+        FileNotFoundError: a shard file a task wrote is not visible here.
+    """
+    import ray
+
+    bounds = shard_bounds(sum(i.rows for i in infos), shards)
+    arg = _template_arg(template, store)
+    build = ray.remote(num_cpus=cpus_per_task)(build_shard)
+    threads = max(1, int(cpus_per_task))
+    sizes = _gather(
+        [build.remote(arg, shard_files(scans, infos, s, shards, mode, bounds), s, shards,
+                      mode, bounds, batch_size, store, shard_file(s), threads)
+         for s in range(shards)], "shards", progress)
+    meta, offset = [], 0
+    for s, n in enumerate(sizes):
+        if not store.is_file(shard_file(s)):
+            raise FileNotFoundError(f"{join_path(store.uri, shard_file(s))}, written by a Ray "
+                                    f"task, is not visible here: {SHARED_FS}")
+        meta.append({"file": shard_file(s), "ntotal": int(n), "offset": offset})
+        offset += int(n)
+    return meta
+
+
+def add_parallel(infos: list[ShardInfo], template: Any, out: Path, store: Store,
+                 schema: pa.Schema, caption: bool, dim: int, shards: int, mode: ShardMode,
+                 batch_size: int, cpus_per_task: float, ray_address: str | None,
+                 progress: bool) -> Added:
     """Scan the files and build the shards in Ray tasks (see the module docstring).
+
+    Args:
+        out: the local directory the driver writes ``ids.parquet`` to.
+        store: where the tasks write (``_parts/``, the shard files): ``out`` itself for a
+            local output, else the object store the build is published to.
 
     Raises:
         ValueError: a file with vectors of another size (from its scan task).
         FileNotFoundError: a task's output is not visible to the driver (no shared
             filesystem).
     """
-    import ray
-
     from aligner.runtime.raycluster import init_ray
 
     init_ray(ray_address)
-    faiss = _faiss()
     t0 = time.time()
-    parts = out / PARTS_DIR
-    shutil.rmtree(parts, ignore_errors=True)
-    parts.mkdir(parents=True)
-    scan = ray.remote(num_cpus=1)(scan_file)
-    scans: list[FileScan] = _gather(
-        [scan.remote(info, dim, batch_size, caption, schema, str(parts / f"ids-{i:05d}.parquet"))
-         for i, info in enumerate(infos)], "scan", progress)
-    _write_ids(out, scans, schema)
-    indexed = sum(s.valid for s in scans)
-    failures = [f for s in scans for f in s.failures]
-    log.info("scanned %d file(s) in %.1fs: %d valid rows, %d failed", len(infos),
-             time.time() - t0, indexed, len(failures))
-
-    bounds = shard_bounds(sum(i.rows for i in infos), shards)
-    meta: list[dict[str, Any]] = []
-    if indexed:
-        blob = ray.put(faiss.serialize_index(template))
-        build = ray.remote(num_cpus=cpus_per_task)(build_shard)
-        threads = max(1, int(cpus_per_task))
-        sizes = _gather(
-            [build.remote(blob, shard_files(scans, infos, s, shards, mode, bounds), s, shards,
-                          mode, bounds, batch_size, str(out / shard_file(s)), threads)
-             for s in range(shards)], "shards", progress)
-        offset = 0
-        for s, n in enumerate(sizes):
-            if not (out / shard_file(s)).is_file():
-                raise FileNotFoundError(f"{out / shard_file(s)}, written by a Ray task, is not "
-                                        f"visible here: {SHARED_FS}")
-            meta.append({"file": shard_file(s), "ntotal": int(n), "offset": offset})
-            offset += int(n)
+    parts = store.sub(PARTS_DIR)
+    store.delete_tree(PARTS_DIR)
+    try:
+        scans = _scan_all(infos, dim, batch_size, caption, schema, parts, progress)
+        _write_ids(out, scans, schema, parts)
+        indexed = sum(s.valid for s in scans)
+        failures = [f for s in scans for f in s.failures]
+        log.info("scanned %d file(s) in %.1fs: %d valid rows, %d failed", len(infos),
+                 time.time() - t0, indexed, len(failures))
+        meta = _build_all(infos, scans, template, store, shards, mode, batch_size,
+                          cpus_per_task, progress) if indexed else []
+    finally:
+        store.delete_tree(PARTS_DIR)
     return Added(meta, indexed, failures, sum(s.not_normalised for s in scans),
                  time.time() - t0, None)

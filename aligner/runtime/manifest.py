@@ -12,7 +12,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from aligner.data.io import atomic_write_text
+from aligner.data.io import atomic_write_text, join_path, read_text_at
 
 _PACKAGES = ("aesthetic-aligner", "torch", "torchvision", "ray", "open_clip_torch", "faiss-cpu",
              "pyarrow", "numpy", "pillow", "transformers")
@@ -83,8 +83,9 @@ def write_manifest(out_dir: str | Path, job: str, config: dict[str, Any] | None 
 
 
 def read_manifest(out_dir: str | Path) -> dict[str, Any]:
-    """Read ``out_dir/manifest.json`` (FileNotFoundError with the path if it is missing)."""
-    path = Path(out_dir) / "manifest.json"
-    if not path.is_file():
+    """Read ``out_dir/manifest.json``; ``out_dir`` is a local directory or an ``s3://`` /
+    ``gs://`` prefix (FileNotFoundError with the path if it is missing)."""
+    text = read_text_at(join_path(out_dir, "manifest.json"))
+    if text is None:
         raise FileNotFoundError(f"no manifest.json in {out_dir}: is this a finished job output?")
-    return json.loads(path.read_text())
+    return json.loads(text)

@@ -1,4 +1,11 @@
-"""What the serving tests stand on: a small world with a base and a really aligned model and
+"""What the integration tests stand on.
+
+Object storage: ``s3`` (module) runs a real S3-compatible server (LocalBucket,
+``tests/helpers/s3.py``) with buckets ``corpus``, ``out``, ``emb`` and ``index``; ``s3_env``
+points pyarrow at it through the environment (``AWS_ENDPOINT_URL`` ...) and returns a
+filesystem for checks; ``s3_corpus`` writes a small image corpus to ``s3://corpus/world``.
+
+Serving: a small world with a base and a really aligned model and
 their indexes, Serve's HTTP proxy on 127.0.0.1, and the application deployed on it.
 
 ``serving_world`` (session): a 300-image world; the built-in model at its seeded initial
@@ -18,10 +25,37 @@ from http.server import ThreadingHTTPServer
 from pathlib import Path
 from types import SimpleNamespace
 
+import pyarrow.fs as pafs
 import pytest
 
 from tests.helpers.net import free_port
+from tests.helpers.s3 import ENV, local_bucket, write_corpus
 from tests.helpers.serving import API_KEY, FakeLLM, app_args, deploy
+
+S3_BUCKETS = ("corpus", "out", "emb", "index")
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory) -> str:
+    """A LocalBucket server with :data:`S3_BUCKETS` for one test module; its endpoint URL."""
+    with local_bucket(tmp_path_factory.mktemp("s3data"), S3_BUCKETS) as url:
+        yield url
+
+
+@pytest.fixture()
+def s3_env(s3, monkeypatch) -> pafs.S3FileSystem:
+    """The server in this process's environment (as a deployment would set it); returns a
+    filesystem on it for the test's own checks."""
+    for k, v in {"AWS_ENDPOINT_URL": s3, **ENV}.items():
+        monkeypatch.setenv(k, v)
+    return pafs.S3FileSystem(endpoint_override=s3, access_key=ENV["AWS_ACCESS_KEY_ID"],
+                             secret_key=ENV["AWS_SECRET_ACCESS_KEY"], region=ENV["AWS_REGION"])
+
+
+@pytest.fixture()
+def s3_corpus(s3_env) -> list[str]:
+    """Two Parquet files under s3://corpus/world/ (one image cut short); the ids."""
+    return write_corpus(s3_env)
 
 
 @pytest.fixture(scope="session")

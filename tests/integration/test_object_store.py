@@ -1,20 +1,12 @@
 """The embedding job from ``s3://`` to ``s3://`` against a real S3-compatible HTTP server.
 
-The server is LocalBucket (PyPI ``localbucket``, a single stdlib-only module), started on
-127.0.0.1 on a free port with its own data directory; the job reaches it only through pyarrow's
-S3 filesystem and ``AWS_ENDPOINT_URL``, as it would reach AWS, GCS's S3 API or MinIO. (moto's
-server mode needs botocore, which requires python-dateutil<3; the lock pins 4.0.0.) Set in the
-driver's environment only: the Ray workers get the endpoint and credentials with the pickled
-filesystem.
+The server (``s3`` / ``s3_env`` / ``s3_corpus`` fixtures in ``tests/integration/conftest.py``,
+LocalBucket: ``tests/helpers/s3.py``) is reached only through pyarrow's S3 filesystem and
+``AWS_ENDPOINT_URL``, as AWS, GCS's S3 API or MinIO would be. Set in the driver's environment
+only: the Ray workers get the endpoint and credentials with the pickled filesystem.
 """
 
 from __future__ import annotations
-
-import subprocess
-import sys
-import time
-import urllib.request
-from collections.abc import Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -22,63 +14,9 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 
-from tests.helpers.embed_faults import png
-from tests.helpers.net import free_port
+from tests.helpers.s3 import CORRUPT, N_IMAGES
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
-
-N_IMAGES = 30
-CORRUPT = 3
-
-
-@pytest.fixture(scope="module")
-def s3(tmp_path_factory) -> Iterator[str]:
-    """A LocalBucket server with buckets ``corpus`` and ``out``; yields its endpoint URL."""
-    data = tmp_path_factory.mktemp("s3data")
-    for bucket in ("corpus", "out"):
-        (data / bucket).mkdir()  # LocalBucket keeps each bucket as a folder
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "localbucket", str(data), "--host",
-                             "127.0.0.1", "--port", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 30
-    while True:
-        try:
-            urllib.request.urlopen(url + "/", timeout=1).close()
-            break
-        except OSError:
-            if proc.poll() is not None or time.time() > deadline:
-                proc.kill()
-                raise RuntimeError("the S3 server did not start") from None
-            time.sleep(0.2)
-    yield url
-    proc.terminate()
-    proc.wait(10)
-
-
-@pytest.fixture()
-def s3_env(s3, monkeypatch) -> pafs.S3FileSystem:
-    for k, v in {"AWS_ENDPOINT_URL": s3, "AWS_ACCESS_KEY_ID": "test",
-                 "AWS_SECRET_ACCESS_KEY": "test", "AWS_REGION": "us-east-1",
-                 "AWS_EC2_METADATA_DISABLED": "true"}.items():
-        monkeypatch.setenv(k, v)
-    return pafs.S3FileSystem(endpoint_override=s3, access_key="test", secret_key="test",
-                             region="us-east-1")
-
-
-@pytest.fixture()
-def s3_corpus(s3_env) -> list[str]:
-    """Two Parquet files under s3://corpus/world/ (one image cut short)."""
-    rng = np.random.default_rng(11)
-    ids = [f"s3img{i:03d}" for i in range(N_IMAGES)]
-    images = [png(rng) for _ in ids]
-    images[CORRUPT] = images[CORRUPT][:30]
-    for part, (lo, hi) in enumerate([(0, 18), (18, N_IMAGES)]):
-        pq.write_table(pa.table({"id": ids[lo:hi], "image": images[lo:hi],
-                                 "split": ["train"] * (hi - lo)}),
-                       f"corpus/world/part-{part}.parquet", filesystem=s3_env)
-    return ids
 
 
 def _args(inp: str, out: str, *extra: str) -> list[str]:
