@@ -55,6 +55,7 @@ import gc
 import json
 import math
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -145,6 +146,29 @@ def exact_from_files(root: Path, queries: np.ndarray, k: int) -> np.ndarray:
         best_s, best_p = merge_topk([best_s, s], [best_p, p], k)
         pos += len(b.vectors)
     return best_p
+
+
+def exact_streamed(root: Path, queries: np.ndarray, k: int) -> tuple[np.ndarray, float, float]:
+    """Exact top-k positions of all queries by one scan of the Parquet files, timed: (top-k
+    positions, seconds of scoring and top-k merging only, seconds in all with the reads). Each
+    batch is scored by ``faiss.knn`` (the kernel of an IndexFlatIP), so the scoring part is
+    what an in-memory Flat index does."""
+    import faiss
+
+    from aligner.data.embeddings import inspect_embeddings, iter_embedding_batches
+    from aligner.retrieval.index import merge_topk
+
+    best_s = np.full((len(queries), k), -np.inf, np.float32)
+    best_p = np.full((len(queries), k), -1, np.int64)
+    pos, compute, t0 = 0, 0.0, time.perf_counter()
+    for b in iter_embedding_batches(inspect_embeddings(root), 65_536):
+        t = time.perf_counter()
+        s, p = faiss.knn(queries, np.ascontiguousarray(b.vectors), k,
+                         metric=faiss.METRIC_INNER_PRODUCT)
+        best_s, best_p = merge_topk([best_s, s], [best_p, p + pos], k)
+        compute += time.perf_counter() - t
+        pos += len(b.vectors)
+    return best_p, compute, time.perf_counter() - t0
 
 
 # ----------------------------------------------------------------------------- measuring
@@ -259,12 +283,71 @@ def check_resources(n: int, dim: int, work: Path) -> None:
             f"reference and one full-vector index, {n * dim * 4 / gb:.1f} GiB each) and "
             f"{need['disk'] / gb:.1f} GiB of disk under {work}; this machine has "
             f"{have['ram'] / gb:.1f} GiB available and {have['disk'] / gb:.1f} GiB free. Use a "
-            f"smaller --dim (bench/run_all.py --index-dim) or a bigger machine.")
+            f"smaller --dim (bench/run_all.py --index-dim), a --stream-above below N (no Flat "
+            f"index held; only the factories that fit are built) or a bigger machine.")
+
+
+def factory_ram(factory: str, n: int, dim: int) -> float:
+    """Bytes an index needs in RAM while it is built and searched: full vectors for IVF-Flat,
+    HNSW and ``RFlat``, half for ``Refine(SQfp16)``, a quarter for ``SQ8`` refines, else the
+    codes (at most ``dim / 8`` bytes a vector for the PQ strings used here) and ids."""
+    f = factory.replace(" ", "")
+    if re.search(r"(^|,)(Flat|HNSW\d*)($|,)", f) or "RFlat" in f or "Refine(Flat)" in f:
+        per = dim * 4
+    elif "SQfp16" in f:
+        per = dim * 2
+    elif "SQ8" in f:
+        per = dim
+    else:
+        per = 0
+    return n * (per + dim / 8 + 8)
+
+
+def flat_streamed(emb: Path, n: int, queries: np.ndarray, k: int, all_threads: int,
+                  block: int) -> tuple[dict[str, Any], np.ndarray]:
+    """The Flat row above ``--stream-above``: no Flat index is held (its vectors would not
+    fit beside another index). Ground truth is an exact scan of the Parquet files; Flat's QPS
+    is measured on a ``block`` of the vectors held in RAM (the same GEMM + top-k an IndexFlat
+    runs, best of 3, all threads and one thread) and scaled by ``n / block``: exact search
+    costs exactly linear in N. The scan's own scoring time is printed as a cross-check."""
+    import faiss
+
+    from aligner.data.embeddings import inspect_embeddings, iter_embedding_batches
+
+    truth, compute_s, scan_s = exact_streamed(emb, queries, k)
+    print(f"  exact scan of {n:,} vectors for {len(queries)} queries: {scan_s:.0f} s "
+          f"({compute_s:.0f} s scoring: {len(queries) / compute_s:.1f} q/s)", flush=True)
+    parts, got = [], 0
+    for b in iter_embedding_batches(inspect_embeddings(emb), 65_536):
+        parts.append(b.vectors[:block - got])
+        got += len(parts[-1])
+        if got >= block:
+            break
+    flat = faiss.IndexFlatIP(queries.shape[1])
+    flat.add(np.ascontiguousarray(np.concatenate(parts)))
+    del parts
+    scale = n / flat.ntotal
+    qps_all = time_search(flat, queries, k, all_threads, min_s=math.inf) / scale
+    qps_1 = time_search(flat, queries, k, 1, min_s=math.inf) / scale
+    faiss.omp_set_num_threads(all_threads)
+    print(f"  Flat on {flat.ntotal:,} vectors in RAM, scaled to {n:,}: QPS {qps_all:.1f} / "
+          f"{qps_1:.1f} (1 thr)", flush=True)
+    # an IndexFlat's build is one read of the vectors: the scan's time outside the scoring
+    row = {"index": "Flat", "n": n, "build_s": scan_s - compute_s, "train_s": 0.0, "add_s": 0.0,
+           "train_rows": 0, "bytes": n * queries.shape[1] * 4, "params": "exact scan",
+           "qps_all": qps_all, "qps_1": qps_1, "flat_qps_all": qps_all, "flat_qps_1": qps_1,
+           "recall": 1.0, "streamed": {"block": int(flat.ntotal), "scan_s": scan_s,
+                                       "scan_scoring_qps": len(queries) / compute_s}}
+    return row, truth
 
 
 def bench_n(n: int, args, work: Path, hnsw_rate: dict[int, float]) -> list[dict[str, Any]]:
     k, dim = 10, args.dim
-    check_resources(n, dim, work)
+    streamed = n > args.stream_above
+    if streamed:
+        check_stream_resources(n, dim, work)
+    else:
+        check_resources(n, dim, work)
     lists = ivf_lists(n)
     train = min(n, args.train_sample)
     print(f"\nN = {n:,}  (dim {dim}, IVF{lists}, train_sample {train:,}, "
@@ -275,6 +358,9 @@ def bench_n(n: int, args, work: Path, hnsw_rate: dict[int, float]) -> list[dict[
     all_threads = os.cpu_count() or 1
 
     build_threads = args.build_threads or all_threads
+    if streamed:
+        return bench_streamed(n, args, work, emb, queries, lists, train, all_threads,
+                              build_threads)
     rows, truth = run_one(emb, work / f"idx-{n}-flat", "Flat", queries, k, all_threads,
                           train, [], args.ef_search, None, build_threads)
     check = exact_from_files(emb, queries[:100], k)
@@ -310,6 +396,53 @@ def bench_n(n: int, args, work: Path, hnsw_rate: dict[int, float]) -> list[dict[
     del reference
     gc.collect()
     shutil.rmtree(work / f"idx-{n}-flat", ignore_errors=True)
+    return rows
+
+
+def check_stream_resources(n: int, dim: int, work: Path) -> None:
+    """Above ``--stream-above`` only the vectors on disk (float32 Parquet) and the largest
+    index file must fit; RAM is checked per factory (:func:`factory_ram`).
+
+    Raises:
+        SystemExit: not enough free disk under ``work``.
+    """
+    have = shutil.disk_usage(work).free + dir_bytes(work / f"emb-{n}" / "embeddings",
+                                                     "*.parquet")
+    need = n * dim * 4 * 1.55  # the vectors, and an index with float16 refine vectors
+    if need > have:
+        raise SystemExit(f"N={n:,} x dim {dim} needs about {need / 2**30:.1f} GiB of disk under "
+                         f"{work} (float32 vectors and one index file); {have / 2**30:.1f} GiB "
+                         f"are free")
+
+
+def bench_streamed(n: int, args, work: Path, emb: Path, queries: np.ndarray, lists: int,
+                   train: int, all_threads: int, build_threads: int) -> list[dict[str, Any]]:
+    """One N above ``--stream-above``: the Flat row from :func:`flat_streamed`, then every
+    factory whose RAM (:func:`factory_ram`) fits in 85% of the available memory; the others
+    are reported as skipped with the bytes they would need."""
+    import psutil
+
+    k = 10
+    flat, truth = flat_streamed(emb, n, queries, k, all_threads, args.flat_block)
+    rows = [flat]
+    for factory in args.factories:
+        fac = factory.replace("{L}", str(lists))
+        need, have = factory_ram(fac, n, args.dim), psutil.virtual_memory().available
+        if fac.startswith("HNSW") and n > args.hnsw_max_n:
+            need = math.inf
+        if need > 0.85 * have:
+            reason = (f"needs about {need / 2**30:.1f} GiB of RAM at N={n:,}, "
+                      f"{have / 2**30:.1f} GiB available" if need < math.inf
+                      else f"N={n:,} > --hnsw-max-n {args.hnsw_max_n:,}")
+            print(f"  {fac:<14} skipped: {reason}", flush=True)
+            rows.append({"index": fac, "n": n, "skipped": reason})
+            continue
+        got, _ = run_one(emb, work / f"idx-{n}", fac, queries, k, all_threads, train,
+                         args.nprobe, args.ef_search, truth, build_threads, args.k_factor)
+        for r in got:  # against the streamed Flat row, not the row itself
+            r["flat_qps_all"], r["flat_qps_1"] = flat["qps_all"], flat["qps_1"]
+        rows += got
+        shutil.rmtree(work / f"idx-{n}", ignore_errors=True)
     return rows
 
 
@@ -362,6 +495,12 @@ def main(argv: list[str] | None = None) -> int:
                    help="faiss threads while building (0: all). On a machine shared with other "
                         "busy processes one thread can build IVF-PQ several times faster: "
                         "OpenMP barriers wait for descheduled threads")
+    p.add_argument("--stream-above", type=int, default=2_000_000,
+                   help="above this N no Flat index is held: exact ground truth by a scan of "
+                        "the files, Flat's QPS from --flat-block vectors in RAM scaled by N, "
+                        "and only factories that fit the RAM are built (see bench_streamed)")
+    p.add_argument("--flat-block", type=int, default=1_000_000,
+                   help="vectors Flat's QPS is timed on above --stream-above")
     p.add_argument("--workdir", default="", help="where data and indexes go (default: a temp dir)")
     p.add_argument("--keep", action="store_true", help="keep the generated data")
     p.add_argument("--json", default="", help="also write the rows to this JSON file")

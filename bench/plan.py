@@ -3,10 +3,12 @@
 ``tiny`` is a smoke run of the assembler (no Ray: the embedding series is timed with the plain
 loop; seconds on an idle machine); ``small`` is the default (about 15-20 minutes on 2 cores);
 ``full`` uses the issue's sizes (embedding 1k / 10k / 100k images; index 100k / 1M / 10M
-vectors) and needs a big machine: 10M x 512 float32 vectors are 19 GiB, held twice while an
-index with full vectors is timed beside the Flat reference (about 40 GiB of RAM and 60 GiB of
-disk); ``--index-dim`` lowers the dimension so 10M fits a smaller machine, and the index
-benchmark stops before generating any data, naming what it needs, when it does not fit.
+vectors). Up to 1M the Flat reference is held beside each index (1M x 512 float32: 2 GiB
+each); 10M is above ``bench_index.py --stream-above`` (2M): the ground truth is one exact
+scan of the files, Flat's QPS is timed on 1M vectors in RAM and scaled, and only the
+factories whose memory fits are built (at 10M x 512 the float16 refine stage needs 10 GiB;
+``RFlat``, IVF-Flat and HNSW need 20 GiB each and are reported as skipped on a smaller
+machine). The 10M vectors take 20 GiB of disk, the largest index file 10 GiB.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ class Scale:
     index_factories: str
     index_nprobe: str
     index_k_factor: str
+    index_train_sample: int = 100_000
     align_images: int = 2000
     align_steps: int = 40
     serve_images: int = 1000
@@ -65,7 +68,9 @@ SCALES: dict[str, Scale] = {
         embed_n=10_000, embed_series=(1000, 10_000, 100_000), embed_repeat=2, embed_batch=256,
         embed_ray=True, index_n=(100_000, 1_000_000, 10_000_000), index_dim=512,
         index_queries=1000,
-        index_factories="HNSW32,IVF{L}_Flat,IVF{L}_PQ64,IVF{L}_PQ64_RFlat,IVF{L}_PQ64x4fsr_RFlat",
+        index_factories="HNSW32,IVF{L}_Flat,IVF{L}_PQ64,IVF{L}_PQ64_RFlat,IVF{L}_PQ64x4fsr_RFlat,"
+                        "IVF{L}_PQ64x4fsr_Refine(SQfp16)",
+        index_train_sample=640_000,  # 39 points per list at IVF16384 (10M), faiss' minimum
         index_nprobe="16,64", index_k_factor="8,32,64", align_steps=60, serve_seconds=15.0,
         judge_pairs=24),
 }
@@ -86,6 +91,7 @@ def commands(scale: Scale, work: Path, raw: Path, index_dim: int | None = None,
              "--dim", str(dim), "--queries", str(scale.index_queries),
              "--factories", scale.index_factories, "--nprobe", scale.index_nprobe,
              "--k-factor", scale.index_k_factor, "--build-threads", "1",
+             "--train-sample", str(scale.index_train_sample),
              "--workdir", str(work / "index"), "--json", str(raw / "index.json")]
     serve_dir = serve_workdir or str(work / "serve_world")
     serve = [[py, str(BENCH / "bench_serve.py"), "--workdir", serve_dir,

@@ -2,7 +2,7 @@
 
     python -m bench                          # = python bench/run_all.py --scale small
     python bench/run_all.py --scale tiny --out /tmp/b     # smoke run (no Ray, seconds)
-    python bench/run_all.py --scale full --index-dim 128  # the sizes (a big machine)
+    python bench/run_all.py --scale full                  # the sizes (hours on 2 cores)
     python bench/run_all.py --only index,serve --serve-workdir out
     python bench/run_all.py --reuse bench/results.json    # rerun only the steps not ok there
     python bench/run_all.py --reuse bench/results.json --only embed   # redo one step

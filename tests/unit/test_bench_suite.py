@@ -110,6 +110,37 @@ def test_index_benchmark_refuses_what_does_not_fit(tmp_path):
     assert not any(tmp_path.iterdir())
 
 
+def test_streamed_sizes_find_the_same_neighbours_as_a_held_flat(tmp_path):
+    """Above --stream-above no Flat index is held: the exact scan of the files must give the
+    same ground truth (so the same recall for every index) as the Flat index does, and the
+    Flat row's QPS comes from a block of the vectors scaled to N."""
+    bench_index = _bench_import("bench_index")
+    common = ["--n", "6000", "--dim", "32", "--queries", "100", "--nprobe", "4",
+              "--k-factor", "1,8", "--factories", "IVF{L}_PQ8x4fsr_Refine(SQfp16),IVF{L}_Flat"]
+    held, streamed = tmp_path / "held.json", tmp_path / "streamed.json"
+    assert bench_index.main(common + ["--json", str(held)]) == 0
+    assert bench_index.main(common + ["--json", str(streamed), "--stream-above", "5000",
+                                      "--flat-block", "2000"]) == 0
+    a, b = json.loads(held.read_text()), json.loads(streamed.read_text())
+    assert [(r["index"], r["params"]) for r in a[1:]] == [(r["index"], r["params"]) for r in b[1:]]
+    assert [r["recall"] for r in a] == [r["recall"] for r in b]
+    flat = b[0]
+    assert flat["params"] == "exact scan" and flat["streamed"]["block"] == 2000
+    assert all(r["flat_qps_1"] == flat["qps_1"] for r in b)  # every ratio against that row
+    assert 0.2 < a[0]["qps_1"] / flat["qps_1"] < 5  # a scaled block times like the full Flat
+
+
+def test_factory_ram_counts_what_a_factory_keeps_in_memory():
+    ram = _bench_import("bench_index").factory_ram
+    n, d = 1_000_000, 512
+    codes = n * (d / 8 + 8)
+    assert ram("IVF4096,Flat", n, d) == n * d * 4 + codes
+    assert ram("HNSW32", n, d) == n * d * 4 + codes
+    assert ram("IVF4096,PQ64x4fsr,RFlat", n, d) == n * d * 4 + codes
+    assert ram("IVF4096,PQ64x4fsr,Refine(SQfp16)", n, d) == n * d * 2 + codes
+    assert ram("IVF4096,PQ64", n, d) == codes
+
+
 @pytest.mark.gpu
 @pytest.mark.timeout(900)
 def test_gpu_figures(tmp_path):
