@@ -13,7 +13,10 @@ teacher on held-out pairs (reward margin) while its validation recall@10 stays w
 control with the same steps and data. Outputs: ``checkpoint/`` (the selected state),
 ``last/``, ``train_log.jsonl`` + ``train_log.csv``, ``training.png``, ``metrics.json``,
 ``config.yaml``, ``manifest.json``. A re-run on the same output resumes from its latest
-checkpoint; ``max_failures`` restarts a crashed worker group from it. The config is
+checkpoint; ``max_failures`` restarts a crashed worker group from it. The inputs
+(``preferences``, ``corpus``, ``queries``, ``world``) may be ``s3://`` / ``gs://`` URIs: the
+driver reads them and ships the prepared arrays to the workers; ``model.checkpoint`` and
+``output`` are local or shared paths. A missing input or bucket exits 2. The config is
 :class:`aligner.training.config.AlignConfig`; the work is :func:`aligner.training.runs.run_align`.
 """
 

@@ -3,13 +3,18 @@
     python -m jobs.build_preferences --config jobs/configs/build_preferences.yaml \\
         embeddings=out/embeddings queries=out/rephrased output=out/preferences
 
-The work is :func:`aligner.preferences.build.build_preferences`; ``--help`` lists every field.
+Its inputs (``embeddings``, ``index``, ``queries``, ``corpus``, ``extra_tables``) may be
+``s3://`` / ``gs://`` URIs as well as local paths (``reward_model`` stays a local checkpoint);
+``output`` is a local directory, or a URI the files are uploaded to at the end (manifest
+last). A missing input or bucket exits 2 with its name. The work is
+:func:`aligner.preferences.build.build_preferences`; ``--help`` lists every field.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+from aligner.data.io import join_path
 from aligner.data.preferences import PREFERENCES_FILE
 from aligner.preferences.build import BuildPreferencesConfig, build_preferences
 from aligner.runtime.job import job_main
@@ -22,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     return job_main(BuildPreferencesConfig, argv, DEFAULT_YAML, build_preferences,
                     lambda cfg, counts: f"build_preferences: {counts['pairs']} pairs for "
                     f"{counts['queries']} queries {counts['by_source']} -> "
-                    f"{Path(cfg.output) / PREFERENCES_FILE}", "python -m jobs.build_preferences")
+                    f"{join_path(cfg.output, PREFERENCES_FILE)}", "python -m jobs.build_preferences")
 
 
 if __name__ == "__main__":

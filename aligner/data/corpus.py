@@ -54,13 +54,13 @@ def check_corpus_schema(schema: pa.Schema, where: str) -> None:
 
 
 def _dataset(path: str | Path):
+    """The Parquet corpus at a local path or a URI as a ``pyarrow.dataset`` (checked)."""
     import pyarrow.dataset as ds
 
-    from aligner.data.corpus_plan import resolve
+    from aligner.data.io import filesystem, require_at
 
-    if "://" not in str(path) and not Path(path).exists():
-        raise FileNotFoundError(f"corpus {path} does not exist")
-    fs, root = resolve(str(path))
+    require_at(path, "corpus")
+    fs, root = filesystem(path)
     d = ds.dataset(root, filesystem=fs, format="parquet")
     check_corpus_schema(d.schema, str(path))
     return d
@@ -70,8 +70,8 @@ def corpus_columns(path: str | Path) -> list[str]:
     """The column names of a Parquet corpus (from the file footers; no rows are read).
 
     Raises:
-        FileNotFoundError: nothing at ``path``.
-        ValueError: not a corpus (:func:`check_corpus_schema`).
+        FileNotFoundError: nothing at ``path`` (or its bucket does not exist).
+        ValueError: not a corpus (:func:`check_corpus_schema`), or an unsupported URI.
     """
     return list(_dataset(path).schema.names)
 
@@ -86,8 +86,8 @@ def read_corpus(path: str | Path, columns: Sequence[str] | None = None, split: s
         ids: only these ids (a pushed-down filter: a large corpus is never read whole).
 
     Raises:
-        FileNotFoundError: nothing at ``path``.
-        ValueError: a missing column, or not a corpus.
+        FileNotFoundError: nothing at ``path`` (or its bucket does not exist).
+        ValueError: a missing column, not a corpus, or an unsupported URI.
     """
     import pyarrow.dataset as ds
 

@@ -49,10 +49,10 @@ import pyarrow.parquet as pq
 from aligner.data.io import (
     FAILURES_DIR,
     Store,
-    filesystem,
-    is_uri,
+    is_dir_at,
     join_path,
     parquet_files_at,
+    shown_path,
 )
 
 if TYPE_CHECKING:
@@ -145,15 +145,9 @@ class EmbeddingFile(NamedTuple):
 
 
 def shown_root(path: str | Path) -> Path | str:
-    """How messages and manifests name a dataset: a ``Path`` for a local path, else the URI."""
-    return str(path).rstrip("/") if is_uri(path) else Path(path)
-
-
-def _is_dir(path: str | Path) -> bool:
-    import pyarrow.fs as pafs
-
-    fs, inner = filesystem(path)
-    return fs.get_file_info(inner).type == pafs.FileType.Directory
+    """How messages and manifests name a dataset: a ``Path`` for a local path, else the URI
+    (:func:`aligner.data.io.shown_path`)."""
+    return shown_path(path)
 
 
 def _files(path: str | Path) -> list[EmbeddingFile]:
@@ -164,7 +158,7 @@ def _files(path: str | Path) -> list[EmbeddingFile]:
         FileNotFoundError: nothing at ``path``, or its bucket does not exist.
     """
     sub = join_path(path, EMBEDDINGS_DIR)
-    fs, files = parquet_files_at(sub if _is_dir(sub) else path, "embeddings")
+    fs, files = parquet_files_at(sub if is_dir_at(sub) else path, "embeddings")
     return [EmbeddingFile(shown, fs, inner) for shown, inner in files]
 
 

@@ -11,7 +11,11 @@ and a crash leaves only a ``.*.tmp`` file that the next run can remove.
 object storage: a directory given as a local path or an ``s3://`` / ``gs://`` URI
 (:func:`filesystem`), written all-or-nothing through pyarrow filesystems.
 :func:`parquet_files_at` is :func:`parquet_files` for a local path or a URI (readers that take
-either: the embeddings, an index in object storage).
+either: the embeddings, an index in object storage), and :func:`read_parquet` reads through it,
+so every table reader built on it (queries, preferences, judgments, ratings, results) takes a
+URI too. :func:`require_at` / :func:`exists_at` / :func:`is_dir_at` are the input checks that
+work on both, and :func:`output_dir` lets a job that writes a few files at its end publish them
+to a URI (staged locally, ``manifest.json`` uploaded last).
 """
 
 from __future__ import annotations
@@ -61,30 +65,34 @@ def read_parquet(path: str | Path, what: str = "table", preferred: str | None = 
     concatenated (schemas promoted; a column missing from one file is null there).
 
     Args:
-        path: file or directory.
+        path: file or directory; a local path or an ``s3://`` / ``gs://`` URI (the same files
+            in the same order: :func:`parquet_files_at`).
         what: the dataset's name, for error messages.
         preferred: a file name to read alone when a directory holds it
             (``queries.parquet`` in a rephrase output).
         columns: read only these columns (all must exist).
 
     Raises:
-        FileNotFoundError: nothing at ``path``, or a directory without Parquet files.
-        ValueError: a file that is not Parquet, or a missing column.
+        FileNotFoundError: nothing at ``path`` (or its bucket does not exist), or a directory
+            without Parquet files.
+        ValueError: a file that is not Parquet, a missing column, or an unsupported URI.
     """
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    p = Path(path)
-    if preferred and p.is_dir() and (p / preferred).is_file():
-        files = [p / preferred]
+    shown = shown_path(path)
+    if preferred and is_dir_at(path) and file_exists(join_path(path, preferred)):
+        fs, inner = filesystem(join_path(path, preferred))
+        files = [(join_path(path, preferred), inner)]
     else:
-        files = parquet_files(p, what)
+        fs, files = parquet_files_at(path, what)
     if not files:
-        raise FileNotFoundError(f"{what}: no Parquet files under {p}")
+        raise FileNotFoundError(f"{what}: no Parquet files under {shown}")
     tables = []
-    for f in files:
+    for f, inner in files:
         try:
-            tables.append(pq.read_table(f, columns=list(columns) if columns else None))
+            tables.append(pq.read_table(inner, filesystem=fs,
+                                        columns=list(columns) if columns else None))
         except (pa.ArrowInvalid, OSError) as e:
             raise ValueError(f"{what}: {f} is not a readable Parquet file ({e})") from e
         except KeyError as e:
@@ -247,6 +255,78 @@ def read_text_at(path: str | Path) -> str | None:
         return None
     with fs.open_input_stream(inner) as f:
         return f.read().decode("utf-8")
+
+
+def shown_path(path: str | Path) -> Path | str:
+    """How messages and manifests name a dataset: a ``Path`` for a local path (as given,
+    relative or not), else the URI without a trailing ``/``."""
+    return str(path).rstrip("/") if is_uri(path) else Path(path)
+
+
+def _file_type(path: str | Path) -> Any:
+    fs, inner = filesystem(path)
+    return fs.get_file_info(inner).type
+
+
+def exists_at(path: str | Path) -> bool:
+    """Whether anything (a file or a non-empty prefix) is at a local path or a URI (False for
+    a missing bucket too)."""
+    import pyarrow.fs as pafs
+
+    return _file_type(path) != pafs.FileType.NotFound
+
+
+def is_dir_at(path: str | Path) -> bool:
+    """Whether a local path or a URI is a directory (on an object store: a prefix with
+    objects below it)."""
+    import pyarrow.fs as pafs
+
+    return _file_type(path) == pafs.FileType.Directory
+
+
+def require_at(path: str | Path, what: str, directory: bool = False) -> None:
+    """The input check of a job: raise unless something is at ``path`` (a directory when
+    ``directory``), naming it as ``"{what} {path} does not exist"``; on an object store a
+    missing bucket is named as such (:meth:`Store.check`).
+
+    Raises:
+        FileNotFoundError: nothing (or no directory) at ``path``, or no bucket.
+        ValueError: an unsupported URI.
+    """
+    if is_uri(path):
+        Store(path).check(what)
+    ok = is_dir_at(path) if directory else exists_at(path)
+    if not ok:
+        raise FileNotFoundError(f"{what} {shown_path(path)} does not exist")
+
+
+@contextlib.contextmanager
+def output_dir(uri: str | Path, last: str = "manifest.json") -> Iterator[Path]:
+    """A job's output directory, for jobs that write a few files at their end.
+
+    A local path: the directory itself (created), as a ``Path`` as given. A URI: a local temp
+    directory; when the block ends without an error every file in it is uploaded to ``uri``
+    (:meth:`Store.upload`, each all-or-nothing), the old ``last`` (the manifest) deleted first
+    and the new one uploaded last, so a reader that goes by the manifest never sees a mix.
+    Nothing is uploaded on an error. Files already at ``uri`` that this run does not write
+    stay, as they would in a local directory.
+
+    Raises:
+        FileNotFoundError: (object stores) the bucket does not exist, checked on entry.
+    """
+    if not is_uri(uri):
+        out = Path(uri)
+        out.mkdir(parents=True, exist_ok=True)
+        yield out
+        return
+    store = Store(uri)
+    store.check("output")
+    with tempfile.TemporaryDirectory(prefix="aligner-output-") as d:
+        yield Path(d)
+        files = sorted(p.relative_to(d).as_posix() for p in Path(d).rglob("*") if p.is_file())
+        store.delete(last)
+        for rel in [f for f in files if f != last] + [f for f in files if f == last]:
+            store.upload(Path(d) / rel, rel)
 
 
 def _is_data(rel: str) -> bool:

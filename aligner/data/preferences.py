@@ -27,7 +27,14 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from aligner.data.io import atomic_write_table, read_parquet
+from aligner.data.io import (
+    atomic_write_table,
+    is_dir_at,
+    join_path,
+    read_parquet,
+    read_text_at,
+    shown_path,
+)
 
 PREFERENCES_FILE = "preferences.parquet"
 REQUIRED_COLUMNS = ("query_id", "query", "chosen_id", "rejected_id", "source", "weight")
@@ -83,15 +90,16 @@ def read_preferences(path: str | Path) -> pa.Table:
     """Read and check a preferences table (file or directory), e.g. human votes or LMM labels.
 
     Returns it in :func:`preference_schema` (extra columns such as a rationale are dropped;
-    ``source`` and ``weight`` are kept as given).
+    ``source`` and ``weight`` are kept as given). ``path`` is a local path or an ``s3://`` /
+    ``gs://`` URI (:func:`aligner.data.io.read_parquet`).
 
     Raises:
-        FileNotFoundError: the path or its Parquet files do not exist.
+        FileNotFoundError: the path (or its bucket) or its Parquet files do not exist.
         ValueError: a required column is missing or of the wrong type, ids or source are
             empty/null, or a weight is not a finite number >= 0.
     """
-    p = Path(path)
-    table = read_parquet(p, "preference table", preferred=PREFERENCES_FILE)
+    p = shown_path(path)
+    table = read_parquet(path, "preference table", preferred=PREFERENCES_FILE)
     missing = [c for c in REQUIRED_COLUMNS if c not in table.column_names]
     if missing:
         raise ValueError(f"preference table {p} lacks columns {missing}; the preferences "
@@ -116,6 +124,17 @@ def read_preferences(path: str | Path) -> pa.Table:
     if same:
         raise ValueError(f"preference table {p}: {same} rows prefer an image over itself")
     return conform(table)
+
+
+def preferences_manifest(path: str | Path) -> dict[str, Any]:
+    """The ``manifest.json`` of a preferences directory (a builder's output, votes), local or
+    a URI; ``{}`` for a bare file or a directory without one."""
+    import json
+
+    if not is_dir_at(path):
+        return {}
+    text = read_text_at(join_path(path, "manifest.json"))
+    return json.loads(text) if text is not None else {}
 
 
 def write_preferences(table: pa.Table, out_dir: str | Path) -> Path:

@@ -27,7 +27,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from aligner.data.io import atomic_write_table, read_parquet
+from aligner.data.io import atomic_write_table, exists_at, read_parquet
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +44,8 @@ def read_queries(path: str | Path, splits: Sequence[str] = (), kinds: Sequence[s
     first ``limit`` rows (input order is kept).
 
     Args:
-        path: a Parquet file, or a directory (its ``queries.parquet`` when present).
+        path: a Parquet file, or a directory (its ``queries.parquet`` when present); a local
+            path or an ``s3://`` / ``gs://`` URI.
         splits, kinds: keep rows whose ``split`` / ``kind`` is one of these (the column must
             exist when a filter is given).
         limit: first N rows after the filters (0: all).
@@ -93,9 +94,10 @@ def filter_queries(t: pa.Table, splits: Sequence[str] = (), kinds: Sequence[str]
 def query_splits(path: str | Path | None, query_ids: Sequence[str], val_fraction: float,
                  seed: int) -> dict[str, str]:
     """Each query id's split: the table's ``split`` column where it has one, else a seeded
-    hash (``val`` for a ``val_fraction`` of ids, ``train`` for the rest)."""
+    hash (``val`` for a ``val_fraction`` of ids, ``train`` for the rest). ``path`` (a local
+    path or a URI) may be empty or name nothing: every id is then hashed."""
     split: dict[str, str] = {}
-    if path and Path(path).exists():
+    if path and exists_at(path):
         t = read_queries(path)
         if "split" in t.column_names:
             split = dict(zip(t["query_id"].to_pylist(), t["split"].to_pylist(), strict=True))

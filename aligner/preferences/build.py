@@ -13,10 +13,17 @@ The query encoder defaults to the model recorded in the embeddings manifest, so 
 image vectors match. No Ray: the work is a few matrix products per thousand queries; a corpus
 too large for memory goes through a faiss ``index`` instead of the in-memory matrix.
 
+Every input (``embeddings``, ``index``, ``queries``, ``corpus``, ``extra_tables``) is a local
+path or an ``s3://`` / ``gs://`` URI: the readers open them through pyarrow filesystems
+(:mod:`aligner.data.io`), an index URI is loaded from a local cache
+(:mod:`aligner.retrieval.index_store`). ``reward_model`` is a local checkpoint directory.
+
 Writes to ``output``: ``preferences.parquet`` (:mod:`aligner.data.preferences`), ``grids.png``
 and ``degraded.png`` (:mod:`aligner.preferences.examples`), ``config.yaml`` and
 ``manifest.json`` (counts per source, pairs per query, dedupe and contradiction counts, grid
-shape, inputs).
+shape, inputs). ``output`` is a local directory, or a URI: the files are then written to a
+local temp directory and uploaded at the end, ``manifest.json`` last
+(:func:`aligner.data.io.output_dir`).
 """
 
 from __future__ import annotations
@@ -24,12 +31,12 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
+from aligner.data.io import Store, is_uri, output_dir, require_at, shown_path
 from aligner.data.preferences import (
     PREFERENCES_FILE,
     read_preferences,
@@ -63,16 +70,19 @@ class BuildPreferencesConfig(PairSettings):
     write.
     """
 
-    embeddings: str = field(default="out/embeddings",
-                            metadata={"help": "embed job output (id, embedding, aesthetic)"})
+    embeddings: str = field(default="out/embeddings", metadata={
+        "help": "embed job output (id, embedding, aesthetic): a path or s3:// / gs:// URI"})
     queries: str = field(default="out/rephrased",
                          metadata={"help": "dir holding queries.parquet, or a Parquet file "
-                                           "(query_id, query, split[, rephrased])"})
-    output: str = field(default="out/preferences", metadata={"help": "output directory"})
-    index: str = field(default="", metadata={"help": "faiss index dir (jobs.build_index) for "
-                                                    "retrieval; '' = exact over the embeddings"})
-    corpus: str = field(default="", metadata={"help": "corpus: its split column decides pool_splits; example PNGs ('' = the "
-                                                     "embeddings manifest's input)"})
+                                           "(query_id, query, split[, rephrased]); path or URI"})
+    output: str = field(default="out/preferences", metadata={
+        "help": "output directory: a path, or a URI (staged locally, uploaded at the end)"})
+    index: str = field(default="", metadata={"help": "faiss index dir or URI (jobs.build_index) "
+                                                    "for retrieval; '' = exact over the "
+                                                    "embeddings"})
+    corpus: str = field(default="", metadata={"help": "corpus (path or URI): its split column "
+                                                     "decides pool_splits; example PNGs ('' = "
+                                                     "the embeddings manifest's input)"})
     splits: list[str] = field(default_factory=lambda: ["train"],
                               metadata={"help": "query splits to build pairs for"})
     pool_splits: list[str] = field(default_factory=lambda: ["train"], metadata={
@@ -90,7 +100,8 @@ class BuildPreferencesConfig(PairSettings):
         "help": "a queries table without 'rephrased' uses the original queries instead of "
                 "failing"})
     extra_tables: list[str] = field(default_factory=list, metadata={
-        "help": "preference tables to add (human votes, LMM labels): files or dirs"})
+        "help": "preference tables to add (human votes, LMM labels): files or dirs, paths or "
+                "URIs"})
     source_weights: str = field(default="", metadata={
         "help": "weight multipliers per source, e.g. 'grid=1.0,degraded=0.5'"})
     max_pairs_per_query: int = field(default=0, metadata={"help": "cap (0: none), seeded"})
@@ -199,9 +210,16 @@ def build_preferences(cfg: BuildPreferencesConfig) -> dict[str, Any]:
 
     started = time.time()
     settings = cfg
-    emb_dir = Path(cfg.embeddings)
-    if not emb_dir.is_dir():
-        raise FileNotFoundError(f"embeddings {emb_dir} does not exist")
+    emb_dir = shown_path(cfg.embeddings)
+    require_at(cfg.embeddings, "embeddings", directory=True)
+    if is_uri(cfg.output):
+        Store(cfg.output).check("output")  # before the work, not after it
+    if cfg.index:
+        require_at(cfg.index, "index directory", directory=True)
+    if cfg.corpus:
+        require_at(cfg.corpus, "corpus")  # given, it must exist (the default may be gone)
+    for path in cfg.extra_tables:
+        require_at(path, "extra table")
     all_queries = read_queries(cfg.queries, require=("split",) if cfg.splits else ())
     queries = filter_queries(all_queries, cfg.splits)
     if queries.num_rows == 0:
@@ -268,43 +286,40 @@ def build_preferences(cfg: BuildPreferencesConfig) -> dict[str, Any]:
                                  cfg.max_pairs_per_source, cfg.max_pairs_per_query, cfg.seed)
     log.info("clean-up: %s", clean)
 
-    out = Path(cfg.output)
-    out.mkdir(parents=True, exist_ok=True)
-    write_preferences(table, out)
-    per_query = np.array(list(count_by(table, "query_id").values()) or [0])
-    pngs: list[str] = []
-    if cfg.examples and corpus:
-        try:
-            pngs = draw_examples(pools, settings, corpus, out, cfg.examples)
-        except (OSError, ValueError) as e:
-            log.warning("example PNGs skipped: %s", e)
-    counts = {"queries": len(qtexts), "queries_without_rephrase": n_no_reph,
-              "rephraser_fallbacks": n_fallback, "emitted_by_source": emitted,
-              "by_source": count_by(table, "source"), "pairs": table.num_rows,
-              "pairs_per_query": {"mean": round(float(per_query.mean()), 2),
-                                  "min": int(per_query.min()), "max": int(per_query.max()),
-                                  "queries_with_pairs": int((per_query > 0).sum())
-                                  if table.num_rows else 0},
-              "clean": clean, "pools": stats}
-    save_config(cfg, out / "config.yaml")
-    write_manifest(out, "build_preferences", to_dict(cfg), started,
-                   inputs={"embeddings": str(emb_dir), "index": cfg.index or None,
-                           "queries": cfg.queries, "corpus": corpus or None,
-                           "extra_tables": extra_counts},
-                   model=retriever.describe(), teacher=settings.teacher, held_out=held_out,
-                   teacher_spec={"name": settings.teacher, "aesthetic": list(cfg.aesthetic),
-                                 "aesthetic_weights": [float(w) for w in
-                                                       cfg.aesthetic_weights],
-                                 "bad_template": cfg.bad_template,
-                                 "bad_rephraser": cfg.bad_rephraser, "queries": cfg.queries,
-                                 "reward_model": cfg.reward_model},
-                   reward=reward.describe() if reward is not None else None,
-                   grid={"k": cfg.k, "u": cfg.u, "v": cfg.v, "stride": cfg.stride,
-                         "retrieve_with": cfg.retrieve_with, "weighting": cfg.weighting},
-                   degrade={"kinds": settings.degrade_kinds,
-                            "strengths": settings.degrade_strengths, "seed": 0,
-                            "id_format": "<id>~<kind>[@<strength>]"},
-                   counts=counts, outputs={"preferences": PREFERENCES_FILE, "png": pngs})
+    with output_dir(cfg.output) as out:  # a URI: staged locally, uploaded at the end
+        write_preferences(table, out)
+        per_query = np.array(list(count_by(table, "query_id").values()) or [0])
+        pngs: list[str] = []
+        if cfg.examples and corpus:
+            try:
+                pngs = draw_examples(pools, settings, corpus, out, cfg.examples)
+            except (OSError, ValueError) as e:
+                log.warning("example PNGs skipped: %s", e)
+        counts = {"queries": len(qtexts), "queries_without_rephrase": n_no_reph,
+                  "rephraser_fallbacks": n_fallback, "emitted_by_source": emitted,
+                  "by_source": count_by(table, "source"), "pairs": table.num_rows,
+                  "pairs_per_query": {"mean": round(float(per_query.mean()), 2),
+                                      "min": int(per_query.min()), "max": int(per_query.max()),
+                                      "queries_with_pairs": int((per_query > 0).sum())
+                                      if table.num_rows else 0},
+                  "clean": clean, "pools": stats}
+        save_config(cfg, out / "config.yaml")
+        write_manifest(out, "build_preferences", to_dict(cfg), started,
+                       inputs={"embeddings": str(emb_dir), "index": cfg.index or None,
+                               "queries": cfg.queries, "corpus": corpus or None,
+                               "extra_tables": extra_counts},
+                       model=retriever.describe(), teacher=settings.teacher, held_out=held_out,
+                       teacher_spec={"name": settings.teacher, "aesthetic": list(cfg.aesthetic),
+                                     "aesthetic_weights": [float(w) for w in
+                                                           cfg.aesthetic_weights],
+                                     "bad_template": cfg.bad_template,
+                                     "bad_rephraser": cfg.bad_rephraser, "queries": cfg.queries,
+                                     "reward_model": cfg.reward_model},
+                       reward=reward.describe() if reward is not None else None,
+                       grid={"k": cfg.k, "u": cfg.u, "v": cfg.v, "stride": cfg.stride,
+                             "retrieve_with": cfg.retrieve_with, "weighting": cfg.weighting},
+                       degrade={"kinds": settings.degrade_kinds,
+                                "strengths": settings.degrade_strengths, "seed": 0,
+                                "id_format": "<id>~<kind>[@<strength>]"},
+                       counts=counts, outputs={"preferences": PREFERENCES_FILE, "png": pngs})
     return counts
-
-

@@ -95,8 +95,10 @@ class IndexCandidates:
 
     def __init__(self, index: Any, embeddings_dir: str | Path,
                  allowed: set[str] | None = None) -> None:
+        from aligner.data.io import shown_path
+
         self.index = index
-        self.embeddings_dir = Path(embeddings_dir)
+        self.embeddings_dir = shown_path(embeddings_dir)  # a local Path or a URI
         self.allowed = allowed
 
     @property

@@ -1,7 +1,8 @@
 """Driver-side preparation of :class:`aligner.training.align.AlignData` (everything frozen, computed once).
 
 Reads the preference pairs, the queries table (for each query's split), and the corpus
-(images and captions); decodes every image a step can touch into one uint8 array (degraded
+(images and captions), each a local path or an ``s3://`` / ``gs://`` URI (the readers of
+:mod:`aligner.data`; only the driver reads them: the Ray Train workers get the arrays); decodes every image a step can touch into one uint8 array (degraded
 copies are made here from their originals, deterministically, never stored on disk); caches
 the locked text tower's pooled outputs; and scores every pair under the frozen reference
 model, so the reference never runs inside the training loop.
@@ -9,7 +10,6 @@ model, so the reference never runs inside the training loop.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 import zlib
@@ -20,7 +20,7 @@ import pyarrow as pa
 
 from aligner.data.corpus import corpus_columns, read_corpus
 from aligner.data.images import decode_rgb
-from aligner.data.preferences import read_preferences
+from aligner.data.preferences import preferences_manifest, read_preferences
 from aligner.data.queries import query_splits
 from aligner.retrieval.models import ModelSpec
 from aligner.training.align import AlignData, PairSet
@@ -33,11 +33,8 @@ PREF_COLUMNS = ("query_id", "query", "chosen_id", "rejected_id", "source", "weig
 def degrade_seed_of(preferences: str | Path) -> int:
     """The seed the preference builder made its degraded copies with (its manifest's
     ``degrade.seed``; 0 when there is no manifest), so the trainer materialises the same
-    pixels the builder meant, whatever the training seed."""
-    m = Path(preferences) / "manifest.json"
-    if Path(preferences).is_dir() and m.is_file():
-        return int((json.loads(m.read_text()).get("degrade") or {}).get("seed", 0))
-    return 0
+    pixels the builder meant, whatever the training seed. A local path or a URI."""
+    return int((preferences_manifest(preferences).get("degrade") or {}).get("seed", 0))
 
 
 def prepare_align_data(preferences: str, corpus: str, queries: str, model: ModelSpec,

@@ -20,6 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from aligner.data.io import is_uri
 from aligner.retrieval.models import ModelSpec
 
 TOWERS = ("vision", "text", "both")
@@ -220,15 +221,18 @@ class PretrainConfig:
 class AlignConfig:
     """Preference fine-tuning of a retriever (ranked DPO against the frozen start + InfoNCE)."""
 
-    preferences: str = field(default="out/preferences",
-                             metadata={"help": "preferences dir or Parquet file"})
-    output: str = field(default="out/aligned", metadata={"help": "output directory"})
+    preferences: str = field(default="out/preferences", metadata={
+        "help": "preferences dir or Parquet file: a path or s3:// / gs:// URI"})
+    output: str = field(default="out/aligned", metadata={
+        "help": "output directory (a local or shared path, not a URI)"})
     world: str = field(default="out/world", metadata={
-        "help": "built-in world dir (its corpus/ and queries/ are the defaults below)"})
+        "help": "built-in world dir or URI (its corpus/ and queries/ are the defaults below)"})
     corpus: str = field(default="", metadata={
-        "help": "corpus Parquet dir with id, image, caption[, split] (default: <world>/corpus)"})
+        "help": "corpus Parquet dir with id, image, caption[, split], path or URI (default: "
+                "<world>/corpus)"})
     queries: str = field(default="", metadata={
-        "help": "queries table with query_id, split (default: <world>/queries)"})
+        "help": "queries table with query_id, split, path or URI (default: <world>/queries; "
+                "absent there: a seeded hash split)"})
     model: ModelSpec = field(default_factory=ModelSpec,
                              metadata={"help": "starting checkpoint = frozen DPO reference"})
     train: AlignLoopConfig = field(default_factory=AlignLoopConfig,
@@ -246,6 +250,9 @@ class AlignConfig:
 
     def __post_init__(self) -> None:
         _check_ray(self)
+        if is_uri(self.output):
+            raise ValueError(f"output {self.output!r}: the fine-tune writes a local or shared "
+                             "directory (its Ray Train checkpoints), not a URI")
         if not 0 <= self.val_fraction < 1:
             raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
         if self.max_caption_images < 0:

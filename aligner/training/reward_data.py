@@ -19,7 +19,7 @@ import numpy as np
 
 from aligner.data.corpus import corpus_columns, read_corpus
 from aligner.data.images import decode_rgb
-from aligner.data.preferences import read_preferences
+from aligner.data.preferences import preferences_manifest, read_preferences
 from aligner.data.queries import query_splits
 from aligner.retrieval.models import ModelSpec
 
@@ -152,8 +152,5 @@ def prepare_reward_data(votes: str, corpus: str, queries: str, model: ModelSpec,
 
 
 def votes_manifest(votes: str | Path) -> dict[str, Any]:
-    """The votes directory's manifest ({} for a bare file)."""
-    import json
-
-    m = Path(votes) / "manifest.json"
-    return json.loads(m.read_text()) if Path(votes).is_dir() and m.is_file() else {}
+    """The votes directory's manifest ({} for a bare file); a local path or a URI."""
+    return preferences_manifest(votes)

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from aligner.data.io import join_path, require_at
 from aligner.runtime.config import save_config, to_dict
 from aligner.runtime.manifest import write_manifest
 from aligner.training.config import AlignConfig, PretrainConfig
@@ -96,11 +97,34 @@ def run_pretrain(cfg: PretrainConfig,
     return PretrainResult(out, final, metrics, history)
 
 
+def align_inputs(cfg: AlignConfig) -> tuple[str, str]:
+    """The corpus and queries an align run reads (``<world>/corpus`` and ``<world>/queries``
+    unless given), after checking that the inputs exist: the preferences, the corpus, and
+    the queries when given (the world's default may be absent: every query is then split by
+    a seeded hash). Each is a local path or an ``s3://`` / ``gs://`` URI.
+
+    Raises:
+        FileNotFoundError: a missing input, or the bucket of one.
+        ValueError: an unsupported URI.
+    """
+    corpus = cfg.corpus or str(join_path(cfg.world, "corpus"))
+    queries = cfg.queries or str(join_path(cfg.world, "queries"))
+    require_at(cfg.preferences, "preferences")
+    require_at(corpus, "corpus")
+    if cfg.queries:
+        require_at(cfg.queries, "queries")
+    return corpus, queries
+
+
 def run_align(cfg: AlignConfig) -> dict[str, Any]:
     """Preference fine-tuning of ``cfg.model`` (also the frozen DPO reference).
 
-    Writes ``checkpoint/`` (the selected state, ``cfg.train.selection``), ``last/`` (the final
-    Ray Train checkpoint) and the logs, metrics and manifest into ``cfg.output``.
+    Reads ``cfg.preferences``, the corpus and the queries (:func:`align_inputs`: local paths
+    or URIs) on the driver only; the Ray Train workers get the prepared arrays
+    (:class:`~aligner.training.align.AlignData`) through the object store. Writes
+    ``checkpoint/`` (the selected state, ``cfg.train.selection``), ``last/`` (the final
+    Ray Train checkpoint) and the logs, metrics and manifest into ``cfg.output`` (a local or
+    shared directory).
 
     Returns:
         What ``metrics.json`` holds (the selected step / alpha, start and selected validation
@@ -112,12 +136,12 @@ def run_align(cfg: AlignConfig) -> dict[str, Any]:
     from aligner.training.align_data import prepare_align_data
 
     started = time.time()
+    corpus, queries = align_inputs(cfg)
     out = Path(cfg.output)
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config.yaml")
     data, counts = prepare_align_data(
-        preferences=cfg.preferences, corpus=cfg.corpus or str(Path(cfg.world) / "corpus"),
-        queries=cfg.queries or str(Path(cfg.world) / "queries"), model=cfg.model,
+        preferences=cfg.preferences, corpus=corpus, queries=queries, model=cfg.model,
         val_fraction=cfg.val_fraction, seed=cfg.train.seed,
         max_caption_images=cfg.max_caption_images)
     init_ray(cfg.ray_address or None)
@@ -145,7 +169,7 @@ def run_align(cfg: AlignConfig) -> dict[str, Any]:
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=float))
     write_manifest(out, "align", to_dict(cfg), started,
                    inputs={"preferences": cfg.preferences, "model": to_dict(cfg.model),
-                           "world": cfg.world},
+                           "world": cfg.world, "corpus": corpus, "queries": queries},
                    outputs={"checkpoint": "checkpoint/", "last": "last/",
                             "log": "train_log.jsonl", "csv": "train_log.csv",
                             "plot": "training.png", "metrics": "metrics.json"},

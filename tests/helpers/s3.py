@@ -57,6 +57,16 @@ def local_bucket(data: Path, buckets: Sequence[str], timeout_s: float = 30.0) ->
             proc.kill()
 
 
+def upload_dir(local: Path, uri: str) -> None:
+    """Every file under ``local`` to ``uri`` (as a dataset copied into a bucket)."""
+    from aligner.data.io import Store
+
+    store = Store(uri)
+    for p in sorted(local.rglob("*")):
+        if p.is_file():
+            store.upload(p, p.relative_to(local).as_posix())
+
+
 #: the corpus :func:`write_corpus` writes: images, and the one cut short
 N_IMAGES = 30
 CORRUPT = 3

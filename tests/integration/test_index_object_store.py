@@ -24,6 +24,7 @@ from aligner.data.io import Store
 from aligner.retrieval.index import RemoteShardsIndex, SearchIndex
 from aligner.retrieval.index_build import build_index
 from aligner.runtime.manifest import read_manifest, write_manifest
+from tests.helpers.s3 import upload_dir
 from tests.integration.test_index_parallel import stable, with_bad_rows
 from tests.unit.test_index import make_ids, random_unit, write_embed_output
 
@@ -39,14 +40,6 @@ def cache(tmp_path, monkeypatch) -> Path:
     """``$ALIGNER_CACHE`` in the test's temp dir; index copies land in ``<it>/index``."""
     monkeypatch.setenv("ALIGNER_CACHE", str(tmp_path / "cache"))
     return tmp_path / "cache" / "index"
-
-
-def upload_dir(local: Path, uri: str) -> None:
-    """Every file under ``local`` to ``uri`` (as a dataset copied into a bucket)."""
-    store = Store(uri)
-    for p in sorted(local.rglob("*")):
-        if p.is_file():
-            store.upload(p, p.relative_to(local).as_posix())
 
 
 def listing(fs: pafs.FileSystem, prefix: str) -> dict[str, int]:

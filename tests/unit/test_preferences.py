@@ -462,6 +462,58 @@ def test_job_input_errors(job_inputs, tmp_path, capsys):
     assert not (tmp_path / "o" / "preferences.parquet").exists()
 
 
+def test_job_reads_uris_as_paths_and_publishes_to_a_uri(job_inputs, tmp_path):
+    """Every input as a ``file://`` URI (the object-store branch of the readers, on the local
+    disk) and the output as one: the same preferences table and manifest counts as the run on
+    plain paths; the manifest is the last file written."""
+    from jobs.build_preferences import main
+
+    root = job_inputs
+    (tmp_path / "q").mkdir()
+    (tmp_path / "q" / "queries.parquet").write_bytes((root / "queries.parquet").read_bytes())
+    common = ["k=16", "u=2", "v=2", "stride=2", "degraded_per_query=2", "examples=1",
+              "source_weights=human=2"]
+
+    def args(base: str, out: str) -> list[str]:
+        return [f"embeddings={base}{root / 'emb'}", f"queries={base}{tmp_path / 'q'}",
+                f"corpus={base}{root / 'corpus'}", f"extra_tables=[{base}{root / 'votes.parquet'}]",
+                f"output={out}", *common]
+
+    assert main(args("", str(tmp_path / "local"))) == 0
+    dest = tmp_path / "pub"
+    assert main(args("file://", f"file://{dest}")) == 0
+    want = pq.read_table(tmp_path / "local" / "preferences.parquet")
+    got = pq.read_table(dest / "preferences.parquet")
+    assert got.schema == want.schema and want.num_rows == 22
+    assert repr(got.to_pylist()) == repr(want.to_pylist())  # every value (NaN != NaN)
+    a, b = (json.loads((d / "manifest.json").read_text()) for d in (tmp_path / "local", dest))
+    assert a["counts"] == b["counts"] and a["held_out"] == b["held_out"]
+    assert b["inputs"]["embeddings"] == f"file://{root / 'emb'}"
+    assert list(b["inputs"]["extra_tables"].values()) == list(a["inputs"]["extra_tables"].values())
+    assert {"grids.png", "degraded.png", "config.yaml"} <= {p.name for p in dest.iterdir()}
+    assert max(dest.iterdir(), key=lambda p: p.stat().st_mtime_ns).name == "manifest.json"
+
+
+def test_job_names_a_missing_uri_input(job_inputs, tmp_path, capsys):
+    from jobs.build_preferences import main
+
+    root = job_inputs
+    ok = {"embeddings": f"file://{root / 'emb'}", "queries": f"{root / 'queries.parquet'}",
+          "output": str(tmp_path / "o")}
+    for key, value, message in [
+        ("embeddings", f"file://{tmp_path}/no-emb", f"embeddings file://{tmp_path}/no-emb "
+                                                    "does not exist"),
+        ("queries", f"file://{tmp_path}/no-q", f"queries: file://{tmp_path}/no-q does not exist"),
+        ("corpus", f"file://{tmp_path}/no-c", f"corpus file://{tmp_path}/no-c does not exist"),
+        ("extra_tables", f"[file://{tmp_path}/no-v]", f"extra table file://{tmp_path}/no-v "
+                                                     "does not exist"),
+        ("embeddings", "ftp://host/emb", "unsupported URI scheme"),
+    ]:
+        assert main([f"{k}={v}" for k, v in {**ok, key: value}.items()]) == 2, key
+        assert message in capsys.readouterr().err, key
+    assert not (tmp_path / "o").exists()
+
+
 def test_job_falls_back_to_original_queries(job_inputs, tmp_path):
     from jobs.build_preferences import main
 
