@@ -22,6 +22,14 @@ def _slope(v: float | None) -> str:
     return "n/a" if v is None else f"{v:.2f}"
 
 
+def _save(f: Any, path: Path) -> Path:
+    """Lay out, write and close a figure; returns its path."""
+    f.tight_layout()
+    f.savefig(path, dpi=110)
+    plt.close(f)
+    return path
+
+
 def embed_plot(fig: dict[str, Any], path: Path) -> Path:
     s = fig["series"]
     n = [p["n"] for p in s]
@@ -39,10 +47,7 @@ def embed_plot(fig: dict[str, Any], path: Path) -> Path:
     for ax in (a, b):
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
-    f.tight_layout()
-    f.savefig(path, dpi=110)
-    plt.close(f)
-    return path
+    return _save(f, path)
 
 
 def index_plot(fig: dict[str, Any], path: Path) -> Path:
@@ -71,10 +76,7 @@ def index_plot(fig: dict[str, Any], path: Path) -> Path:
         ax.grid(True, which="both", alpha=0.3)
     axes[0].legend(fontsize=7)
     axes[2].legend(fontsize=6, loc="lower left")
-    f.tight_layout()
-    f.savefig(path, dpi=110)
-    plt.close(f)
-    return path
+    return _save(f, path)
 
 
 def align_plot(fig: dict[str, Any], path: Path) -> Path:
@@ -90,10 +92,7 @@ def align_plot(fig: dict[str, Any], path: Path) -> Path:
     ax.set_xticks(range(len(rows)), names, fontsize=8)
     ax.set(ylabel="steady pairs/s", title=f"preference fine-tune throughput "
            f"({fig['pairs_per_step']} pairs/step, {fig['steps']} steps)")
-    f.tight_layout()
-    f.savefig(path, dpi=110)
-    plt.close(f)
-    return path
+    return _save(f, path)
 
 
 def serve_plot(fig: dict[str, Any], path: Path) -> Path:
@@ -115,10 +114,7 @@ def serve_plot(fig: dict[str, Any], path: Path) -> Path:
     for ax in (a, b):
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7)
-    f.tight_layout()
-    f.savefig(path, dpi=110)
-    plt.close(f)
-    return path
+    return _save(f, path)
 
 
 PLOTS = {"embed": ("embed_scaling.png", embed_plot), "index": ("index_scaling.png", index_plot),
