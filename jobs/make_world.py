@@ -37,6 +37,7 @@ def run(cfg: MakeWorldConfig) -> dict:
     write_manifest(cfg.output, "make_world", to_dict(cfg), started, summary=summary,
                    fingerprint=world_fingerprint(spec),
                    outputs={"corpus": "corpus/", "queries": "queries/queries.parquet",
+                            "gallery images (val / test)": "galleries.parquet",
                             "oracle (evaluation only)": "eval/oracle.parquet",
                             "query truth (evaluation only)": "eval/query_truth.parquet"})
     return summary
@@ -44,8 +45,21 @@ def run(cfg: MakeWorldConfig) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     return job_main(MakeWorldConfig, argv, DEFAULT_YAML, run,
-                    lambda cfg, s: f"world: {s['images']} images {s['splits']}, queries "
-                                   f"{s['queries']} -> {cfg.output}", "python -m jobs.make_world")
+                    _describe, "python -m jobs.make_world")
+
+
+def _describe(cfg: MakeWorldConfig, s: dict) -> str:
+    """The job's closing line: sizes, splits, queries and the galleries' relevant counts."""
+    from aligner.world.generate import GALLERY_SPLITS
+
+    lines = [f"world: {s['images']} images ({s['natural_images']} natural + "
+             f"{s['gallery_images']} gallery) {s['splits']}, queries {s['queries']} -> "
+             f"{cfg.output}"]
+    for split in GALLERY_SPLITS:
+        g = s["galleries"][split]
+        lines.append(f"  {split} gallery: +{g['added']} images; relevant per query before "
+                     f"{g['before']}, after {g['after']}")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

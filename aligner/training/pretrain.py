@@ -184,17 +184,21 @@ def pretrain_loop(inputs: LoopInputs) -> None:
 
 
 def prepare_pretrain_data(cfg: PretrainConfig) -> PretrainData:
-    """Decode the world's train/val images and cache the locked text tower's features."""
+    """Decode the world's natural train/val images and cache the locked text tower's features.
+
+    Gallery images (rendered for the dense val / test galleries) are left out: the validation
+    curve reads the natural val images only (docs/evaluation.md, section 1).
+    """
     from aligner.data.images import decode_batch
     from aligner.retrieval.models import load_retriever
     from aligner.retrieval.textcache import cached_pooled_features
     from aligner.world import World
 
     world = World(cfg.world)
-    train = world.corpus(["id", "image", "caption"], split="train")
+    train = world.corpus(["id", "image", "caption"], split="train", galleries=False)
     if cfg.max_train_images:
         train = train.slice(0, cfg.max_train_images)
-    val = world.corpus(["id", "image", "caption"], split="val")
+    val = world.corpus(["id", "image", "caption"], split="val", galleries=False)
     t0 = time.time()
     images = decode_batch(train["image"].to_pylist())
     val_images = decode_batch(val["image"].to_pylist())

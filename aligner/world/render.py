@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import math
 from dataclasses import asdict, dataclass
+from typing import NamedTuple
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
@@ -84,18 +85,40 @@ def oracle_beauty(f: Factors) -> float:
     return float(total / sum(ORACLE_WEIGHTS.values()))
 
 
-def sample_factors(rng: np.random.Generator) -> Factors:
-    """Draw content uniformly and each look factor from a mixture of 'fine' and 'flawed'."""
+class Content(NamedTuple):
+    """What an image shows: the content part of :class:`Factors` (no look factor)."""
+
+    shape: str
+    colour: str
+    count: int
+    background: str
+
+
+def sample_factors(rng: np.random.Generator, content: Content | None = None) -> Factors:
+    """Draw content uniformly and each look factor from a mixture of 'fine' and 'flawed'.
+
+    Args:
+        rng: the image's generator.
+        content: the content to show (a gallery image rendered for a query); None draws it
+            uniformly. The look factors are drawn the same way either way; with ``content``
+            None the draws are exactly those of a natural image (the generator's stream is
+            unchanged).
+    """
     def mix(p_good: float, good: tuple[float, float], bad: tuple[float, float]) -> float:
         lo, hi = good if rng.random() < p_good else bad
         return float(rng.uniform(lo, hi))
 
     exposure = mix(0.55, (-0.12, 0.12), (0.4, 1.0)) * (1 if rng.random() < 0.5 else -1)
+    if content is None:  # drawn here, between exposure and blur, as always
+        content = Content(shape=SHAPES[rng.integers(len(SHAPES))],
+                          colour=COLOURS[rng.integers(len(COLOURS))],
+                          count=int(rng.integers(1, 4)),
+                          background=BACKGROUNDS[rng.integers(len(BACKGROUNDS))])
     return Factors(
-        shape=SHAPES[rng.integers(len(SHAPES))],
-        colour=COLOURS[rng.integers(len(COLOURS))],
-        count=int(rng.integers(1, 4)),
-        background=BACKGROUNDS[rng.integers(len(BACKGROUNDS))],
+        shape=content.shape,
+        colour=content.colour,
+        count=int(content.count),
+        background=content.background,
         blur=mix(0.55, (0.0, 0.25), (0.9, 2.0)),
         noise=mix(0.55, (0.0, 3.0), (12.0, 30.0)),
         exposure=exposure,

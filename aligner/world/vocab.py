@@ -103,10 +103,6 @@ OVERALL_WORDS: dict[str, Words] = {
 
 PHOTO_NOUNS = Words(("photo", "picture", "image", "shot", "snapshot"), ("photograph", "capture"))
 
-# What a rephraser adds to a query to ask for beautiful results (the premise check uses these).
-GOOD_LOOK_ADJECTIVES = "crisp, clean, well-lit, vivid, centred"
-GOOD_LOOK_TAIL = "with warm golden tones"
-
 
 def all_words(heldout: bool) -> set[str]:
     """Every word/phrase of one vocabulary (for leak checks in tests)."""

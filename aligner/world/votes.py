@@ -11,6 +11,9 @@ preferences table and the held-out test pairs, each judged by two raters.
   their observed agreement is measured on data no model trains on, and the first rater is the
   "single human" baseline of the reward-model evaluation.
 
+Only natural images are drawn: the images rendered for the dense val / test galleries
+(:meth:`aligner.world.World.gallery_ids`) are never voted on (docs/evaluation.md, section 1).
+
 The panel's temperature is calibrated on the training pairs (:func:`calibrate_temperature`).
 """
 
@@ -74,15 +77,19 @@ class RaterSettings:
 
 
 class _Split:
-    """One split's queries and images with what the raters see of them."""
+    """One split's queries and its natural images (no gallery image) with what the raters see
+    of them."""
 
-    def __init__(self, world: World, split: str, oracle: pa.Table, truth: dict[str, dict]) -> None:
+    def __init__(self, world: World, split: str, oracle: pa.Table, truth: dict[str, dict],
+                 gallery: set[str]) -> None:
         q = world.queries(split=split, kind="content")
         self.query_ids = q["query_id"].to_pylist()
         self.queries = q["query"].to_pylist()
         self.truths = [truth[i] for i in self.query_ids]
-        mask = np.asarray(oracle["split"].to_pylist()) == split
-        self.image_ids = [i for i, m in zip(oracle["id"].to_pylist(), mask, strict=True) if m]
+        ids = oracle["id"].to_pylist()
+        mask = (np.asarray(oracle["split"].to_pylist()) == split) & \
+            np.array([i not in gallery for i in ids], bool)
+        self.image_ids = [i for i, m in zip(ids, mask, strict=True) if m]
         self.labels = {k: np.asarray(oracle[k].to_pylist())[mask] for k in CONTENT_KEYS}
         self.beauty = np.asarray(oracle["beauty"].to_pylist(), np.float64)[mask]
 
@@ -102,7 +109,8 @@ def simulate_votes(world: World, s: RaterSettings) -> tuple[pa.Table, pa.Table, 
     """
     oracle = world.oracle()
     truth = {r["query_id"]: r for r in world.query_truth().to_pylist()}
-    splits = {k: _Split(world, k, oracle, truth) for k in ("train", "val", "test")}
+    gallery = world.gallery_ids()
+    splits = {k: _Split(world, k, oracle, truth, gallery) for k in ("train", "val", "test")}
     draws = {"train": splits["train"].draw(s, s.pairs_per_query, 1),
              "val": splits["val"].draw(s, s.pairs_per_query, 2),
              "test": splits["test"].draw(s, s.test_pairs_per_query, 3)}

@@ -1,6 +1,7 @@
-"""Held out by construction: test-split images never reach pre-training, and the evaluation
-searches them by default (preferences: tests/unit/test_preferences.py; the alignment trainer's
-guard: tests/integration/test_align.py)."""
+"""Held out by construction: test-split images (and the images rendered for the val / test
+galleries) never reach pre-training, and the evaluation searches them by default (preferences:
+tests/unit/test_preferences.py; the alignment trainer's guard: tests/integration/test_align.py;
+the galleries: tests/unit/test_galleries.py)."""
 
 from __future__ import annotations
 
@@ -32,6 +33,8 @@ def test_pretraining_sees_no_test_image(world):
     assert data.val_ids and {split[i] for i in data.val_ids} == {"val"}
     assert len(data.ids) == len(data.images) and len(data.val_ids) == len(data.val_images)
     assert sum(s == "test" for s in split.values()) > 0  # there was something to hold out
+    gallery = world.gallery_ids()  # the dense val / test galleries: never pre-trained on
+    assert world.gallery_ids("val") and not (set(data.ids) | set(data.val_ids)) & gallery
 
 
 def test_the_evaluation_searches_held_out_images_by_default(world):
@@ -42,5 +45,9 @@ def test_the_evaluation_searches_held_out_images_by_default(world):
     assert cfg.gallery == "test" and "held out" in GALLERY_VIEWS["test"]
     g = load_gallery(world=str(world.root), which=cfg.gallery)
     split = _split_of(world)
-    assert g.ids and {split[i] for i in g.ids} == {"test"}
+    # the held-out test images (reported on) and the val images (choices are made on): never
+    # a training image
+    assert g.ids and {split[i] for i in g.ids} == {"test", "val"}
+    assert {split[g.ids[i]] for i in g.indices("test")} == {"test"}
+    assert len(g.indices("test")) + len(g.indices("val")) == len(g.ids)
     assert len(load_gallery(world=str(world.root), which="all").ids) == len(split)

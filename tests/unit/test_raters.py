@@ -72,7 +72,8 @@ def test_draw_pairs_are_distinct_images_of_the_query_content():
 @pytest.fixture(scope="module")
 def small_world(tmp_path_factory) -> World:
     d = tmp_path_factory.mktemp("raters")
-    generate_world(WorldSpec(n_images=1200, n_queries=150, n_paraphrases=5, rows_per_file=600),
+    generate_world(WorldSpec(n_images=1200, n_queries=150, n_paraphrases=5, rows_per_file=600,
+                             gallery_relevant=0),  # votes skip galleries: test_galleries.py
                    d / "world", workers=1, progress=False)
     return World(d / "world")
 

@@ -16,19 +16,21 @@ from aligner.world.vocab import all_words
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     d = tmp_path_factory.mktemp("world")
-    generate_world(WorldSpec(n_images=300, n_queries=120, n_paraphrases=30, rows_per_file=100),
-                   d, workers=2, progress=False)
+    generate_world(WorldSpec(n_images=300, n_queries=120, n_paraphrases=30, rows_per_file=100,
+                             gallery_relevant=0), d, workers=2, progress=False)
     return World(d)
 
 
 def test_same_seed_same_world_regardless_of_workers(tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
-    spec = WorldSpec(n_images=60, n_queries=40, n_paraphrases=10)
+    spec = WorldSpec(n_images=60, n_queries=40, n_paraphrases=10, gallery_relevant=5)
     generate_world(spec, a, workers=1, progress=False)
     generate_world(spec, b, workers=2, progress=False)
-    for sub in ("corpus/part-00000.parquet", "eval/oracle.parquet", "queries/queries.parquet"):
-        assert pq.read_table(a / sub).equals(pq.read_table(b / sub)), sub
-    other = WorldSpec(n_images=60, n_queries=40, n_paraphrases=10, seed=1)
+    for sub in ("corpus/part-00000.parquet", "corpus/part-00001.parquet", "eval/oracle.parquet",
+                "queries/queries.parquet", "galleries.parquet"):
+        assert (a / sub).read_bytes() == (b / sub).read_bytes(), sub
+    assert pq.read_metadata(a / "galleries.parquet").num_rows > 0
+    other = WorldSpec(n_images=60, n_queries=40, n_paraphrases=10, seed=1, gallery_relevant=0)
     generate_world(other, tmp_path / "c", workers=1, progress=False)
     assert not pq.read_table(a / "corpus/part-00000.parquet").equals(
         pq.read_table(tmp_path / "c/corpus/part-00000.parquet"))
