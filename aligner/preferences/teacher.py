@@ -16,7 +16,8 @@ For each query's pool of candidate images (:mod:`aligner.preferences.candidates`
     or LMM labels - unlike the others it needs labelled data.
 
 The default negatives are generic: :data:`DEFAULT_BAD_TEMPLATE` is photo-critique vocabulary a
-user would write for real photographs, and the degraded copies default to
+photographer would write for real photographs, sharing no word with the built-in world's
+vocabulary, and the degraded copies default to
 :data:`aligner.preferences.degrade.DEFAULT_DEGRADE_KINDS`. The former defaults, written knowing
 the built-in world's hidden look factors (its colour rule included), survive only as an
 ablation: :data:`ORACLE_AWARE_BAD_TEMPLATE`, ``ORACLE_AWARE_DEGRADE_KINDS`` and the teacher
@@ -37,9 +38,11 @@ from aligner.preferences.degrade import DEFAULT_DEGRADE_KINDS, ORACLE_AWARE_DEGR
 TEACHER_COMPONENTS = ("scorer", "rephrase", "contrast", "reward")
 #: The antonym ("bad") prompt of ``contrast``: generic photo-critique vocabulary for real
 #: photographs (quality, focus, noise, exposure, colour, framing, compression), no particular
-#: colour cast. Worded as ``TemplateRephraser(style="reorg", polarity="bad")`` words it.
-DEFAULT_BAD_TEMPLATE = ("a low-quality, blurry, noisy, badly exposed, lifeless, awkwardly framed "
-                        "photo of {q} with compression artefacts")
+#: colour cast, and no word of the built-in world's vocabulary (its look phrases included:
+#: ``tests/unit/test_prompt_vocab.py``). Worded as
+#: ``TemplateRephraser(style="reorg", polarity="bad")`` words it.
+DEFAULT_BAD_TEMPLATE = ("a low-quality, unfocused, grain-ridden, poorly exposed, colourless, "
+                        "clumsily framed photo of {q} with compression artefacts")
 #: ABLATION ONLY. The former default, written knowing the built-in world's hidden look factors:
 #: it lists exactly those factors, including that world's particular colour rule (a sickly
 #: green tint). Using it tells the teacher the hidden taste, so it must only be used to measure

@@ -6,7 +6,7 @@ is only used when it stays faithful to the query (:func:`check_rephrase`); other
 falls back to the deterministic template rephrase, and the reason is kept per row::
 
     r = make_rephraser("local", prompt="detail")
-    r.version                        # 'local:smollm2-135m/detail.v1'
+    r.version                        # 'local:smollm2-135m/detail.v2'
     r.rephrase_batch(["two red circles on grass"])
     rows = r.rephrase_rows(queries)  # [Rephrase(text, rephraser, fallback, reason), ...]
 """
@@ -231,7 +231,7 @@ class Rephraser(ABC):
 
     @property
     def version(self) -> str:
-        """Back end + model + prompt template version, e.g. ``local:smollm2-135m/detail.v1``."""
+        """Back end + model + prompt template version, e.g. ``local:smollm2-135m/detail.v2``."""
         return f"{self.name}:{self.model}/{self.prompt.id}"
 
     @abstractmethod

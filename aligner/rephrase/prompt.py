@@ -35,7 +35,7 @@ class PromptTemplate:
 
     @property
     def id(self) -> str:
-        """``<name>.<version>``, e.g. ``detail.v1`` (recorded in the ``rephraser`` column)."""
+        """``<name>.<version>``, e.g. ``detail.v2`` (recorded in the ``rephraser`` column)."""
         return f"{self.name}.{self.version}"
 
     def user(self, query: str) -> str:
@@ -90,7 +90,7 @@ def available_prompts() -> dict[str, list[str]]:
 
 
 def load_prompt(spec: str) -> PromptTemplate:
-    """Load a template by style (``detail``: newest version), id (``detail.v1``) or file path.
+    """Load a template by style (``detail``: newest version), id (``detail.v2``) or file path.
 
     Raises:
         ValueError: an unknown style/version or a malformed file.

@@ -84,7 +84,7 @@ class RephraseConfig:
     backend: str = field(default="template", metadata={"help": " | ".join(BACKENDS)})
     style: str = field(default="detail", metadata={
         "help": "prompt template: detail | k_list | kw_dict | reorg | repeat, an id "
-                "(detail.v1) or a .yaml path"})
+                "(detail.v2) or a .yaml path"})
     polarity: str = field(default="good", metadata={"help": "template back end: good | bad"})
     splits: list[str] = field(default_factory=list, metadata={"help": "keep these splits"})
     kinds: list[str] = field(default_factory=list, metadata={"help": "keep these kinds"})

@@ -2,18 +2,23 @@
 
 Each of the paper's prompt styles has a fixed rule over a generic photographic lexicon::
 
-    detail   two red circles on grass, crisp and sharp, clean and noise-free, well-lit, ...
-    k_list   two red circles on grass; sharp focus, noise-free, well-exposed, vivid colours, ...
-    kw_dict  two red circles on grass {lighting: well-lit, beautiful natural light, focus: ...}
-    reorg    a crisp, clean, well-lit, vivid, well-composed photo of two red circles on grass ...
-    repeat   two red circles on grass, two red circles on grass, sharp focus, ...
+    detail   two red circles on grass, in focus with fine detail, low noise, properly ...
+    k_list   two red circles on grass; precise focus, low noise, proper exposure, rich ...
+    kw_dict  two red circles on grass {lighting: good natural light, proper exposure, ...}
+    reorg    a high-quality, in-focus, finely detailed, properly exposed, richly coloured,
+             pleasingly framed photo of two red circles on grass in good natural light
+    repeat   two red circles on grass, two red circles on grass, precise focus, ...
 
-``polarity="bad"`` gives the antonym rephrase ("a low-quality, blurry, noisy, badly exposed,
-lifeless, awkwardly framed photo of <query> with compression artefacts": the reorg style is
-:data:`aligner.preferences.teacher.DEFAULT_BAD_TEMPLATE`), for antonym-contrast scores in the
-CLIP-IQA manner: ``sim(image, good) - sim(image, bad)``. Both lexicons are generic
-photo-quality vocabulary a user would write for real photographs (focus, noise, exposure,
-colour, framing, compression), with no particular colour cast or composition rule.
+``polarity="bad"`` gives the antonym rephrase ("a low-quality, unfocused, grain-ridden, poorly
+exposed, colourless, clumsily framed photo of <query> with compression artefacts": the reorg
+style is :data:`aligner.preferences.teacher.DEFAULT_BAD_TEMPLATE`), for antonym-contrast
+scores in the CLIP-IQA manner: ``sim(image, good) - sim(image, bad)``. Both lexicons are
+generic photo-quality vocabulary a photographer would write for real photographs (focus and
+detail, noise, exposure and light, colour, framing, compression), with no particular colour
+cast, tone or composition rule, and they share no word with the built-in world's vocabulary
+(``aligner/world/vocab.py``: its content words and look phrases; checked by
+``tests/unit/test_prompt_vocab.py``). The good ``reorg`` rendering is also the evaluation's
+premise phrase (:func:`aligner.evaluation.oracle.with_good_looks`).
 
 ``polarity="bad_oracle_aware"`` (:data:`ORACLE_AWARE_BAD_LEXICON`) is an ABLATION ONLY: the
 former bad lexicon, written knowing the built-in world's hidden look factors, including its
@@ -32,9 +37,11 @@ from typing import Any
 
 from aligner.rephrase.base import Failed, Rephraser
 
-# v2: generic lexicons (v1's "good" said "centred" and "warm golden light", its "bad" was the
-# oracle-aware lexicon below).
-TEMPLATE_VERSION = "v2"
+# v3: lexicons reworded to share no word with the built-in world's vocabulary (v2 was generic
+# in intent but made of that world's look phrases: "crisp", "clean", "well-lit", "vivid",
+# "blurry", "noisy", "lifeless" ...). v2: generic lexicons (v1's "good" said "centred" and
+# "warm golden light", its "bad" was the oracle-aware lexicon below).
+TEMPLATE_VERSION = "v3"
 
 #: ABLATION ONLY: the v1 bad lexicon, written knowing the built-in world's hidden look factors
 #: (it names exactly those factors and that world's colour rule, a sickly green tint).
@@ -51,27 +58,28 @@ ORACLE_AWARE_BAD_LEXICON: dict[str, Any] = {
 
 LEXICON: dict[str, dict[str, Any]] = {
     "good": {
-        "adjectives": ("crisp", "clean", "well-lit", "vivid", "well-composed"),
-        "tail": "in beautiful natural light",
-        "detail": "crisp and sharp, clean and noise-free, well-lit, vivid natural colours, "
-                  "well-composed, beautiful natural light",
-        "keywords": ("sharp focus", "noise-free", "well-exposed", "vivid colours",
-                     "balanced composition", "beautiful natural light", "fine detail",
-                     "balanced contrast"),
-        "dict": {"lighting": "well-lit, beautiful natural light", "focus": "crisp and sharp",
-                 "colour": "vivid, natural, harmonious",
-                 "composition": "well-composed, balanced"},
+        "adjectives": ("high-quality", "in-focus", "finely detailed", "properly exposed",
+                       "richly coloured", "pleasingly framed"),
+        "tail": "in good natural light",
+        "detail": "in focus with fine detail, low noise, properly exposed, rich natural colour, "
+                  "pleasing framing, good natural light",
+        "keywords": ("precise focus", "low noise", "proper exposure", "rich natural colour",
+                     "pleasing framing", "good natural light", "fine detail", "good contrast"),
+        "dict": {"lighting": "good natural light, proper exposure",
+                 "focus": "precise, fine detail, low noise",
+                 "colour": "rich, natural, true to life",
+                 "composition": "pleasing, uncluttered framing"},
     },
     "bad": {
-        "adjectives": ("low-quality", "blurry", "noisy", "badly exposed", "lifeless",
-                       "awkwardly framed"),
+        "adjectives": ("low-quality", "unfocused", "grain-ridden", "poorly exposed", "colourless",
+                       "clumsily framed"),
         "tail": "with compression artefacts",
-        "detail": "blurry and out of focus, noisy, badly exposed, flat lifeless colours, "
-                  "awkwardly framed, compression artefacts, low quality",
-        "keywords": ("out of focus", "noisy", "badly exposed", "flat colours", "awkward framing",
+        "detail": "unfocused with no fine detail, grain-ridden, poorly exposed, colourless, "
+                  "clumsily framed, compression artefacts, low quality",
+        "keywords": ("unfocused", "grain-ridden", "poor exposure", "colourless", "clumsy framing",
                      "compression artefacts", "no detail", "low quality"),
-        "dict": {"lighting": "badly exposed, harsh or murky", "focus": "blurry, out of focus",
-                 "colour": "flat, lifeless, unnatural", "composition": "awkward, cluttered"},
+        "dict": {"lighting": "poorly exposed, harsh or muddy", "focus": "unfocused, grain-ridden",
+                 "colour": "colourless, unnatural", "composition": "clumsy, cluttered"},
     },
     "bad_oracle_aware": ORACLE_AWARE_BAD_LEXICON,  # ablation only: select it explicitly
 }
@@ -121,7 +129,7 @@ class TemplateRephraser(Rephraser):
 
     @property
     def version(self) -> str:
-        """e.g. ``template:good/detail.v2`` or ``template:bad/reorg.v2``."""
+        """e.g. ``template:good/detail.v3`` or ``template:bad/reorg.v3``."""
         return f"template:{self.polarity}/{self.style}.{TEMPLATE_VERSION}"
 
     def rephrase_one(self, query: str) -> str:

@@ -113,7 +113,7 @@ def test_openai_ok_cleans_answers_and_sends_the_key(monkeypatch):
         assert [x.text for x in rows] == [f"{q}, soft window light, sharp focus"
                                           for q in QUERIES[:4]]
         assert not any(x.fallback for x in rows)
-        assert {x.rephraser for x in rows} == {"openai:fake-llm/detail.v1"}
+        assert {x.rephraser for x in rows} == {"openai:fake-llm/detail.v2"}
         assert set(srv.auth) == {"Bearer sk-test-123"}
         assert "sk-test-123" not in json.dumps(r.describe())
         monkeypatch.setenv("FAKE_KEY", "wrong")  # 401 is not retried; rows fall back
@@ -186,10 +186,10 @@ def test_job_template_end_to_end_skip_and_overwrite(ray_session, tmp_path):
     assert t["query_id"].to_pylist() == ids  # input order
     for q, r in zip(t["query"].to_pylist(), t["rephrased"].to_pylist(), strict=True):
         assert r == TemplateRephraser("kw_dict").rephrase_one(q)
-    assert set(t["rephraser"].to_pylist()) == {"template:good/kw_dict.v2"}
+    assert set(t["rephraser"].to_pylist()) == {"template:good/kw_dict.v3"}
     m = json.loads((out / "manifest.json").read_text())
     assert (m["rows_in"], m["rows_out"], m["fallbacks"], m["backend"], m["prompt"]) == (
-        12, 12, 0, "template", "kw_dict.v1")
+        12, 12, 0, "template", "kw_dict.v2")
     assert m["this_run"]["rows"] == 12 and m["this_run"]["queries_per_s"] > 0
     assert (out / "config.yaml").is_file() and not (out / "parts").exists()
     # a complete output is skipped
@@ -202,7 +202,7 @@ def test_job_template_end_to_end_skip_and_overwrite(ray_session, tmp_path):
                            splits=["test"], overwrite=True, progress=False))
     t3 = pq.read_table(out / "queries.parquet")
     assert m["rows_out"] == 4 and set(t3["split"].to_pylist()) == {"test"}
-    assert all(r.startswith("a low-quality, blurry, noisy")
+    assert all(r.startswith("a low-quality, unfocused, grain-ridden")
                for r in t3["rephrased"].to_pylist())
 
 
@@ -214,7 +214,7 @@ def test_job_resumes_from_finished_parts(ray_session, tmp_path):
                          progress=False, rows_per_part=3)
     done = pq.read_table(src).slice(0, 4).append_column(
         "rephrased", pa.array(["kept from before"] * 4)).append_column(
-        "rephraser", pa.array(["template:good/repeat.v2"] * 4)).append_column(
+        "rephraser", pa.array(["template:good/repeat.v3"] * 4)).append_column(
         "fallback", pa.array([False] * 4)).append_column("fallback_reason", pa.array([""] * 4))
     (out / "parts").mkdir(parents=True)
     pq.write_table(done, out / "parts" / "part-00000.parquet")
@@ -273,12 +273,12 @@ def test_job_openai_backend_against_fake_server(ray_session, tmp_path):
     for row in rows:
         assert check_rephrase(row["query"], row["rephrased"]) is None
     drop = [r for r in rows if r["query_id"] == "q-drop"][0]
-    assert drop["fallback"] and drop["rephraser"] == "template:good/detail.v2"
+    assert drop["fallback"] and drop["rephraser"] == "template:good/detail.v3"
     assert sum(r["fallback"] for r in rows) == 1
     m = json.loads((out / "manifest.json").read_text())
     assert m["fallbacks_by_reason"] == {"drops_content": 1}
-    assert m["rephraser_versions"] == {"openai:fake-llm/detail.v1": 8,
-                                       "template:good/detail.v2": 1}
+    assert m["rephraser_versions"] == {"openai:fake-llm/detail.v2": 8,
+                                       "template:good/detail.v3": 1}
 
 
 def test_vllm_processor_builds_lazily_without_vllm(ray_session, tmp_path):

@@ -128,8 +128,8 @@ def test_aesthetic_score_combines_z_scores():
 def test_template_rephraser():
     bad = Te.template_rephraser()
     assert bad(["two red circles. "]) == [
-        "a low-quality, blurry, noisy, badly exposed, lifeless, awkwardly framed photo of two "
-        "red circles with compression artefacts"]
+        "a low-quality, unfocused, grain-ridden, poorly exposed, colourless, clumsily framed "
+        "photo of two red circles with compression artefacts"]
     assert Te.template_rephraser(Te.ORACLE_AWARE_BAD_TEMPLATE)(["two red circles"]) == [
         "a blurry, grainy, dark, dull, off-centre photo of two red circles with a sickly "
         "green tint"]

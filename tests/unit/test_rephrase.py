@@ -42,49 +42,56 @@ def test_template_styles_are_deterministic_and_faithful(style, polarity):
         assert check_rephrase(q, out) is None, (q, out)
     rows = r.rephrase_rows(QUERIES)
     assert not any(x.fallback for x in rows)
-    assert {x.rephraser for x in rows} == {f"template:{polarity}/{style}.v2"}
+    assert {x.rephraser for x in rows} == {f"template:{polarity}/{style}.v3"}
 
 
 def test_template_style_shapes():
     q = "two red circles on grass"
     t = {s: TemplateRephraser(style=s).rephrase_one(q) for s in TemplateRephraser.STYLES}
-    assert t["detail"].startswith(q + ", ") and "sharp" in t["detail"]
+    assert t["detail"].startswith(q + ", ") and "fine detail" in t["detail"]
     head, _, kws = t["k_list"].partition("; ")
     assert head == q and len(kws.split(", ")) == 5
     assert TemplateRephraser("k_list", k=3).rephrase_one(q).count(",") == 2
     assert t["kw_dict"].startswith(q + " {") and t["kw_dict"].endswith("}")
     for key in ("lighting:", "focus:", "colour:", "composition:"):
         assert key in t["kw_dict"]
-    assert t["reorg"].startswith("a crisp") and " photo of two red circles on grass " in t["reorg"]
+    assert t["reorg"].startswith("a high-quality, in-focus")
+    assert " photo of two red circles on grass " in t["reorg"]
     assert t["repeat"].startswith(f"{q}, {q}, ")
 
 
 def test_template_bad_polarity_is_the_antonym():
     q = "two red circles on grass"
     bad = TemplateRephraser(style="reorg", polarity="bad").rephrase_one(q)
-    assert bad == ("a low-quality, blurry, noisy, badly exposed, lifeless, awkwardly framed photo "
-                   "of two red circles on grass with compression artefacts")
+    assert bad == ("a low-quality, unfocused, grain-ridden, poorly exposed, colourless, clumsily "
+                   "framed photo of two red circles on grass with compression artefacts")
     good = TemplateRephraser(style="reorg").rephrase_one(q)
-    assert not set(content_words(good)) & {"blurry", "noisy", "badly", "lifeless", "awkwardly"}
+    assert good == ("a high-quality, in-focus, finely detailed, properly exposed, richly "
+                    "coloured, pleasingly framed photo of two red circles on grass in good "
+                    "natural light")
+    assert not set(content_words(good)) & {"unfocused", "grain", "ridden", "poorly",
+                                           "colourless", "clumsily", "compression"}
     # the former, oracle-aware bad lexicon is an ablation, selected only by its own name
     old = TemplateRephraser(style="reorg", polarity="bad_oracle_aware")
     assert old.rephrase_one(q) == ("a blurry, grainy, dark, dull, off-centre photo of two red "
                                    "circles on grass with a sickly green tint")
-    assert old.version == "template:bad_oracle_aware/reorg.v2"
+    assert old.version == "template:bad_oracle_aware/reorg.v3"
     # the medium is not doubled
     assert TemplateRephraser(style="reorg").rephrase_one("a photo of a dog").count("photo") == 1
 
 
 def test_template_lexicons_are_generic():
     """The default lexicons are generic photo vocabulary: no colour at all (so they pass the
-    strict check that LLM answers face), no cast of the built-in world, no composition rule."""
+    strict check that LLM answers face), no cast of the built-in world, no composition rule
+    (no word of the world's vocabulary at all: tests/unit/test_prompt_vocab.py)."""
     from aligner.rephrase.template import LEXICON, ORACLE_AWARE_BAD_LEXICON
 
     assert LEXICON["bad_oracle_aware"] is ORACLE_AWARE_BAD_LEXICON
     assert "sickly green tint" in ORACLE_AWARE_BAD_LEXICON["tail"]
     for polarity in ("good", "bad"):
         text = str(LEXICON[polarity]).lower()
-        for word in ("green", "tint", "sickly", "golden", "centred", "off-centre"):
+        for word in ("green", "tint", "sickly", "golden", "warm", "centred", "off-centre",
+                     "crisp", "vivid", "well-lit", "blurry", "noisy", "lifeless"):
             assert word not in text, (polarity, word)
         for style in TemplateRephraser.STYLES:
             r = TemplateRephraser(style=style, polarity=polarity, k=8)
@@ -194,10 +201,10 @@ def test_fallback_rows_keep_the_reason_and_who_produced_them():
                   "a cat": "a cat"})
     rows = r.rephrase_rows(["two red circles on grass", "a cat on a sofa",
                             "three blue stars on sand", "a cat", "", None])
-    assert rows[0] == ("two red circles on grass, soft light", "scripted:default/detail.v1",
+    assert rows[0] == ("two red circles on grass, soft light", "scripted:default/detail.v2",
                        False, "")
     assert rows[1].fallback and rows[1].reason == "drops_content: cat"
-    assert rows[1].rephraser == "template:good/detail.v2"
+    assert rows[1].rephraser == "template:good/detail.v3"
     assert rows[1].text == TemplateRephraser("detail").rephrase_one("a cat on a sofa")
     assert rows[2].fallback and rows[2].reason == "http_error: 500"
     assert rows[3].reason == "echo"
@@ -221,7 +228,7 @@ def test_no_fallback_keeps_the_query():
 
 def test_make_rephraser():
     r = make_rephraser("template", style="reorg", polarity="bad")
-    assert isinstance(r, TemplateRephraser) and r.version == "template:bad/reorg.v2"
+    assert isinstance(r, TemplateRephraser) and r.version == "template:bad/reorg.v3"
     assert make_rephraser("template", prompt="k_list").style == "k_list"
     assert make_rephraser("aligner.rephrase.template:TemplateRephraser").style == "detail"
     with pytest.raises(ValueError, match="unknown rephraser"):
@@ -238,7 +245,9 @@ def test_prompt_files_load_with_few_shot_examples():
         p = load_prompt(style)
         assert p.id == f"{style}.{known[style][-1]}" and load_prompt(p.id) == p
         assert 3 <= len(p.examples) <= 4, style
-        assert any(q == "three blue stars on sand" for q, _ in p.examples)
+        # v2: real-world subjects and generic words (v1 used the built-in world's content
+        # and taste; tests/unit/test_prompt_vocab.py checks every word)
+        assert p.version == "v2" and known[style] == ["v2"], (style, known[style])
         assert p.system and "{query}" in p.user_template
         for q, r in p.examples:  # the examples themselves are faithful and use the prefix
             assert check_rephrase(q, r, strict=True) is None, (style, q, r)
@@ -273,7 +282,7 @@ def test_local_llm_rephrases_faithfully():
         pytest.skip("loading the GGUF needs gguf and accelerate (both in requirements.txt)")
     r = make_rephraser("local", prompt="detail", batch_size=3, num_threads=1)
     queries = ["a cat on a sofa", "two red circles on grass", "a lighthouse by the sea"]
-    assert r.version == "local:smollm2-135m/detail.v1"
+    assert r.version == "local:smollm2-135m/detail.v2"
     raw = r.generate(queries)
     rows = r.rephrase_rows(queries)
     for q, text, row in zip(queries, raw, rows, strict=True):
@@ -299,11 +308,11 @@ def test_finalise_batch_checks_processor_outputs_and_errors():
              "raw_output": np.array(["a cat on a sofa, soft light", "", "a dog, soft light", ""],
                                     dtype=object),
              "__inference_error__": np.array(["", "", "CUDA OOM", ""], dtype=object)}
-    out = finalise_batch(batch, version="vllm:m/detail.v1", style="detail")
+    out = finalise_batch(batch, version="vllm:m/detail.v2", style="detail")
     assert "raw_output" not in out and "__inference_error__" not in out
     assert list(out["rephrased"])[0] == "a cat on a sofa, soft light"
-    assert list(out["rephraser"]) == ["vllm:m/detail.v1", "template:good/detail.v2",
-                                      "template:good/detail.v2", "identity"]
+    assert list(out["rephraser"]) == ["vllm:m/detail.v2", "template:good/detail.v3",
+                                      "template:good/detail.v3", "identity"]
     assert list(out["fallback"]) == [False, True, True, True]
     assert list(out["fallback_reason"]) == ["", "empty", "error: CUDA OOM", "empty_query"]
 
