@@ -7,10 +7,13 @@
 The starting checkpoint is also the frozen reference of the DPO loss. Pairs of training
 queries train; pairs of validation queries (the queries table's ``split``) and held-out
 caption recall choose the output (``train.selection``): by default the weight-space
-interpolation ``start + alpha * (final - start)`` (WiSE-FT) that moved furthest towards the
-teacher on held-out pairs (reward margin) while its validation recall@10 stays within
-``train.recall_tolerance`` plus ``train.recall_z`` paired standard errors of the start. ``train.pref_weight=0`` trains the contrastive-only
-control with the same steps and data. Outputs: ``checkpoint/`` (the selected state),
+interpolation ``start + alpha * (final - start)`` (WiSE-FT, alpha 0 included) that moved
+furthest towards the teacher on held-out pairs (reward margin) among those that pass a
+non-inferiority test on validation recall@10: the paired drop vs the start plus
+``train.recall_z`` standard errors is at most ``train.recall_margin``. The start always passes,
+so a run that cannot show non-inferiority outputs the start. ``train.pref_weight=0`` trains the
+contrastive-only control with the same steps and data (``train.selection=fixed`` with
+``train.wise_alphas=[alpha]`` outputs it at exactly the aligned model's alpha). Outputs: ``checkpoint/`` (the selected state),
 ``last/``, ``train_log.jsonl`` + ``train_log.csv``, ``training.png``, ``metrics.json``,
 ``config.yaml``, ``manifest.json``. A re-run on the same output resumes from its latest
 checkpoint; ``max_failures`` restarts a crashed worker group from it. The inputs

@@ -17,7 +17,10 @@ image tower once over the unique images, and minimises
 ``pref_weight * ranked_dpo + contrastive_weight * InfoNCE`` (:mod:`aligner.training.losses`),
 with optional gradient accumulation. Rank 0 validates every ``eval_every`` steps on held-out
 queries' teacher pairs and held-out captions; :mod:`aligner.training.selection` picks the
-output state from those validations (never the oracle).
+output state from those validations (never the oracle): by default the weight interpolation
+with the largest validation reward margin among those that pass a non-inferiority test on
+validation recall@10 (paired drop vs the start + ``recall_z`` SE <= ``recall_margin``); the
+start (alpha 0) always passes.
 """
 
 from __future__ import annotations
@@ -234,8 +237,8 @@ class AlignSteps(LoopSteps):
                  place: Callable[[torch.nn.Module], tuple] | None = None) -> None:
         self.model, self.data, self.cfg = model, data, cfg
         self.mean, self.std, self.device, self.rank, self.world = mean, std, device, rank, world
-        self.selection = Selection(model, cfg.selection, cfg.wise_alphas, cfg.recall_tolerance,
-                                   self.validate, cfg.recall_z)
+        self.selection = Selection(model, cfg.selection, cfg.wise_alphas, self.validate,
+                                   margin=cfg.recall_margin, z=cfg.recall_z)
         self.last_hits: np.ndarray | None = None  # the last validation's per-caption r@10
         set_trainable(model, cfg.towers, cfg.vision_last_blocks, cfg.text_unlocked_layers)
         use_tokens = data.query_text is None or cfg.text_unlocked_layers > 0
@@ -374,11 +377,10 @@ class AlignSteps(LoopSteps):
         return out
 
     def begin(self, history: list[dict[str, Any]]) -> None:
-        """Validate the starting model once (the reference point of selection)."""
+        """Validate the starting model once (the reference of the non-inferiority test)."""
         if self.selection.start_metrics is None and self.cfg.eval_every:
             start = {"step": 0, **self.validate()}
-            self.selection.start_metrics = start
-            self.selection.start_hits = self.last_hits
+            self.selection.set_start(start, self.last_hits)
             history.append(start)
             log.info("start: %s", fmt(start))
 

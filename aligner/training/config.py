@@ -17,14 +17,14 @@ hold what differs from them. Each ``__post_init__`` names the field a bad value 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from aligner.data.io import is_uri
 from aligner.retrieval.models import ModelSpec
 
 TOWERS = ("vision", "text", "both")
-SELECTIONS = ("wise", "early_stopping", "last")
+SELECTIONS = ("wise", "early_stopping", "last", "fixed")
 
 
 def _check_schedule(cfg: Any) -> None:
@@ -119,18 +119,24 @@ class AlignLoopConfig:
         "help": "with towers=text|both: unlock the last N text layers (0: projection only)"})
     text_lr_scale: float = field(default=0.1, metadata={"help": "LR scale of text parameters"})
     selection: str = field(default="wise", metadata={
-        "help": "which state is the output: wise (the best weight interpolation between the "
-                "start and the final state on validation) | early_stopping (the best validated "
-                "step) | last"})
+        "help": "which state is the output: wise (the weight interpolation start + alpha "
+                "(final - start), alpha 0 included, with the largest validation reward margin "
+                "among those that pass the non-inferiority test on validation recall@10) | "
+                "early_stopping (the same over the validated steps, the start included) | last "
+                "| fixed (the one interpolation wise_alphas[0], no test: the contrastive-only "
+                "control at the aligned model's alpha)"})
     wise_alphas: list[float] = field(default_factory=lambda: [0.4, 0.6, 0.8, 1.0], metadata={
-        "help": "selection=wise: interpolation weights tried (1 = the final state)"})
-    recall_tolerance: float = field(default=0.01, metadata={
-        "help": "selection: max drop of validation recall@10 vs the start (plus recall_z "
-                "standard errors)"})
+        "help": "selection=wise: interpolation weights tried in (0, 1] besides the start, "
+                "alpha 0, which is always a candidate (1 = the final state); selection=fixed: "
+                "the one alpha in [0, 1] output"})
+    recall_margin: float = field(default=0.01, metadata={
+        "help": "selection: the non-inferiority margin of validation recall@10 "
+                "(docs/defaults.md): a state passes when its paired drop vs the start plus "
+                "recall_z standard errors is at most this"})
     recall_z: float = field(default=1.645, metadata={
-        "help": "selection: standard errors of the paired validation recall@10 drop added to "
-                "recall_tolerance (1.645: a drop within one-sided 95% noise of the tolerance "
-                "passes; 0: the fixed tolerance alone)"})
+        "help": "selection: paired standard errors of the validation recall@10 drop added to "
+                "it before the margin (1.645: the one-sided 95% upper bound; 0: the measured "
+                "drop alone)"})
     seed: int = field(default=0, metadata={
         "help": "seed of sampling (and of the query split and degraded copies)"})
     eval_every: int = field(default=20, metadata={"help": "validate every N steps (0: never)"})
@@ -159,15 +165,28 @@ class AlignLoopConfig:
             raise ValueError(f"vision_last_blocks must be >= 0, got {self.vision_last_blocks}")
         if self.selection not in SELECTIONS:
             raise ValueError(f"selection must be one of {SELECTIONS}, got {self.selection!r}")
-        if not self.wise_alphas or any(not 0 < a <= 1 for a in self.wise_alphas):
-            raise ValueError(f"wise_alphas must be non-empty values in (0, 1], got "
-                             f"{self.wise_alphas}")
-        if self.selection == "wise" and len(self.wise_alphas) > 1 and not self.eval_every:
-            raise ValueError("selection=wise with several wise_alphas needs eval_every > 0")
-        if self.recall_tolerance < 0:
-            raise ValueError(f"recall_tolerance must be >= 0, got {self.recall_tolerance}")
+        if self.selection == "fixed":
+            if len(self.wise_alphas) != 1 or not 0 <= self.wise_alphas[0] <= 1:
+                raise ValueError(f"selection=fixed takes wise_alphas with exactly one value in "
+                                 f"[0, 1], got {self.wise_alphas}")
+        elif not self.wise_alphas or any(not 0 < a <= 1 for a in self.wise_alphas):
+            raise ValueError(f"wise_alphas must be non-empty values in (0, 1] (the start, "
+                             f"alpha 0, is always a candidate), got {self.wise_alphas}")
+        if self.selection == "wise" and not self.eval_every:
+            raise ValueError("selection=wise needs eval_every > 0: the start's validation is "
+                             "the reference of the non-inferiority test")
+        if self.recall_margin < 0:
+            raise ValueError(f"recall_margin must be >= 0, got {self.recall_margin}")
         if self.recall_z < 0:
             raise ValueError(f"recall_z must be >= 0, got {self.recall_z}")
+
+
+def control_loop(train: AlignLoopConfig, alpha: float) -> AlignLoopConfig:
+    """The contrastive-only control of a fine-tune that selected ``alpha``: the same loop
+    (steps, data sampling, schedule) without the preference loss, output at exactly that alpha
+    (``selection=fixed``: no test of its own, so the control cannot fall back to another
+    alpha; alpha 0 makes the control the start as well)."""
+    return replace(train, pref_weight=0.0, selection="fixed", wise_alphas=[float(alpha)])
 
 
 def _check_ray(cfg: Any) -> None:

@@ -64,7 +64,7 @@ def test_align_two_workers_learns_and_resumes(ray_session, setup, tmp_path):
               f"model.checkpoint={setup / 'start'}", f"output={out}", "num_workers=2",
               "train.pairs_per_step=32", "train.captions_per_step=32", "train.lr=1e-3",
               "train.warmup=2", "train.eval_every=10", "train.log_every=5",
-              "train.checkpoint_every=10", "train.grad_accum=2", "train.recall_tolerance=1.0"]
+              "train.checkpoint_every=10", "train.grad_accum=2", "train.recall_margin=1.0"]
     assert main([*common, "train.steps=20"]) == 0
     hist = _history(out)
     assert [h["step"] for h in hist] == [0, 5, 10, 15, 20], hist
@@ -77,9 +77,11 @@ def test_align_two_workers_learns_and_resumes(ray_session, setup, tmp_path):
         start["val_pair_acc"], hist
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["train_pairs_by_source"]["degraded"] > 0 and metrics["val_pairs"] > 0
-    # train.selection=wise (default): every interpolation was validated; the chosen one is among them
+    # train.selection=wise (default): every interpolation, the start (alpha 0) included, was
+    # validated; the chosen one is among them
     alphas = [r["alpha"] for r in metrics["interpolations"]]
-    assert alphas == [0.4, 0.6, 0.8, 1.0] and metrics["selected_alpha"] in alphas
+    assert alphas == [0.0, 0.4, 0.6, 0.8, 1.0] and metrics["selected_alpha"] in alphas
+    assert all(r["noninferior"] for r in metrics["interpolations"])  # recall_margin=1.0
     assert all("val_pair_margin" in r and "val_r@10" in r for r in metrics["interpolations"])
     before = load_file(str(setup / "start" / "open_clip_model.safetensors"))
     after = load_file(str(out / "checkpoint" / "open_clip_model.safetensors"))
