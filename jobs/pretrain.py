@@ -59,9 +59,10 @@ def _log_summary(m: dict) -> None:
                  "precision@10 %.3f (chance %.3f)", key, what, h["hit@10"]["mean"],
                  h["hit@10_chance"]["mean"], h["precision@10"]["mean"],
                  h["precision@10_chance"]["mean"])
-    g = p["aesthetic@10_gain"]
-    log.info("premise: + good look words changes oracle aesthetic@10 by %+.3f [%.3f, %.3f]",
-             g["mean"], g["ci_low"], g["ci_high"])
+    g, b = p["ndcg@10_gain"], p["beauty_relevant@10_gain"]
+    log.info("premise: + good look words changes nDCG@10 (gain match x beauty) by %+.3f "
+             "[%.3f, %.3f] and beauty among relevant results by %+.3f [%.3f, %.3f]",
+             g["mean"], g["ci_low"], g["ci_high"], b["mean"], b["ci_low"], b["ci_high"])
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -60,6 +60,10 @@ class QuickstartConfig:
     n_images: int = field(default=10_000, metadata={"help": "world size"})
     seed: int = field(default=0, metadata={"help": "world seed"})
     n_queries: int = field(default=600, metadata={"help": "content queries (60/10/30 split)"})
+    gallery_relevant: int = field(default=20, metadata={
+        "help": "dense val/test galleries: images rendered per val and test content query "
+                "until its split holds at least this many relevant images (0: none; "
+                "docs/evaluation.md)"})
     pretrain_steps: int = field(default=3000, metadata={
         "help": "pre-training steps when the base is trained here"})
     rephraser: str = field(default="local", metadata={
@@ -100,6 +104,8 @@ class QuickstartConfig:
             raise ValueError("n_images must be at least 200 for a meaningful quickstart")
         if self.rephraser not in ("local", "template"):
             raise ValueError("rephraser must be 'local' or 'template'")
+        if self.gallery_relevant < 0:
+            raise ValueError("gallery_relevant must be >= 0")
         if self.base not in ("auto", "shipped"):
             raise ValueError("base must be 'auto' or 'shipped'")
         if self.base == "shipped" and self.from_scratch:
@@ -161,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     from aligner.rephrase.run import RephraseConfig, run_rephrase
     from aligner.retrieval.embed import EmbedConfig, run_embed
     from aligner.retrieval.models import ModelSpec
-    from aligner.training.config import AlignConfig
+    from aligner.training.config import AlignConfig, control_loop
     from aligner.training.runs import run_align
     from jobs import build_index, make_world, search
 
@@ -177,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     pipe = Pipeline(work, cfg.fresh)
 
     wc = replace(make_world.MakeWorldConfig(), output=str(p["world"]), n_images=cfg.n_images,
-                 seed=cfg.seed, n_queries=cfg.n_queries)
+                 seed=cfg.seed, n_queries=cfg.n_queries, gallery_relevant=cfg.gallery_relevant)
     pipe.stage("world", p["world"], lambda: make_world.run(wc), wc)
     base_info = base_stage(cfg, pipe, p["world"], p["base"])
     base = ModelSpec(checkpoint=str(p["base"] / "checkpoint"))
@@ -222,11 +228,10 @@ def main(argv: list[str] | None = None) -> int:
         trained[name] = out / "checkpoint"
     if cfg.reward:
         trained["aligned_reward"] = reward_stages(cfg, pipe, work, p, base, ac0)
-    if cfg.control:  # same data, steps and weight interpolation as the aligned model
+    if cfg.control:  # same data, steps and alpha as the aligned model (selection=fixed)
         alpha = _read(p["aligned"] / "metrics.json").get("selected_alpha", 1.0)
         cc = replace(ac0, preferences=str(pref_dirs[cfg.teacher]), output=str(p["control"]),
-                     train=replace(ac0.train, pref_weight=0.0, selection="wise",
-                                   wise_alphas=[alpha]))
+                     train=control_loop(ac0.train, alpha))
         pipe.stage("control", p["control"], lambda: run_align(cc), cc,
                    after=["world", "base", f"preferences:{cfg.teacher}", "aligned"])
         trained["control"] = p["control"] / "checkpoint"
@@ -315,12 +320,27 @@ def _summary(p: dict[str, Path], base_info: dict, teachers: list[str]) -> dict[s
         "teacher_agreement": {n: {"agreement": (d.get("all") or {}).get("agreement", {}).get(
             "mean"), "pairs": (d.get("all") or {}).get("pairs")}
             for n, d in (ev.get("teacher") or {}).items()},
-        "aligned_vs_base": {f"aesthetic@{k}": comp.get(f"aesthetic@{k}_diff"),
-                            "recall@10": comp.get("recall@10_diff"), "hpir": comp.get("hpir_diff")},
-        "premise": (ev.get("premise") or {}).get("aesthetic@10_gain"),
+        "aligned_vs_base": {key: comp.get(f"{key}_diff") for key in (
+            f"ndcg@{k}", f"beauty_relevant@{k}", f"precision@{k}", "recall@10",
+            "hpir_aesthetics", "hpir_accuracy", f"aesthetic@{k}")},
+        "gallery": ev.get("gallery", {}),
+        "premise": (ev.get("premise") or {}).get(f"ndcg@{k}_gain"),
         "report": str(p["evaluate"] / "report.html"),
         "search": sorted(str(x) for x in p["search"].glob("*.png")),
     }
+
+
+def _relevant_line(gallery: dict) -> str:
+    """How many relevant images the held-out and selection queries have in their galleries."""
+    parts = []
+    for label, key in (("held-out", "held_out"), ("selection", "selection")):
+        g = gallery.get(key) or {}
+        d = g.get("relevant_per_query") or {}
+        if d.get("queries"):
+            parts.append(f"{label} {g.get('split') or 'all'} gallery {g.get('images')} images, "
+                         f"relevant per query min {d['min']:.0f} median {d['median']:.0f} "
+                         f"max {d['max']:.0f}")
+    return "; ".join(parts) or "n/a"
 
 
 def _print(s: dict, timings: dict, total: float, p: dict[str, Path]) -> None:
@@ -333,20 +353,26 @@ def _print(s: dict, timings: dict, total: float, p: dict[str, Path]) -> None:
         "", "=" * 86,
         "quickstart: world -> base -> embed -> index -> rephrase -> preferences -> "
         "align -> evaluate", "=" * 86,
-        f"world      {s['world'].get('images')} images {s['world'].get('splits')}",
+        f"world      {s['world'].get('images')} images {s['world'].get('splits')}: "
+        f"{s['world'].get('natural_images')} natural + {s['world'].get('gallery_images')} "
+        "rendered for the val / test galleries",
+        f"gallery    {_relevant_line(s['gallery'])}",
         f"base       {s['base']['source']}: {s['base']['why']}",
         f"rephrase   {rep.get('prompt')} via {rep.get('backend')}: {rep.get('rows_out')} queries, "
         f"{rep.get('fallbacks')} fell back to the template {rep.get('fallbacks_by_reason') or ''}",
         "teachers   pairs agreeing with the oracle: " + ", ".join(
             f"{t} {v['agreement']:.3f} ({v['pairs']} pairs)"
             for t, v in s["teacher_agreement"].items() if v["agreement"] is not None),
-        f"premise    + good look words, base model: aesthetic@10 "
+        f"premise    + generic good-photo words, base model: nDCG@10 "
         f"{fmt_ci(s['premise'], signed=True)}",
         "", "held-out queries (oracle = the hidden human):",
         summary_table(ev) if ev.get("systems") else "(no evaluation)", "",
-        f"aligned - base: aesthetic@10 {fmt_ci(av.get('aesthetic@10'), signed=True)}, recall@10 "
-        f"{fmt_ci(av.get('recall@10'), 1, 100, True)} points, HPIR "
-        f"{fmt_ci(av.get('hpir'), 1, 100, True)} points", "",
+        f"aligned - base: nDCG@10 {fmt_ci(av.get('ndcg@10'), signed=True)}, beauty among "
+        f"relevant {fmt_ci(av.get('beauty_relevant@10'), signed=True)}, precision@10 "
+        f"{fmt_ci(av.get('precision@10'), 1, 100, True)} points, recall@10 "
+        f"{fmt_ci(av.get('recall@10'), 1, 100, True)} points, HPIR-aesthetics "
+        f"{fmt_ci(av.get('hpir_aesthetics'), 1, 100, True)} points, HPIR-accuracy "
+        f"{fmt_ci(av.get('hpir_accuracy'), 1, 100, True)} points", "",
         f"report     {s['report']}",
         f"search     {', '.join(s['search']) or 'n/a'}",
         f"outputs    {p['aligned'] / 'checkpoint'} (aligned), {p['index_aligned']} (its index)",

@@ -12,8 +12,9 @@ from aligner.evaluation.phases import EvalState
 def compare(st: EvalState) -> None:
     """Per system: metrics with CIs and paired differences against the base; the aligned
     model against every other system; all pairs on the primary metric."""
+    from aligner.evaluation.hpir import paired_aspect_difference
     from aligner.evaluation.oracle_metrics import paired_difference
-    from aligner.evaluation.stats import ci_dict
+    from aligner.evaluation.stats import ci_dict, finite_ci_dict
 
     cfg, per, hits = st.cfg, st.per, st.hits
     base, aligned = cfg.base_name, cfg.aligned_name
@@ -27,14 +28,14 @@ def compare(st: EvalState) -> None:
                                         "queries only)" if s.caption_transform == "n/a"
                                         else s.caption_transform)
         for key, v in per[name].items():
-            m[key] = ci_dict(v)
-            if name != base and key.startswith(("aesthetic@", "scorer_aesthetic@")):
+            m[key] = finite_ci_dict(v)
+            if name != base and key.startswith(("ndcg@", "beauty_relevant@", "aesthetic@",
+                                                "scorer_aesthetic@")):
                 m[f"{key}_vs_base"] = paired_difference(v, per[base][key])
         if name in hits and name != base:
             m["recall@10_vs_base"] = paired_difference(hits[name]["r@10"].astype(float),
                                                        hits[base]["r@10"].astype(float))
-        if name in st.hpir:
-            m["hpir"] = st.hpir[name]
+        m.update(st.hpir.get(name, {}))
         st.out_systems[name] = m
     if aligned in st.systems:
         for other in st.systems:
@@ -45,9 +46,9 @@ def compare(st: EvalState) -> None:
             if aligned in hits and other in hits:
                 c["recall@10_diff"] = paired_difference(hits[aligned]["r@10"].astype(float),
                                                         hits[other]["r@10"].astype(float))
-            if aligned in st.agree:
-                c["hpir_diff"] = paired_difference(st.agree[aligned], st.agree[other],
-                                                   st.hpir_pairs_query)
+            for aspect in st.hpir_result:
+                c[f"hpir_{aspect}_diff"] = paired_aspect_difference(st.hpir_result, aspect,
+                                                                    aligned, other)
             st.comparisons[other] = c
     else:
         st.notes.append(f"no system named {aligned!r}: no comparisons (models=NAME=CKPT, "
@@ -79,11 +80,29 @@ def teacher_and_premise(st: EvalState) -> None:
     cfg, ev = st.cfg, st.ev
     if ev is not None:
         st.premise = ev.premise(st.base.encode, k=cfg.k, split=cfg.query_split,
-                                gallery_split=None if cfg.gallery == "all" else "test")
+                                gallery_split=st.held_split)
         st.teacher = {name: teacher_diagnostics(path, ev)
                       for name, path in cfg.preference_dirs().items()}
     elif cfg.preferences:
         st.notes.append("preference tables given but not diagnosed: no oracle")
+
+
+def gallery_info(st: EvalState) -> dict:
+    """The galleries searched and, with the oracle, how many relevant images each query has
+    in its gallery (held-out and selection), a distribution summary."""
+    from aligner.world.generate import relevant_distribution
+
+    cfg, g = st.cfg, st.gallery
+    info = {"source": g.source, "which": cfg.gallery, "view": GALLERY_VIEWS[cfg.gallery],
+            "images": len(g.ids), "held_out": {"split": st.held_split, "images": len(st.held)},
+            "selection": {"split": st.sel_gallery, "images": len(st.sel_subset)}}
+    if st.ev is not None:
+        info["held_out"]["relevant_per_query"] = relevant_distribution(
+            st.ev.relevant_counts(st.qids, st.held_split))
+        if st.sel_qids is not st.qids:
+            info["selection"]["relevant_per_query"] = relevant_distribution(
+                st.ev.relevant_counts(st.sel_qids, st.sel_gallery))
+    return info
 
 
 def assemble(st: EvalState) -> None:
@@ -93,20 +112,23 @@ def assemble(st: EvalState) -> None:
     cfg, gallery, primary = st.cfg, st.gallery, st.primary
     aligned = cfg.aligned_name
     rec = st.rec_info
+    searched = f"{st.held_split} images" if st.held_split else "images"
     metrics = {
         "title": f"{aligned} vs the alternatives",
-        "setup": (f"Gallery: {len(gallery.ids)} images ({gallery.source}, gallery={cfg.gallery}: "
-                  f"{GALLERY_VIEWS[cfg.gallery]}); "
+        "setup": (f"Gallery: {len(st.held)} {searched} searched by the held-out queries "
+                  f"({gallery.source}, gallery={cfg.gallery}: {GALLERY_VIEWS[cfg.gallery]}); "
                   f"{len(st.qids)} held-out queries (split={cfg.query_split}, "
                   f"kind={cfg.query_kind}); recall among the {rec['gallery']} "
                   f"({rec['gallery_size']} images)."
                   + (f" Baseline knob settings chosen on {len(st.sel_qids)} {st.sel_split} "
-                     f"queries, reported on the {cfg.query_split} queries."
-                     if st.equal_relevance else "")),
+                     f"queries over {len(st.sel_subset)} "
+                     f"{(st.sel_gallery or 'gallery') + ' images'}, reported on the "
+                     f"{cfg.query_split} queries." if st.equal_relevance else "")
+                  + (f" Primary metric: {primary} with gain match x beauty "
+                     "(docs/evaluation.md)." if st.ev is not None else "")),
         "k": cfg.k, "also_ks": [k for k in st.ks if k != cfg.k], "primary": primary,
         "base_name": cfg.base_name, "aligned_name": aligned, "oracle": st.ev is not None,
-        "gallery": {"source": gallery.source, "which": cfg.gallery,
-                    "view": GALLERY_VIEWS[cfg.gallery], "images": len(gallery.ids)},
+        "gallery": gallery_info(st),
         "queries": {"split": cfg.query_split, "kind": cfg.query_kind, "n": len(st.qids),
                     "selection": {"split": st.sel_split, "n": len(st.sel_qids),
                                   "fallback": st.sel_fallback}},

@@ -141,11 +141,21 @@ def cascade_system(base: System, aesthetic: np.ndarray, settings: BaselineSettin
 
 
 def query_shift_system(base: System, aesthetic: np.ndarray, settings: BaselineSettings,
-                       name: str = "query_shift",
-                       weight: float | None = None) -> QueryShiftSystem:
-    """clip-retrieval's query shift over the base (``weight`` overrides ``shift_weight``)."""
+                       name: str = "query_shift", weight: float | None = None,
+                       direction_from: np.ndarray | None = None) -> QueryShiftSystem:
+    """clip-retrieval's query shift over the base (``weight`` overrides ``shift_weight``;
+    ``direction_from``: the gallery images its direction is computed from, default all)."""
     w = settings.shift_weight if weight is None else weight
-    return QueryShiftSystem(name, base, aesthetic, settings.shift_quantile, w)
+    return QueryShiftSystem(name, base, aesthetic, settings.shift_quantile, w, direction_from)
+
+
+def direction_images(gallery: Gallery) -> np.ndarray | None:
+    """The images a query shift's direction is computed from: the gallery's non-test images
+    when it has test and other images (no test image shapes a choice), else all (None)."""
+    if gallery.split is None or not gallery.has_split("test"):
+        return None
+    rest = np.flatnonzero(gallery.split != "test")
+    return rest if len(rest) else None
 
 
 def rephrase_system(base: System, table: Mapping[str, str], settings: BaselineSettings,
@@ -272,7 +282,8 @@ def build_systems(gallery: Gallery, base_checkpoint: str | Path,
     if "cascade" in baselines:
         systems["cascade"] = cascade_system(base, aes, settings)
     if "query_shift" in baselines:
-        systems["query_shift"] = query_shift_system(base, aes, settings)
+        systems["query_shift"] = query_shift_system(base, aes, settings,
+                                                    direction_from=direction_images(gallery))
     if "rephrase" in baselines:
         if rephrasings is not None:
             systems["rephrase"] = rephrase_system(base, rephrasings.table, settings)

@@ -117,17 +117,22 @@ class SweepSettings:
 
 @dataclass
 class HpirSettings:
-    """HPIR-style row agreement with the oracle."""
+    """HPIR per aspect: row pairs labelled by the oracle and by simulated raters
+    (``docs/evaluation.md`` §2)."""
 
     pool: int = field(default=50, metadata={"help": "rows drawn from the base's top N"})
     row_size: int = field(default=5, metadata={"help": "images per row"})
-    pairs_per_query: int = field(default=4, metadata={"help": "row pairs per query"})
+    pairs_per_query: int = field(default=4, metadata={"help": "row pairs per query and aspect"})
     tie: float = field(default=0.02, metadata={
-        "help": "pairs with |utility difference| below this are dropped as ties"})
+        "help": "aesthetics pairs whose rows' mean beauty differs by less are dropped as ties"})
+    rater_agreement: float = field(default=0.65, metadata={
+        "help": "simulated raters: two raters agree on this share of an aspect's pairs"})
 
     def __post_init__(self) -> None:
         if self.row_size < 1 or self.pairs_per_query < 1 or self.pool < 2 * self.row_size:
             raise ValueError("hpir pool must hold two rows of row_size >= 1")
+        if not 0.5 < self.rater_agreement < 1:
+            raise ValueError("hpir.rater_agreement must be in (0.5, 1)")
 
 
 @dataclass
@@ -185,6 +190,10 @@ class EvaluateConfig:
                 "where present)"})
     max_recall_queries: int = field(default=0, metadata={
         "help": "corpus without splits: caption queries for recall (0: 2000)"})
+    llm_latency_queries: int = field(default=12, metadata={
+        "help": "rephrase / teacher_rerank ms/query include the query-time LLM call, timed "
+                "over this many single-query calls of the rephraser that wrote the "
+                "rephrasings (0: not measured, said in the note)"})
     batch_size: int = field(default=256, metadata={"help": "encoder batch size"})
     threads: int = field(default=0, metadata={"help": "torch threads (0: torch's default)"})
     seed: int = field(default=0, metadata={"help": "seed of HPIR rows, grid queries, bootstrap"})
@@ -201,6 +210,8 @@ class EvaluateConfig:
         bad = set(self.baselines) - set(BASELINES)
         if bad:
             raise ValueError(f"unknown baselines {sorted(bad)}; known: {list(BASELINES)}")
+        if self.llm_latency_queries < 0:
+            raise ValueError("llm_latency_queries must be >= 0")
         if self.k < 1 or any(k < 1 for k in self.also_ks):
             raise ValueError("k and also_ks must be >= 1")
         if self.base_name == self.aligned_name:

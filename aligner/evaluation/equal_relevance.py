@@ -20,7 +20,12 @@ log = logging.getLogger(__name__)
 
 def baseline_makers(st: EvalState) -> dict[str, tuple[list[float], Callable[[float], System]]]:
     """Per swept family: (knob values, knob -> system over the base)."""
-    from aligner.evaluation.build import cascade_system, query_shift_system, rephrase_system
+    from aligner.evaluation.build import (
+        cascade_system,
+        direction_images,
+        query_shift_system,
+        rephrase_system,
+    )
 
     cfg, base, aes = st.cfg, st.base, st.aesthetic
     sw, settings = cfg.sweep, cfg.baseline
@@ -28,7 +33,8 @@ def baseline_makers(st: EvalState) -> dict[str, tuple[list[float], Callable[[flo
         "cascade": (sw.cascade_weights, lambda w: cascade_system(
             base, aes, settings, name=f"cascade w={w}", weight=w)),
         "query_shift": (sw.shift_weights, lambda w: query_shift_system(
-            base, aes, settings, name=f"shift w={w}", weight=w)),
+            base, aes, settings, name=f"shift w={w}", weight=w,
+            direction_from=direction_images(st.gallery))),
     }
     if "rephrase" in st.systems:
         table = st.systems["rephrase"].table
@@ -51,6 +57,8 @@ class QuerySet:
         cap_texts, targets, subset: caption recall (captions, their gallery indices, the
             gallery indices searched); ``cap_texts`` None: no recall.
         recall_on: which captions, in words.
+        gallery_split: the gallery split the queries search (None: every image).
+        searched: its gallery indices.
     """
 
     split: str
@@ -60,20 +68,24 @@ class QuerySet:
     targets: np.ndarray | None
     subset: np.ndarray | None
     recall_on: str
+    gallery_split: str | None = None
+    searched: np.ndarray | None = None
 
 
 def held_out_set(st: EvalState) -> QuerySet:
     """The held-out queries and captions every result is reported on."""
     cap = st.cap_texts if st.hits else None
     return QuerySet(st.cfg.query_split, st.qids, st.texts, cap, st.targets, st.rec_gallery,
-                    f"{st.rec_info.get('gallery', '')} captions" if cap is not None else "none")
+                    f"{st.rec_info.get('gallery', '')} captions" if cap is not None else "none",
+                    st.held_split, st.held)
 
 
 def selection_set(st: EvalState, held: QuerySet) -> QuerySet:
-    """The selection queries (:func:`aligner.evaluation.phases.selection_queries`) and the
-    captions of the gallery's images of the same split (at most ``max_recall_queries``, default
-    2000, seeded); a gallery without such images keeps the held-out captions (said in
-    ``recall_on``)."""
+    """The selection queries (:func:`aligner.evaluation.phases.selection_queries`), searching
+    the selection gallery (:func:`aligner.evaluation.phases.selection_gallery`: the val
+    images), and the captions of the gallery's images of the same split (at most
+    ``max_recall_queries``, default 2000, seeded); a gallery without such images keeps the
+    held-out captions (said in ``recall_on``)."""
     cfg, g = st.cfg, st.gallery
     if st.sel_qids is st.qids:
         return held
@@ -91,7 +103,8 @@ def selection_set(st: EvalState, held: QuerySet) -> QuerySet:
             where = f"{st.sel_split} split captions ({len(keep)} among {len(idx)} images)"
         else:
             where += f" (the gallery has no {st.sel_split} images with captions)"
-    return QuerySet(st.sel_split, st.sel_qids, st.sel_texts, cap, targets, subset, where)
+    return QuerySet(st.sel_split, st.sel_qids, st.sel_texts, cap, targets, subset, where,
+                    st.sel_gallery, st.sel_subset)
 
 
 def sweep_baselines(st: EvalState) -> None:
@@ -106,21 +119,22 @@ def sweep_baselines(st: EvalState) -> None:
     cfg = st.cfg
     if not (cfg.sweep.enabled and st.ev is not None and cfg.aligned_name in st.systems):
         return
-    from aligner.evaluation.oracle_metrics import aesthetic_at_k, paired_difference
-    from aligner.evaluation.stats import ci_dict
+    from aligner.evaluation.oracle_metrics import paired_difference
+    from aligner.evaluation.stats import ci_dict, finite_ci_dict
     from aligner.evaluation.sweeps import Point, choose_and_report, frontier_rows
     from aligner.evaluation.systems import system_recall_hits
 
     ev, per, hits, k = st.ev, st.per, st.hits, cfg.k
     aligned, slack = cfg.aligned_name, cfg.sweep.equal_relevance_slack
-    primary, prec = f"aesthetic@{k}", f"precision@{k}"
+    primary, prec = st.primary, f"precision@{k}"
     held = held_out_set(st)
     sel = selection_set(st, held)
     same_q, same_c = sel.qids is held.qids, sel.cap_texts is held.cap_texts
 
     def query_metrics(s: System, qs: QuerySet) -> dict[str, np.ndarray]:
-        _, top = s.search(qs.texts, k, ids=qs.qids)
-        return {primary: aesthetic_at_k(ev.beauty, top, k), prec: ev.relevance(qs.qids, top)}
+        _, top = s.search(qs.texts, k, ids=qs.qids, subset=qs.searched)
+        g = ev.graded(qs.qids, top, k, qs.gallery_split)
+        return {primary: g[primary], prec: g[prec]}
 
     def recall(s: System, qs: QuerySet) -> np.ndarray | None:
         if qs.cap_texts is None or s.caption_transform == "n/a":
@@ -171,8 +185,10 @@ def sweep_baselines(st: EvalState) -> None:
             "setting": best.label, "param": None if np.isinf(best.param) else best.param,
             "chosen_on": sel.split, "reported_on": held.split,
             f"{primary}_diff": paired_difference(per[aligned][primary], best.per_query[primary]),
+            "chosen_by": (f"the highest {sel.split} {primary} over the {sel.gallery_split or 'whole'} "
+                          f"gallery among settings as relevant as {aligned} there"),
             f"{prec}_diff": paired_difference(per[aligned][prec], best.per_query[prec]),
-            primary: ci_dict(best.per_query[primary]), prec: best.mean(prec),
+            primary: finite_ci_dict(best.per_query[primary]), prec: best.mean(prec),
             "recall@10": best.mean("recall@10") if best.recall is not None else b_rec,
             "selection": {primary: p_sel.mean(primary), prec: p_sel.mean(prec),
                           "recall@10": (p_sel.mean("recall@10") if p_sel.recall is not None

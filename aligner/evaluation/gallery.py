@@ -27,8 +27,12 @@ log = logging.getLogger(__name__)
 
 GALLERIES = ("all", "test")
 #: What each gallery means, in every output that names it.
-GALLERY_VIEWS = {"test": "held out: test-split images no model trained on",
+GALLERY_VIEWS = {"test": "held out: test-split images no model trained on (choices are made "
+                         "on the val-split images)",
                  "all": "deployment view: the whole corpus, training images included"}
+#: The splits ``load_gallery(which="test")`` loads: the held-out test gallery every result is
+#: reported on, and the val gallery every choice is made on (``docs/evaluation.md`` §1, §3).
+HELD_OUT_SPLITS = ("test", "val")
 
 
 @dataclass
@@ -60,6 +64,17 @@ class Gallery:
             log.info("decoded %d gallery images in %.1f s", len(self.images), time.time() - t0)
         return self._decoded
 
+    def has_split(self, split: str) -> bool:
+        return self.split is not None and bool((self.split == split).any())
+
+    def indices(self, split: str | None) -> np.ndarray:
+        """Gallery indices of one split (``None``: every image)."""
+        if split is None:
+            return np.arange(len(self.ids))
+        if self.split is None:
+            raise ValueError(f"the gallery ({self.source}) has no split column")
+        return np.flatnonzero(self.split == split)
+
     def recall_split(self) -> tuple[np.ndarray, str]:
         """Gallery indices recall is measured among: the test split, else every image."""
         if self.split is not None and (self.split == "test").any():
@@ -77,6 +92,13 @@ def _image_bytes(col: pa.ChunkedArray) -> list[bytes]:
     return col.to_pylist()
 
 
+def _only_splits(t: pa.Table, splits: tuple[str, ...]) -> pa.Table:
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    return t.filter(pc.is_in(t["split"], value_set=pa.array(list(splits))))
+
+
 def load_gallery(world: str | Path | None = None, corpus: str | Path | None = None,
                  which: str = "all") -> Gallery:
     """The gallery: the built-in world's corpus (``world`` dir) or a Parquet ``corpus``
@@ -86,8 +108,9 @@ def load_gallery(world: str | Path | None = None, corpus: str | Path | None = No
         world: a world directory (``jobs.make_world`` output).
         corpus: a Parquet corpus with ``id`` and ``image`` bytes (``caption``, ``split``
             optional).
-        which: ``all`` (every image, as a deployed search would) or ``test`` (the test split;
-            a corpus without a split column keeps every image).
+        which: ``all`` (every image, as a deployed search would) or ``test`` (the test split,
+            which held-out results are reported on, plus the val split, which choices are made
+            on; a corpus without a split column keeps every image).
 
     Raises:
         FileNotFoundError: no world / corpus there.
@@ -103,8 +126,9 @@ def load_gallery(world: str | Path | None = None, corpus: str | Path | None = No
             raise ValueError("load_gallery needs a world directory or a corpus")
         from aligner.world import World
 
-        t = World(world).corpus(["id", "image", "caption", "split"],
-                                split=None if which == "all" else "test")
+        t = World(world).corpus(["id", "image", "caption", "split"])
+        if which == "test":
+            t = _only_splits(t, HELD_OUT_SPLITS)
         return Gallery(t["id"].to_pylist(), _image_bytes(t["image"]), t["caption"].to_pylist(),
                        np.asarray(t["split"].to_pylist()), f"world {world}")
     have = corpus_columns(corpus)
@@ -113,7 +137,9 @@ def load_gallery(world: str | Path | None = None, corpus: str | Path | None = No
                          f"{have} (for uri corpora, run jobs.embed and pass embeddings)")
     cols = [c for c in ("id", "image", "caption", "split") if c in have]
     has_split = "split" in have
-    t = read_corpus(corpus, cols, split="test" if which == "test" and has_split else None)
+    t = read_corpus(corpus, cols)
+    if which == "test" and has_split:
+        t = _only_splits(t, HELD_OUT_SPLITS)
     split = np.asarray(t["split"].to_pylist()) if has_split else None
     caps = t["caption"].to_pylist() if "caption" in have else None
     return Gallery(t["id"].to_pylist(), _image_bytes(t["image"]), caps, split,

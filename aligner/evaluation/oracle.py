@@ -3,8 +3,9 @@
 * caption recall: each held-out image's own caption retrieves it from the held-out gallery;
 * paraphrases: queries in words no caption uses must find the right content in the top 10;
 * aesthetic@K: the oracle's mean beauty of a query's top K;
-* the rephrasing premise: adding good look words to a content-only query must raise the
-  oracle score of its top K (a paired difference with a bootstrap CI).
+* the rephrasing premise: adding generic good-photo words (:func:`with_good_looks`) to a
+  content-only query must raise the oracle score of its top K (a paired difference with a
+  bootstrap CI).
 """
 
 from __future__ import annotations
@@ -16,33 +17,35 @@ import numpy as np
 import pyarrow as pa
 
 from aligner.evaluation.stats import ci_dict
+from aligner.rephrase.template import TemplateRephraser
 from aligner.retrieval.metrics import caption_recall_hits, topk
-from aligner.world.generate import World
-from aligner.world.vocab import GOOD_LOOK_ADJECTIVES, GOOD_LOOK_TAIL
+from aligner.world.generate import World, content_matches
 
 EncodeTexts = Callable[[list[str]], np.ndarray]
 
 
 def content_match(truth: dict, labels: pa.Table | dict[str, np.ndarray]) -> np.ndarray:
-    """Which gallery images have the content a query asks for: ``[N]`` bool.
-
-    ``truth``: one row of ``eval/query_truth.parquet`` (``count`` 0 / ``background`` "" = any).
-    ``labels``: oracle columns ``shape``, ``colour``, ``count``, ``background`` as arrays.
-    """
+    """Which gallery images have the content a query asks for: ``[N]`` bool
+    (:func:`aligner.world.generate.content_matches`; ``labels`` may be the oracle table)."""
     col = labels if isinstance(labels, dict) else {c: np.asarray(labels[c].to_pylist())
                                                    for c in ("shape", "colour", "count",
                                                              "background")}
-    ok = (col["shape"] == truth["shape"]) & (col["colour"] == truth["colour"])
-    if truth["count"]:
-        ok &= col["count"] == truth["count"]
-    if truth["background"]:
-        ok &= col["background"] == truth["background"]
-    return ok
+    return content_matches(truth, col)
+
+
+#: The premise's rephraser: generic photographic words, none of the world's vocabulary.
+_GOOD_LOOKS = TemplateRephraser(style="reorg", polarity="good")
 
 
 def with_good_looks(query: str) -> str:
-    """The simplest aesthetic rephrase: the query plus good look words."""
-    return f"a {GOOD_LOOK_ADJECTIVES} photo of {query} {GOOD_LOOK_TAIL}"
+    """The simplest aesthetic rephrase: the template rephraser's good ``reorg`` rendering,
+    generic photographic words for real photographs ("a high-quality, in-focus, ... photo of
+    <query> in good natural light"), sharing no word with the world's vocabulary or taste.
+
+    (Before, it used the world's own look phrases and taste, "crisp, clean, well-lit, vivid,
+    centred ... with warm golden tones"; premise gains measured with those are not comparable.)
+    """
+    return _GOOD_LOOKS.rephrase_one(query)
 
 
 class WorldEval:
@@ -83,14 +86,58 @@ class WorldEval:
         """Oracle beauty of any corpus ids (not only the gallery's); NaN for unknown ids."""
         return np.array([self._beauty_by_id.get(i, np.nan) for i in ids], np.float64)
 
-    def utility_beauty(self, low: float = 0.1) -> np.ndarray:
-        """Gallery beauty min-max normalised over the whole corpus into ``[low, 1]``: ``[N]``.
+    def beauty_range(self, split: str | None) -> tuple[float, float]:
+        """Min and max oracle beauty over the gallery searched (``split`` None: all of it)."""
+        b = self.beauty[self.subset(split)]
+        return (float(b.min()), float(b.max())) if len(b) else (0.0, 1.0)
 
-        The HPIR-style row utility (``mean(match * b')``) uses it so that a relevant image
-        always counts more than an irrelevant one (which counts 0), however plain it is.
+    def relevant_counts(self, query_ids: list[str], split: str | None) -> np.ndarray:
+        """How many images of the searched gallery have each query's content: ``[Q]``."""
+        g = self.subset(split)
+        sub = {c: v[g] for c, v in self.labels.items()}
+        return np.array([int(content_match(self.truth[q], sub).sum()) for q in query_ids])
+
+    def _idcg(self, query_ids: list[str], split: str | None, k: int) -> np.ndarray:
+        """Ideal DCG@k per query over the searched gallery (cached per query, split, k)."""
+        from aligner.evaluation.oracle_metrics import ideal_dcg, minmax01
+
+        cache = self.__dict__.setdefault("_idcg_cache", {})
+        todo = [q for q in query_ids if (q, split, k) not in cache]
+        if todo:
+            g = self.subset(split)
+            sub = {c: v[g] for c, v in self.labels.items()}
+            b01 = minmax01(self.beauty[g], *self.beauty_range(split))
+            vals = ideal_dcg([b01[content_match(self.truth[q], sub)] for q in todo], k)
+            cache.update({(q, split, k): float(v) for q, v in zip(todo, vals, strict=True)})
+        return np.array([cache[(q, split, k)] for q in query_ids])
+
+    def graded(self, query_ids: list[str], top: np.ndarray, k: int,
+               split: str | None) -> dict[str, np.ndarray]:
+        """What a person sees in each query's top ``k`` (``top [Q, >=k]`` gallery indices, all
+        within the gallery ``split``), per query ``[Q]`` (``docs/evaluation.md`` §2):
+
+        * ``ndcg@k``: nDCG with gain ``match x b01``, ``b01`` the oracle beauty min-max
+          normalised over the searched gallery, the ideal ranking its relevant images by
+          beauty (NaN for a query with no relevant image there);
+        * ``beauty_relevant@k``: mean oracle beauty of the relevant results (NaN: none);
+        * ``precision@k``: the share of results with the asked-for content;
+        * ``aesthetic@k``: mean oracle beauty of every result, wrong content included
+          (a diagnostic).
         """
-        lo, hi = self._beauty_range
-        return low + (1.0 - low) * (self.beauty - lo) / max(hi - lo, 1e-12)
+        from aligner.evaluation.oracle_metrics import (
+            beauty_among_relevant,
+            minmax01,
+            ndcg_at_k,
+        )
+
+        t = np.asarray(top)[:, :k]
+        match = self.content_matches(query_ids, t)
+        b = self.beauty[t]
+        gains = match * minmax01(b, *self.beauty_range(split))
+        return {f"ndcg@{k}": ndcg_at_k(gains, self._idcg(query_ids, split, k), k),
+                f"beauty_relevant@{k}": beauty_among_relevant(b, match),
+                f"precision@{k}": match.mean(1) if t.shape[1] else np.zeros(len(t)),
+                f"aesthetic@{k}": b.mean(1)}
 
     def subset(self, split: str | None) -> np.ndarray:
         """Gallery indices of one split (None: all)."""
@@ -140,20 +187,25 @@ class WorldEval:
 
     def premise(self, encode: EncodeTexts, k: int = 10, split: str = "test",
                 gallery_split: str | None = None) -> dict[str, dict]:
-        """Does "query + good look words" retrieve more beautiful images than the query?
+        """Does "query + good look words" retrieve more beautiful relevant images?
 
-        Paired over ``split`` content queries: aesthetic@k (oracle mean beauty of the top k)
-        of the looked-up query minus that of the plain query, with a bootstrap CI; also the
-        change in content precision@k, so a gain bought with relevance is visible.
+        Paired over ``split`` content queries searching the gallery ``gallery_split``: the
+        gain in nDCG@k (gain match x beauty) and in beauty among the relevant results of the
+        looked-up query over the plain one, with bootstrap CIs; the change in precision@k, so
+        a gain bought with relevance is visible; aesthetic@k (every result) as a diagnostic.
         """
+        from aligner.evaluation.oracle_metrics import paired_difference
+        from aligner.evaluation.stats import finite_ci_dict
+
         q = self.world.queries(split=split, kind="content")
         qids, texts = q["query_id"].to_pylist(), q["query"].to_pylist()
-        plain = self.query_topk(encode, texts, k, gallery_split)
-        looks = self.query_topk(encode, [with_good_looks(t) for t in texts], k, gallery_split)
-        a_plain, a_looks = self.beauty[plain].mean(1), self.beauty[looks].mean(1)
-        r_plain, r_looks = self.relevance(qids, plain), self.relevance(qids, looks)
-        return {"aesthetic@10_plain": ci_dict(a_plain), "aesthetic@10_good_looks": ci_dict(a_looks),
-                "aesthetic@10_gain": ci_dict(a_looks - a_plain),
-                "precision@10_plain": ci_dict(r_plain), "precision@10_good_looks": ci_dict(r_looks),
-                "gallery_best_aesthetic@10": {"mean": float(np.sort(self.beauty[
-                    self.subset(gallery_split)])[-k:].mean())}}
+        plain = self.graded(qids, self.query_topk(encode, texts, k, gallery_split), k,
+                            gallery_split)
+        looks = self.graded(qids, self.query_topk(encode, [with_good_looks(t) for t in texts],
+                                                  k, gallery_split), k, gallery_split)
+        out: dict[str, dict] = {}
+        for key in (f"ndcg@{k}", f"beauty_relevant@{k}", f"precision@{k}", f"aesthetic@{k}"):
+            out[f"{key}_plain"] = finite_ci_dict(plain[key])
+            out[f"{key}_good_looks"] = finite_ci_dict(looks[key])
+            out[f"{key}_gain"] = paired_difference(looks[key], plain[key])
+        return out

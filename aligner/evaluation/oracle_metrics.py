@@ -1,22 +1,16 @@
-"""Metrics that judge results with the world's oracle: aesthetic@K, HPIR-style row agreement,
-and how often a teacher's preference pairs agree with the oracle.
+"""Metrics that judge results with the world's oracle (``docs/evaluation.md`` defines them):
+nDCG@K with graded gain ``match x beauty`` (the primary metric), beauty among the relevant
+results, aesthetic@K (a diagnostic: it averages over wrong-content results too), and how often
+a teacher's preference pairs agree with the oracle. HPIR per aspect lives in
+:mod:`aligner.evaluation.hpir`.
 
 Pure numpy over arrays the caller gets from :class:`aligner.evaluation.oracle.WorldEval` (the only
 module that reads the oracle); nothing here reads files.
-
-HPIR-style agreement (the paper's human test, with the oracle as the human): for each query,
-pairs of result rows are drawn from a fixed candidate pool (the base model's top 50); the
-oracle's utility of a row is ``mean_i(match_i * b'_i)`` (``match``: the image has the content
-the query asks for; ``b'``: beauty min-max normalised into [0.1, 1], so any relevant image
-beats any irrelevant one); pairs whose utilities differ by less than ``tie`` are dropped. A
-system prefers the row with the higher mean ranking score of its images; agreement is the
-fraction of pairs where it prefers the oracle's row (a tie in the system's scores counts 1/2).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import NamedTuple
 
 import numpy as np
 
@@ -36,93 +30,63 @@ def aesthetic_at_k(values: np.ndarray, top: np.ndarray, k: int) -> np.ndarray:
         return np.where(n > 0, np.nansum(v, 1) / np.maximum(n, 1), np.nan)
 
 
+def minmax01(values: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    """``(values - lo) / (hi - lo)`` clipped to [0, 1] (all 0 when ``hi <= lo``)."""
+    v = np.asarray(values, np.float64)
+    if not hi > lo:
+        return np.zeros_like(v)
+    return np.clip((v - lo) / (hi - lo), 0.0, 1.0)
+
+
+def dcg(gains: np.ndarray, k: int) -> np.ndarray:
+    """Discounted cumulative gain of ``gains [Q, >=k]`` (rank order): ``sum_r g_r / log2(r + 1)``
+    over the first ``k`` ranks, ``[Q]``. Linear gains."""
+    g = np.asarray(gains, np.float64)[:, :k]
+    return (g / np.log2(np.arange(2, g.shape[1] + 2))).sum(1)
+
+
+def ideal_dcg(relevant_gains: list[np.ndarray], k: int) -> np.ndarray:
+    """DCG@k of the ideal ranking per query: its relevant images' gains sorted, best first.
+
+    Args:
+        relevant_gains: per query, the gains of every relevant image of the gallery (any
+            order); an empty array gives 0 (nDCG undefined).
+    """
+    out = np.zeros(len(relevant_gains))
+    for i, g in enumerate(relevant_gains):
+        top = np.sort(np.asarray(g, np.float64))[::-1][:k]
+        out[i] = float((top / np.log2(np.arange(2, len(top) + 2))).sum())
+    return out
+
+
+def ndcg_at_k(gains: np.ndarray, idcg: np.ndarray, k: int) -> np.ndarray:
+    """nDCG@k ``[Q]`` from each query's ranked gains ``[Q, >=k]`` and ideal DCG ``[Q]``; NaN
+    where the ideal is 0 (no relevant image, or every relevant image has gain 0)."""
+    d = dcg(gains, k)
+    i = np.asarray(idcg, np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(i > 0, d / np.where(i > 0, i, 1.0), np.nan)
+
+
+def beauty_among_relevant(beauty_top: np.ndarray, match_top: np.ndarray) -> np.ndarray:
+    """Mean beauty of the relevant results per query (``[Q, k]`` each): ``[Q]``, NaN for a
+    query whose results hold no relevant image."""
+    b = np.asarray(beauty_top, np.float64)
+    m = np.asarray(match_top, bool)
+    n = m.sum(1)
+    with np.errstate(invalid="ignore"):
+        return np.where(n > 0, (b * m).sum(1) / np.maximum(n, 1), np.nan)
+
+
 def paired_difference(a: np.ndarray, b: np.ndarray, groups: np.ndarray | None = None,
                       **kw) -> dict[str, float]:
     """Mean of ``a - b`` paired over rows with a bootstrap CI (rows with a NaN are dropped);
     with ``groups`` (each row's query) the CI resamples queries, not rows."""
     d = np.asarray(a, np.float64) - np.asarray(b, np.float64)
-    ok = np.isfinite(d)
+    ok = np.isfinite(d)  # e.g. beauty among relevant: undefined where a top k holds none
     if groups is not None:
         return cluster_ci_dict(d[ok], np.asarray(groups)[ok], **kw)
     return ci_dict(d[ok], **kw)
-
-
-class RowPairs(NamedTuple):
-    """Pairs of result rows for HPIR-style agreement (``M`` pairs of ``R`` images each).
-
-    Attributes:
-        query: ``[M]`` the query (row of the pool) each pair belongs to.
-        a, b: ``[M, R]`` positions into that query's pool row.
-        util_a, util_b: ``[M]`` the oracle's utility of each row.
-        drawn: pairs drawn before dropping ties.
-    """
-
-    query: np.ndarray
-    a: np.ndarray
-    b: np.ndarray
-    util_a: np.ndarray
-    util_b: np.ndarray
-    drawn: int
-
-    @property
-    def oracle_prefers_a(self) -> np.ndarray:
-        return self.util_a > self.util_b
-
-
-def row_utility(match: np.ndarray, beauty01: np.ndarray) -> np.ndarray:
-    """``mean(match * b')`` over the last axis (an irrelevant image is worth 0)."""
-    return (np.asarray(match, np.float64) * np.asarray(beauty01, np.float64)).mean(-1)
-
-
-def draw_row_pairs(utility: np.ndarray, pairs_per_query: int = 4, row_size: int = 5,
-                   tie: float = 0.02, seed: int = 0) -> RowPairs:
-    """Draw row pairs from each query's pool and keep those the oracle does not call a tie.
-
-    Args:
-        utility: ``[Q, P]`` per pool image ``match * b'`` (see :func:`row_utility`).
-        pairs_per_query: pairs drawn per query; the two rows of a pair share no image.
-        row_size: images per row (at most ``P // 2``).
-        tie: pairs with ``|util_a - util_b| < tie`` are dropped.
-        seed: the same seed draws the same rows for every system.
-    """
-    u = np.asarray(utility, np.float64)
-    q_n, p = u.shape
-    r = min(row_size, p // 2)
-    if r < 1:
-        raise ValueError(f"a pool of {p} images cannot hold two disjoint rows")
-    rng = np.random.default_rng([seed, 7])
-    qs, a, b = [], [], []
-    for qi in range(q_n):
-        for _ in range(pairs_per_query):
-            pos = rng.choice(p, 2 * r, replace=False)
-            qs.append(qi)
-            a.append(pos[:r])
-            b.append(pos[r:])
-    qs_a = np.asarray(qs, np.int64)
-    a_a = np.asarray(a, np.int64).reshape(-1, r)
-    b_a = np.asarray(b, np.int64).reshape(-1, r)
-    ua = u[qs_a[:, None], a_a].mean(1) if len(qs_a) else np.zeros(0)
-    ub = u[qs_a[:, None], b_a].mean(1) if len(qs_a) else np.zeros(0)
-    keep = np.abs(ua - ub) >= tie
-    return RowPairs(qs_a[keep], a_a[keep], b_a[keep], ua[keep], ub[keep], len(qs_a))
-
-
-def pair_agreement(pairs: RowPairs, scores: np.ndarray) -> np.ndarray:
-    """Per pair: 1 if a system with pool scores ``[Q, P]`` prefers the oracle's row, 0 if the
-    other, 1/2 if its row scores tie."""
-    s = np.asarray(scores, np.float64)
-    sa = s[pairs.query[:, None], pairs.a].mean(1)
-    sb = s[pairs.query[:, None], pairs.b].mean(1)
-    pref_a = np.where(sa > sb, 1.0, np.where(sa < sb, 0.0, 0.5))
-    return np.where(pairs.oracle_prefers_a, pref_a, 1.0 - pref_a)
-
-
-def hpir_agreement(pairs: RowPairs, scores: np.ndarray, **kw) -> dict[str, float]:
-    """:func:`pair_agreement` as a bootstrap CI dict (queries resampled), with the pair
-    counts."""
-    agree = pair_agreement(pairs, scores)
-    return {**cluster_ci_dict(agree, pairs.query, **kw), "pairs_drawn": pairs.drawn,
-            "ties_dropped": pairs.drawn - len(agree)}
 
 
 def preference_agreement(chosen: Sequence[str], rejected: Sequence[str], weights: np.ndarray,

@@ -13,7 +13,7 @@ next, so the order is part of the result):
 3. :func:`search_and_time` - every system's top results, timed with cleared caches;
 4. :func:`per_query_metrics` - aesthetic@K (oracle and scorer), precision@K per query;
 5. :func:`caption_recall` - recall of held-out captions, the no-regression check;
-6. :func:`hpir` - HPIR-style row agreement with the oracle;
+6. :func:`hpir` - HPIR per aspect (aesthetics, accuracy), oracle and simulated-rater labels;
 7. :func:`aligner.evaluation.equal_relevance.sweep_baselines` - knob sweeps, equal relevance
    (chosen on the selection queries, reported on the held-out ones);
 8. :mod:`aligner.evaluation.assemble` - comparisons, teacher diagnostics and the premise,
@@ -52,7 +52,10 @@ class EvalState:
     Per-query arrays are ``[Q]`` over the held-out queries; recall hits are ``[C]`` over the
     held-out captions. ``sel_qids`` / ``sel_texts`` are the queries knob settings are chosen
     on (``sel_split``; the held-out queries themselves, with ``sel_fallback`` saying why,
-    when that split has none).
+    when that split has none). The held-out queries search the gallery split ``held_split``
+    (indices ``held``: the test images, or every image with ``gallery=all``); the selection
+    queries search ``sel_gallery`` (indices ``sel_subset``: the val images), so no choice
+    sees a test image.
     """
 
     cfg: EvaluateConfig
@@ -64,6 +67,10 @@ class EvalState:
     sel_texts: list[str] = field(default_factory=list)
     sel_split: str = ""
     sel_fallback: str | None = None
+    held_split: str | None = None
+    sel_gallery: str | None = None
+    held: np.ndarray | None = None
+    sel_subset: np.ndarray | None = None
     built: BuiltSystems | None = None
     ev: WorldEval | None = None
     load_s: float = 0.0
@@ -79,10 +86,9 @@ class EvalState:
     rec_info: dict[str, Any] = field(default_factory=dict)
     cap_texts: list[str] | None = None
     targets: np.ndarray | None = None
-    agree: dict[str, np.ndarray] = field(default_factory=dict)
     hpir: dict[str, dict] = field(default_factory=dict)
     hpir_info: dict[str, Any] = field(default_factory=dict)
-    hpir_pairs_query: np.ndarray | None = None
+    hpir_result: dict[str, Any] = field(default_factory=dict)
     frontier: dict[str, list[dict]] = field(default_factory=dict)
     equal_relevance: dict[str, Any] = field(default_factory=dict)
     out_systems: dict[str, dict] = field(default_factory=dict)
@@ -108,9 +114,10 @@ class EvalState:
 
     @property
     def primary(self) -> str:
-        """The headline metric: oracle aesthetic@K, or the scorer's without an oracle."""
+        """The headline metric: nDCG@K with gain match x beauty (``docs/evaluation.md``), or
+        the scorer's aesthetic@K without an oracle."""
         k = self.cfg.k
-        return f"aesthetic@{k}" if self.ev is not None else f"scorer_aesthetic@{k}"
+        return f"ndcg@{k}" if self.ev is not None else f"scorer_aesthetic@{k}"
 
 
 def load_inputs(st: EvalState) -> None:
@@ -138,9 +145,14 @@ def load_inputs(st: EvalState) -> None:
         st.gallery = load_gallery(corpus=cfg.corpus, which=cfg.gallery)
         st.qids, st.texts = load_queries(queries=cfg.queries, split=cfg.query_split,
                                          kind=cfg.query_kind)
-    log.info("gallery: %d images (%s); %d held-out queries", len(st.gallery.ids),
-             st.gallery.source, len(st.qids))
+    g = st.gallery
+    if cfg.gallery == "test" and g.has_split("test"):
+        st.held_split = "test"
+    st.held = g.indices(st.held_split)
+    log.info("gallery: %d images (%s); %d held-out queries search %d %s images",
+             len(g.ids), g.source, len(st.qids), len(st.held), st.held_split or "gallery")
     selection_queries(st)
+    selection_gallery(st)
 
 
 def selection_queries(st: EvalState) -> None:
@@ -182,6 +194,31 @@ def selection_queries(st: EvalState) -> None:
                        "are reported on (optimistic for the baselines)")
     log.warning("%s", st.sel_fallback)
     st.notes.append(st.sel_fallback)
+
+
+def selection_gallery(st: EvalState) -> None:
+    """The images the selection queries search: the val split's (the val gallery), never the
+    test images; with ``gallery=all`` the whole corpus (the deployment view). A test gallery
+    without val images falls back to the held-out images, with a note."""
+    g, want = st.gallery, st.sel_split
+    if st.held_split is None:
+        st.sel_gallery = None
+    elif st.sel_qids is st.qids:
+        st.sel_gallery = st.held_split
+    elif g.has_split(want):
+        st.sel_gallery = want
+    else:
+        st.sel_gallery = st.held_split
+        why = (f"the gallery has no {want} images: the {want} queries choose knob settings "
+               f"over the {st.held_split} images they are reported on (optimistic for the "
+               "baselines)")
+        log.warning("%s", why)
+        st.notes.append(why)
+        st.sel_fallback = (st.sel_fallback + "; " if st.sel_fallback else "") + why
+    st.sel_subset = g.indices(st.sel_gallery)
+    if st.sel_qids is not st.qids:
+        log.info("selection: %d %s queries search %d %s images", len(st.sel_qids), st.sel_split,
+                 len(st.sel_subset), st.sel_gallery or "gallery")
 
 
 def _has_split_column(path: str) -> bool:
@@ -265,34 +302,70 @@ def search_and_time(st: EvalState) -> None:
     for name, s in st.systems.items():
         for enc in encoders:
             enc.clear()
-        top, secs = timed_search(s, st.texts, st.kmax, ids=st.qids)
+        top, secs = timed_search(s, st.texts, st.kmax, ids=st.qids, subset=st.held)
         st.tops[name] = top
         st.timing[name] = {"seconds": round(secs, 4), "ms_per_query": 1000 * secs / n,
                            "queries": n}
     if "rephrase" in st.timing:
-        st.timing["rephrase"]["note"] = "lookup of precomputed rephrasings; LLM time not included"
+        st.timing["rephrase"]["note"] = "encoding each query's rephrasing and searching"
+        _add_llm_time(st, "rephrase", st.cfg.rephrased)
     tr = st.systems.get("teacher_rerank")
     if tr is not None:
         extra = [w for w, need in (("rephrasing", tr.need_reph), ("bad rephrase", tr.need_bad))
                  if need]
         st.timing["teacher_rerank"]["note"] = (
-            f"includes encoding each query{''.join(f' and its {w}' for w in extra)} and "
-            "scoring the top N with the teacher; rephrasings looked up, LLM time not included")
+            f"encoding each query{''.join(f' and its {w}' for w in extra)} and scoring the "
+            "top N with the teacher")
+        if tr.need_reph:
+            _add_llm_time(st, "teacher_rerank",
+                          (st.built.info.get("teacher_rerank") or {}).get("rephrasings"))
     log.info("searched %d queries with %d systems: %s", n, len(st.systems),
              ", ".join(f"{k} {t['ms_per_query']:.1f} ms/query" for k, t in st.timing.items()))
 
 
+def _add_llm_time(st: EvalState, name: str, source: str | None) -> None:
+    """Add the query-time LLM call to ``name``'s ms/query: the rephraser that wrote
+    ``source`` (a ``jobs.rephrase`` output), rebuilt here and timed one query per call
+    (:func:`aligner.rephrase.latency.query_latency`, ``docs/evaluation.md`` §6). Measured once
+    per source; a back end that cannot be timed here is said so in the note."""
+    from aligner.rephrase.latency import query_latency
+
+    t = st.timing[name]
+    if not source or st.cfg.llm_latency_queries <= 0:
+        t["note"] += ("; the LLM call is not included (latency not measured: "
+                      f"{'llm_latency_queries=0' if source else 'no rephrasings source'})")
+        return
+    cache = st.__dict__.setdefault("_llm_latency", {})
+    if source not in cache:
+        cache[source] = query_latency(source, st.texts, n=st.cfg.llm_latency_queries)
+        log.info("query-time rephrasing %s: %s", source, cache[source])
+    lat = cache[source]
+    t["llm"] = lat
+    if lat.get("measured"):
+        t["ms_per_query_search"] = t["ms_per_query"]
+        t["ms_per_query"] = t["ms_per_query"] + float(lat["ms_per_query"])
+        t["note"] += (f"; plus the query-time LLM call, {lat['backend']}: "
+                      f"{lat['ms_per_query']:.0f} ms per query (median of {lat['n']}, "
+                      f"{lat.get('where', 'this machine')})")
+    else:
+        t["note"] += (f"; the LLM call ({lat.get('backend') or 'unknown back end'}) is NOT "
+                      f"included: {lat.get('why', 'not measured')}")
+
+
 def per_query_metrics(st: EvalState) -> None:
-    """Per system and query: the scorer's aesthetic@K and, with the oracle, aesthetic@K and
-    content precision@K."""
+    """Per system and query over the held-out gallery: the scorer's aesthetic@K and, with the
+    oracle, nDCG@K (gain match x beauty), beauty among the relevant results, precision@K and
+    aesthetic@K (a diagnostic), ``docs/evaluation.md`` §2."""
     from aligner.evaluation.oracle_metrics import aesthetic_at_k
 
     k, ev = st.cfg.k, st.ev
     for name, top in st.tops.items():
         p = {f"scorer_aesthetic@{kk}": aesthetic_at_k(st.aesthetic, top, kk) for kk in st.ks}
         if ev is not None:
-            p.update({f"aesthetic@{kk}": aesthetic_at_k(ev.beauty, top, kk) for kk in st.ks})
-            p[f"precision@{k}"] = ev.relevance(st.qids, top[:, :k])
+            for kk in st.ks:
+                g = ev.graded(st.qids, top, kk, st.held_split)
+                p.update(g if kk == k else {key: v for key, v in g.items()
+                                            if key.startswith(("ndcg@", "aesthetic@"))})
         st.per[name] = p
 
 
@@ -328,24 +401,30 @@ def caption_recall(st: EvalState) -> None:
 
 
 def hpir(st: EvalState) -> None:
-    """HPIR-style agreement: row pairs from the base's top ``hpir.pool``, each system's
-    preference against the oracle's (needs the oracle)."""
-    from aligner.evaluation.oracle_metrics import draw_row_pairs, hpir_agreement, pair_agreement
+    """HPIR per aspect (:mod:`aligner.evaluation.hpir`): row pairs from the base's top
+    ``hpir.pool`` over the held-out gallery, labelled by the oracle and by simulated raters;
+    each system's preference from its own scores (needs the oracle)."""
+    from aligner.evaluation.hpir import hpir_aspects, hpir_summary
 
     cfg, ev, h = st.cfg, st.ev, st.cfg.hpir
     if ev is None:
         return
-    _, pool = st.base.search(st.texts, h.pool, ids=st.qids)
-    util = ev.content_matches(st.qids, pool) * ev.utility_beauty()[pool]
-    pairs = draw_row_pairs(util, h.pairs_per_query, h.row_size, h.tie, cfg.seed)
-    st.hpir_pairs_query = pairs.query  # CIs of agreement resample queries, not pairs
-    st.hpir_info = {"pool": f"{cfg.base_name} top {h.pool}", "pairs": len(pairs.query),
-                    "pairs_drawn": pairs.drawn, "row_size": h.row_size}
-    for name, s in st.systems.items():
-        scores = s.score(s.encode(st.texts, st.qids), pool)
-        st.agree[name] = pair_agreement(pairs, scores)
-        st.hpir[name] = hpir_agreement(pairs, scores)
-    log.info("HPIR: %d row pairs (%d drawn, ties dropped) scored by %d systems",
-             len(pairs.query), pairs.drawn, len(st.systems))
-    if not len(pairs.query):
-        st.notes.append("HPIR: every drawn row pair was a tie; no agreement computed")
+    _, pool = st.base.search(st.texts, h.pool, ids=st.qids, subset=st.held)
+    match = ev.content_matches(st.qids, pool)
+    scores = {name: s.score(s.encode(st.texts, st.qids), pool, st.held)
+              for name, s in st.systems.items()}
+    st.hpir_result = hpir_aspects(match, ev.beauty[pool], scores, h.pairs_per_query,
+                                  h.row_size, h.tie, cfg.seed, h.rater_agreement)
+    summary = hpir_summary(st.hpir_result)
+    for name in st.systems:
+        st.hpir[name] = {f"hpir_{a}": res["systems"][name] for a, res in summary.items()}
+    st.hpir_info = {"pool": f"{cfg.base_name} top {h.pool}", "row_size": h.row_size,
+                    "pairs_per_query": h.pairs_per_query,
+                    "aspects": {a: {k: v for k, v in res.items() if k != "systems"}
+                                for a, res in summary.items()},
+                    "pairs": int(sum(res["pairs"] for res in summary.values()))}
+    log.info("HPIR: %s row pairs scored by %d systems",
+             {a: res["pairs"] for a, res in summary.items()}, len(st.systems))
+    for a, res in summary.items():
+        if not res["pairs"]:
+            st.notes.append(f"HPIR-{a}: no row pair could be drawn; no agreement computed")

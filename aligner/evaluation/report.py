@@ -79,8 +79,9 @@ def _points(d: Mapping[str, Any] | None) -> str:
 def verdict_sentences(metrics: Mapping[str, Any], recall_tolerance: float = 0.02) -> list[str]:
     """Plain sentences: where the aligned system wins, where it does not, what it costs.
 
-    A win needs the paired CI of the primary metric (``metrics["primary"]``, oracle
-    aesthetic@K by default) above 0; a CI that includes 0 is said to be "does NOT beat".
+    A win needs the paired CI of the primary metric (``metrics["primary"]``: nDCG@K with gain
+    match x beauty when there is an oracle) above 0; a CI that includes 0 is said to be "does
+    NOT beat".
     A recall@10 drop larger than ``recall_tolerance`` whose CI excludes 0 gets its own
     sentence.
     """
@@ -94,7 +95,8 @@ def verdict_sentences(metrics: Mapping[str, Any], recall_tolerance: float = 0.02
         d = c.get(f"{primary}_diff")
         if not d or not _finite(d.get("mean")):
             continue
-        r, p, h = c.get("recall@10_diff"), c.get(f"precision@{k}_diff"), c.get("hpir_diff")
+        r, p = c.get("recall@10_diff"), c.get(f"precision@{k}_diff")
+        ha, hc = c.get("hpir_aesthetics_diff"), c.get("hpir_accuracy_diff")
         diff = fmt_ci(d, signed=True)
         rtxt = f"recall@10 {_points(r)}"
         if _finite(d.get("ci_low")) and d["ci_low"] > 0:
@@ -108,8 +110,10 @@ def verdict_sentences(metrics: Mapping[str, Any], recall_tolerance: float = 0.02
             rest.append(other)
         if p and _finite(p.get("ci_high")) and p["ci_high"] < 0:
             s += f"; content precision@{k} falls by {-p['mean']:.3f}"
-        if h and _finite(h.get("mean")):
-            s += f"; HPIR agreement {_points(h)}"
+        if ha and _finite(ha.get("mean")):
+            s += f"; HPIR-aesthetics {_points(ha)}"
+        if hc and _finite(hc.get("mean")):
+            s += f", HPIR-accuracy {_points(hc)}"
         out.append(s + ".")
         if r and _finite(r.get("ci_high")) and r["mean"] < -recall_tolerance and r["ci_high"] < 0:
             out.append(f"{aligned} loses recall@10 against {other}: {_points(r)}, more than the "
@@ -170,11 +174,21 @@ def latency_sentence(metrics: Mapping[str, Any]) -> str:
              if n in systems and _finite((systems[n].get("timing") or {}).get("ms_per_query"))]
     if len(parts) < 2:
         return ""
-    return ("Latency (ms per query, encode + search, caches cleared): " + ", ".join(parts)
-            + "; teacher_rerank pays at query time for the teacher's extra text encodings "
-              "and the scoring of its top N, the aligned model only for its query."
-            if "teacher_rerank" in systems else
-            "Latency (ms per query, encode + search, caches cleared): " + ", ".join(parts) + ".")
+    llm = [f"{n} includes {t['llm']['backend']}'s call ({t['llm']['ms_per_query']:.0f} ms)"
+           for n in ("rephrase", "teacher_rerank") if n in systems
+           for t in [systems[n].get("timing") or {}] if (t.get("llm") or {}).get("measured")]
+    unmeasured = [n for n in ("rephrase", "teacher_rerank") if n in systems and
+                  (systems[n].get("timing") or {}).get("llm") is not None and
+                  not systems[n]["timing"]["llm"].get("measured")]
+    out = ("Latency (ms per query, encode + search, caches cleared): " + ", ".join(parts)
+           + ("; teacher_rerank pays at query time for the teacher's extra text encodings "
+              "and the scoring of its top N, the aligned model only for its query"
+              if "teacher_rerank" in systems else ""))
+    if llm:
+        out += "; the query-time LLM rephrasing is included: " + "; ".join(llm)
+    if unmeasured:
+        out += f"; for {', '.join(unmeasured)} the LLM call is NOT included (see the notes)"
+    return out + "."
 
 
 def frontier_html(metrics: Mapping[str, Any]) -> str:
@@ -238,12 +252,16 @@ def systems_table_html(metrics: Mapping[str, Any]) -> str:
     k = metrics.get("k", 10)
     also = metrics.get("also_ks", [])
     cols = [("recall", "r@1", "R@1"), ("recall", "r@5", "R@5"), ("recall", "r@10", "R@10"),
-            (None, f"aesthetic@{k}", f"aesthetic@{k} (oracle)"),
-            (None, f"aesthetic@{k}_vs_base", f"&Delta; aesthetic@{k} vs base")]
-    cols += [(None, f"aesthetic@{j}", f"aesthetic@{j}") for j in also]
-    cols += [(None, f"precision@{k}", f"precision@{k}"),
-             (None, f"scorer_aesthetic@{k}", f"scorer aesthetic@{k}"),
-             (None, "hpir", "HPIR agreement")]
+            (None, f"ndcg@{k}", f"<b>nDCG@{k}</b> (gain match &times; beauty)"),
+            (None, f"ndcg@{k}_vs_base", f"&Delta; nDCG@{k} vs base"),
+            (None, f"beauty_relevant@{k}", f"beauty among relevant (top {k})"),
+            (None, f"beauty_relevant@{k}_vs_base", "&Delta; vs base"),
+            (None, f"precision@{k}", f"precision@{k}"),
+            ("hpir_aesthetics", "oracle", "HPIR-aesthetics"),
+            ("hpir_accuracy", "oracle", "HPIR-accuracy")]
+    cols += [(None, f"ndcg@{j}", f"nDCG@{j}") for j in also]
+    cols += [(None, f"aesthetic@{k}", f"aesthetic@{k} (diagnostic: wrong content included)"),
+             (None, f"scorer_aesthetic@{k}", f"scorer aesthetic@{k}")]
     rows = ["<table><tr><th>system</th><th>kind</th>"
             + "".join(f"<th>{h}</th>" for *_, h in cols) + "<th>ms / query</th></tr>"]
     for name, s in metrics.get("systems", {}).items():
@@ -260,14 +278,68 @@ def systems_table_html(metrics: Mapping[str, Any]) -> str:
     return "\n".join(rows)
 
 
+def gallery_html(metrics: Mapping[str, Any]) -> str:
+    """The galleries searched and how many relevant images each query has there."""
+    g = metrics.get("gallery") or {}
+    rows = ["<table><tr><th>gallery</th><th>split</th><th>images</th><th>queries</th>"
+            "<th>relevant per query: min</th><th>p10</th><th>median</th><th>mean</th>"
+            "<th>max</th><th>queries with &lt; 10</th></tr>"]
+    for label, part in (("held-out (reported)", g.get("held_out")),
+                        ("selection (choices)", g.get("selection"))):
+        if not part:
+            continue
+        d = part.get("relevant_per_query") or {}
+        nums = "".join(f"<td>{d[c]:.0f}</td>" if _finite(d.get(c)) else "<td>n/a</td>"
+                       for c in ("min", "p10", "median", "mean", "max", "under_10"))
+        rows.append(f"<tr><td>{label}</td><td>{html.escape(str(part.get('split') or 'all'))}"
+                    f"</td><td>{part.get('images', 'n/a')}</td><td>{d.get('queries', 'n/a')}"
+                    f"</td>{nums}</tr>")
+    rows.append("</table><p class='note'>Beauty among relevant results can only show where a "
+                "query has many relevant images with a spread of looks (docs/evaluation.md "
+                "&sect;1).</p>")
+    return "\n".join(rows)
+
+
+def hpir_html(metrics: Mapping[str, Any]) -> str:
+    """HPIR per aspect: each system's agreement with the oracle's and the raters' row labels."""
+    info = metrics.get("hpir") or {}
+    aspects = [a for a in ("aesthetics", "accuracy") if a in (info.get("aspects") or {})]
+    if not aspects:
+        return "<p class='note'>HPIR not computed (no oracle).</p>"
+    head = "".join(f"<th>{a}: oracle</th><th>{a}: raters</th><th>{a}: raters, confidence-"
+                   "weighted</th>" for a in aspects)
+    rows = [f"<table><tr><th>system</th>{head}</tr>"]
+    for name, s in (metrics.get("systems") or {}).items():
+        cells = "".join(_cell((s.get(f"hpir_{a}") or {}).get(lab)) for a in aspects
+                        for lab in ("oracle", "raters", "raters_weighted"))
+        rows.append(f"<tr><td>{html.escape(name)}</td>{cells}</tr>")
+    rows.append("</table>")
+    notes = []
+    for a in aspects:
+        d = info["aspects"][a]
+        ceiling = fmt_ci(d.get("ceiling"))
+        notes.append(f"{a}: {d.get('pairs', 0)} row pairs ({d.get('ties_dropped', 0)} ties "
+                     f"dropped, {d.get('skipped_queries', 0)} queries without such a pair); "
+                     f"two simulated raters agree on {d.get('rater_agreement', float('nan')):.2f}"
+                     f" of them; the oracle agrees with the raters on {ceiling} (the ceiling)")
+    rows.append("<p class='note'>" + html.escape(
+        f"Rows of {info.get('row_size', 5)} images from {info.get('pool', 'the base top 50')}. "
+        "Aesthetics pairs: both rows show the same number of relevant images, labelled by "
+        "the beauty of those; accuracy pairs: different numbers, labelled by it. "
+        + "; ".join(notes) + ".") + "</p>")
+    return "\n".join(rows)
+
+
 def comparisons_table_html(metrics: Mapping[str, Any]) -> str:
     """Aligned minus each other system (paired over queries / captions)."""
     comp = metrics.get("comparisons", {})
     if not comp:
         return "<p class='note'>No comparisons (no aligned system).</p>"
     kk = metrics.get("k", 10)
-    keys = [f"aesthetic@{kk}_diff"] + [f"aesthetic@{j}_diff" for j in metrics.get("also_ks", [])]
-    keys += ["recall@10_diff", f"precision@{kk}_diff", f"scorer_aesthetic@{kk}_diff", "hpir_diff"]
+    keys = [f"ndcg@{kk}_diff", f"beauty_relevant@{kk}_diff", f"precision@{kk}_diff",
+            "recall@10_diff", "hpir_aesthetics_diff", "hpir_accuracy_diff"]
+    keys += [f"ndcg@{j}_diff" for j in metrics.get("also_ks", [])]
+    keys += [f"aesthetic@{kk}_diff", f"scorer_aesthetic@{kk}_diff"]
     aligned = html.escape(metrics.get("aligned_name", "aligned"))
     rows = [f"<table><tr><th>{aligned} minus</th>"
             + "".join(f"<th>{html.escape(k.removesuffix('_diff'))}</th>" for k in keys) + "</tr>"]
@@ -330,8 +402,9 @@ def premise_html(premise: Mapping[str, Any] | None) -> str:
         if isinstance(d, Mapping):
             rows.append(f"<tr><td>{html.escape(key)}</td>{_cell(d, signed=key.endswith('gain'))}"
                         "</tr>")
-    rows.append("</table><p class='note'>Does adding good look words to a query raise the "
-                "oracle beauty of the base model's top 10? The rephrase teacher relies on it.</p>")
+    rows.append("</table><p class='note'>Does adding generic good-photo words to a query make "
+                "the base model's top 10 more beautiful among the relevant results, without "
+                "losing relevance? The rephrase teacher relies on it.</p>")
     return "\n".join(rows)
 
 
@@ -571,7 +644,11 @@ def write_report(out_dir: str | Path, metrics: Mapping[str, Any],
              "<h2 id='verdict'>Verdict</h2>", f"<ul class='verdict'>{verdict}</ul>",
              "<h2 id='systems'>Systems</h2>", systems_table_html(metrics),
              "<p class='note'>Means with bootstrap 95% CIs over held-out queries (recall: over "
-             "held-out captions). Green / red: the CI excludes 0.</p>",
+             "held-out captions). Green / red: the CI excludes 0. nDCG@10 (gain match &times; "
+             "beauty) is the primary metric; aesthetic@10 averages over wrong-content results "
+             "too and is a diagnostic only (docs/evaluation.md).</p>",
+             "<h2 id='gallery'>Galleries</h2>", gallery_html(metrics),
+             "<h2 id='hpir'>HPIR per aspect</h2>", hpir_html(metrics),
              "<h2 id='comparisons'>Comparisons</h2>", comparisons_table_html(metrics),
              pairwise_html(metrics),
              "<h2 id='plots'>Plots</h2>", f"<img src='{_png_uri(summary)}' style='width:100%'>",
@@ -603,17 +680,25 @@ def write_report(out_dir: str | Path, metrics: Mapping[str, Any],
 def summary_table(metrics: Mapping[str, Any]) -> str:
     """The compact before/after table printed to stdout."""
     k, primary = metrics["k"], metrics["primary"]
-    lines = [f"{'system':<14} {'R@10':>6}  {primary + ' [95% CI]':<30} {'prec@' + str(k):>8} "
-             f"{'HPIR':>6} {'ms/q':>7}"]
+    lines = [f"{'system':<15} {'R@10':>6}  {primary + ' [95% CI]':<27} {'beauty|rel':>10} "
+             f"{'prec@' + str(k):>7} {'HPIR-aes':>8} {'HPIR-acc':>8} {'aes@' + str(k) + '*':>7} "
+             f"{'ms/q':>7}"]
     for name, s in metrics["systems"].items():
         r = (s.get("recall") or {}).get("r@10", {}).get("mean")
         p = s.get(f"precision@{k}", {}).get("mean")
-        h = (s.get("hpir") or {}).get("mean")
-        lines.append(f"{name:<14} {_f(r):>6}  {fmt_ci(s.get(primary)):<30} {_f(p):>8} "
-                     f"{_f(h):>6} {s['timing']['ms_per_query']:7.2f}")
+        br = s.get(f"beauty_relevant@{k}", {}).get("mean")
+        ha = ((s.get("hpir_aesthetics") or {}).get("oracle") or {}).get("mean")
+        hc = ((s.get("hpir_accuracy") or {}).get("oracle") or {}).get("mean")
+        a = s.get(f"aesthetic@{k}", {}).get("mean")
+        lines.append(f"{name:<15} {_f(r):>6}  {fmt_ci(s.get(primary)):<27} {_f(br, '+.3f'):>10} "
+                     f"{_f(p):>7} {_f(ha):>8} {_f(hc):>8} {_f(a, '+.3f'):>7} "
+                     f"{s['timing']['ms_per_query']:7.2f}")
+    if metrics.get("oracle", True):
+        lines.append(f"* aes@{k}: mean beauty of every top-{k} result, wrong content included "
+                     "(a diagnostic only); beauty|rel: mean beauty of the relevant ones")
     lines += ["", *metrics.get("verdict", [])]
     return "\n".join(lines)
 
 
-def _f(x: Any) -> str:
-    return f"{x:.3f}" if _finite(x) else "n/a"
+def _f(x: Any, spec: str = ".3f") -> str:
+    return f"{x:{spec}}" if _finite(x) else "n/a"

@@ -24,6 +24,17 @@ def ci_dict(values: np.ndarray, **kw) -> dict[str, float]:
     return {"mean": m, "ci_low": lo, "ci_high": hi, "n": int(np.asarray(values).size)}
 
 
+def finite_ci_dict(values: np.ndarray, **kw) -> dict[str, float]:
+    """:func:`ci_dict` over the finite values only; ``undefined`` counts the others (e.g. a
+    query whose top 10 holds no relevant image has no beauty among relevant results)."""
+    v = np.asarray(values, np.float64)
+    ok = np.isfinite(v)
+    out = ci_dict(v[ok], **kw)
+    if not ok.all():
+        out["undefined"] = int((~ok).sum())
+    return out
+
+
 def cluster_ci_dict(values: np.ndarray, groups: np.ndarray, weights: np.ndarray | None = None,
                     n_boot: int = 2000, alpha: float = 0.05, seed: int = 0) -> dict:
     """(Weighted) mean of ``values`` with a percentile bootstrap CI that resamples whole

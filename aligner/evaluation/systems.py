@@ -107,10 +107,13 @@ class System:
         its own :meth:`search_embeddings` and :meth:`score` read them)."""
         raise NotImplementedError
 
-    def score(self, q: np.ndarray, cand: np.ndarray) -> np.ndarray:
+    def score(self, q: np.ndarray, cand: np.ndarray,
+              subset: np.ndarray | None = None) -> np.ndarray:
         """The system's ranking score of candidate gallery indices ``cand [Q, M]``: ``[Q, M]``.
 
-        ``q``: ``[Q, D]`` from :meth:`encode`. Default: cosine similarity.
+        ``q``: ``[Q, D]`` from :meth:`encode`; ``subset``: the gallery indices searched (a
+        re-ranker's per-query statistics come from its top ``n`` there). Default: cosine
+        similarity.
         """
         return np.einsum("qd,qmd->qm", q, self.gallery[cand])
 
@@ -213,10 +216,11 @@ class CascadeSystem(System):
         order = np.argsort(-final, axis=1, kind="stable")[:, :k]
         return np.take_along_axis(final, order, 1), np.take_along_axis(idx, order, 1)
 
-    def score(self, q: np.ndarray, cand: np.ndarray) -> np.ndarray:
+    def score(self, q: np.ndarray, cand: np.ndarray,
+              subset: np.ndarray | None = None) -> np.ndarray:
         """Final scores of any candidates, z-scored with the query's top-n statistics."""
-        ref_sim, ref_idx = self.inner.search_embeddings(q, self.n)
-        sim = self.inner.score(q, cand)
+        ref_sim, ref_idx = self.inner.search_embeddings(q, self.n, subset)
+        sim = self.inner.score(q, cand, subset)
         return cascade_scores(sim, self.aesthetic[cand], self.weight, ref_sim,
                               self.aesthetic[ref_idx])
 
@@ -228,21 +232,26 @@ class CascadeSystem(System):
 class QueryShiftSystem(System):
     """clip-retrieval's aesthetic query shift: ``q' = normalise(q + weight * e)``.
 
-    ``e`` is :func:`aesthetic_direction` over the inner system's gallery (clip-retrieval
-    precomputes one such mean embedding per aesthetic level; ``aesthetic_weight`` defaults to
-    0.5 in its front end).
+    ``e`` is :func:`aesthetic_direction` over the inner system's gallery, or over the images
+    ``direction_from`` when given (the evaluation passes the non-test images, so no test
+    image shapes a setting chosen on validation); clip-retrieval precomputes one such mean
+    embedding per aesthetic level, ``aesthetic_weight`` defaults to 0.5 in its front end.
     """
 
     kind = "query_shift"
     caption_transform = "shift"
 
     def __init__(self, name: str, inner: System, aesthetic: np.ndarray, quantile: float = 0.1,
-                 weight: float = 0.5) -> None:
+                 weight: float = 0.5, direction_from: np.ndarray | None = None) -> None:
         super().__init__(name, inner.gallery)
         self.inner = inner
         self.quantile = float(quantile)
         self.weight = float(weight)
-        self.direction = aesthetic_direction(inner.gallery, aesthetic, quantile)
+        src = np.arange(len(inner.gallery)) if direction_from is None else \
+            np.asarray(direction_from, np.int64)
+        self.direction_from = None if direction_from is None else src
+        self.direction = aesthetic_direction(inner.gallery[src], np.asarray(aesthetic)[src],
+                                             quantile)
         self.needs_ids = inner.needs_ids
 
     def shift(self, q: np.ndarray) -> np.ndarray:
@@ -465,13 +474,15 @@ class TeacherRerankSystem(System):
         order = np.argsort(-final, axis=1, kind="stable")[:, :k]
         return np.take_along_axis(final, order, 1), np.take_along_axis(idx, order, 1)
 
-    def score(self, q: np.ndarray, cand: np.ndarray) -> np.ndarray:
+    def score(self, q: np.ndarray, cand: np.ndarray,
+              subset: np.ndarray | None = None) -> np.ndarray:
         """Final scores of any candidates ``[Q, M]``: each teacher component z-scored with the
-        statistics of the query's top ``n`` (the pool), then both terms z-scored with the top
-        n's statistics, as :meth:`search_embeddings` ranks them (equal on the top n)."""
+        statistics of the query's top ``n`` (the pool, within ``subset``), then both terms
+        z-scored with the top n's statistics, as :meth:`search_embeddings` ranks them (equal
+        on the top n)."""
         qo, q_reph, q_bad = self.split(q)
         q_rw = self.reward_part(q)
-        ref_sim, ref_idx = self.inner.search_embeddings(qo, self.n)
+        ref_sim, ref_idx = self.inner.search_embeddings(qo, self.n, subset)
         ref_aes = self.teacher_scores(q, ref_idx)
         aes = np.zeros(cand.shape, np.float32)
         for b in range(len(cand)):
@@ -482,7 +493,8 @@ class TeacherRerankSystem(System):
                 z = float(w) * zscore(mine[name], pool[name])
                 total = z if total is None else total + z
             aes[b] = total
-        return cascade_scores(self.inner.score(qo, cand), aes, self.weight, ref_sim, ref_aes)
+        return cascade_scores(self.inner.score(qo, cand, subset), aes, self.weight, ref_sim,
+                              ref_aes)
 
     def describe(self) -> dict:
         return {**super().describe(), "inner": self.inner.name, "n": self.n,
@@ -504,8 +516,10 @@ def system_recall_hits(system: System, texts: Sequence[str], targets: np.ndarray
 
 
 def timed_search(system: System, texts: Sequence[str], k: int,
-                 ids: Sequence[str] | None = None) -> tuple[np.ndarray, float]:
-    """Search and return (gallery indices ``[Q, k]``, seconds for encode + search)."""
+                 ids: Sequence[str] | None = None,
+                 subset: np.ndarray | None = None) -> tuple[np.ndarray, float]:
+    """Search (within ``subset``) and return (gallery indices ``[Q, k]``, seconds for encode +
+    search)."""
     t0 = time.perf_counter()
-    _, idx = system.search(texts, k, ids=ids)
+    _, idx = system.search(texts, k, ids=ids, subset=subset)
     return idx, time.perf_counter() - t0

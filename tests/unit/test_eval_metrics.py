@@ -1,74 +1,63 @@
-"""Oracle-based evaluation metrics on hand-made cases: HPIR agreement, aesthetic@K differences,
-teacher diagnostics, and the small WorldEval additions they rely on."""
+"""Oracle-based evaluation metrics on hand-made cases: nDCG@K with gain match x beauty, beauty
+among relevant results, aesthetic@K differences, teacher diagnostics, and the WorldEval
+additions they rely on (HPIR per aspect: tests/unit/test_hpir.py)."""
 
 import numpy as np
 import pytest
 
 from aligner.evaluation.oracle_metrics import (
     BY_CONSTRUCTION,
-    RowPairs,
     aesthetic_at_k,
-    draw_row_pairs,
-    hpir_agreement,
-    pair_agreement,
+    beauty_among_relevant,
+    dcg,
+    ideal_dcg,
+    minmax01,
+    ndcg_at_k,
     paired_difference,
     preference_agreement,
-    row_utility,
     teacher_diagnostics,
 )
 from aligner.evaluation.stats import ci_dict, weighted_bootstrap_ci
 from aligner.world import WorldSpec, generate_world
 
-# ----------------------------------------------------------------------------- HPIR
+# ----------------------------------------------------------------------------- nDCG
 
 
-def test_row_utility_counts_irrelevant_images_as_zero():
-    # mean(match * b') = (1*0.5 + 0*1.0 + 1*0.1) / 3 = 0.2
-    assert row_utility(np.array([1, 0, 1]), np.array([0.5, 1.0, 0.1])) == pytest.approx(0.2)
+def test_dcg_and_ndcg_by_hand():
+    """Gains [1, 0, 0.5] at ranks 1..3: DCG = 1/log2(2) + 0 + 0.5/log2(4) = 1.25. The ideal
+    ranking of the relevant gains {1, 0.5, 0.8} is [1, 0.8, 0.5]: 1 + 0.8/log2(3) + 0.25."""
+    g = np.array([[1.0, 0.0, 0.5]])
+    assert dcg(g, 3)[0] == pytest.approx(1.25)
+    assert dcg(g, 1)[0] == pytest.approx(1.0)
+    idcg = ideal_dcg([np.array([0.5, 1.0, 0.8])], 3)
+    assert idcg[0] == pytest.approx(1 + 0.8 / np.log2(3) + 0.25)
+    assert ndcg_at_k(g, idcg, 3)[0] == pytest.approx(1.25 / idcg[0])
+    ideal = np.array([[1.0, 0.8, 0.5]])
+    assert ndcg_at_k(ideal, idcg, 3)[0] == pytest.approx(1.0)
+    # no relevant image in the gallery: undefined, not 0
+    assert np.isnan(ndcg_at_k(np.zeros((1, 3)), ideal_dcg([np.zeros(0)], 3), 3)[0])
+    # fewer relevant images than k: the ideal stops there
+    assert ideal_dcg([np.array([0.6])], 10)[0] == pytest.approx(0.6)
 
 
-def test_hpir_oracle_scorer_gets_all_reversed_gets_none():
-    rng = np.random.default_rng(0)
-    util = rng.random((12, 20)) * (rng.random((12, 20)) < 0.6)  # match * b'
-    pairs = draw_row_pairs(util, pairs_per_query=4, row_size=5, tie=0.02, seed=0)
-    assert len(pairs.query) > 20
-    assert hpir_agreement(pairs, util)["mean"] == 1.0
-    assert hpir_agreement(pairs, -util)["mean"] == 0.0
-    assert hpir_agreement(pairs, np.zeros_like(util))["mean"] == 0.5  # no preference: 1/2
-    # rows of a pair share no image; utilities are the rows' means
-    for q, a, b, ua in zip(pairs.query, pairs.a, pairs.b, pairs.util_a, strict=True):
-        assert not set(a) & set(b)
-        assert ua == pytest.approx(util[q, a].mean())
+def test_wrong_content_gains_nothing_and_beauty_counts_among_relevant():
+    """Two rankings with the same relevant images: the one with the more beautiful relevant
+    images on top wins; a beautiful wrong-content image adds nothing."""
+    b01 = minmax01(np.array([-1.0, 0.0, 1.0, 0.9]), -1.0, 1.0)  # [0, .5, 1, .95]
+    match = np.array([True, True, True, False])
+    idcg = ideal_dcg([b01[match]], 2)
+    top_good, top_bad, top_wrong = [2, 1], [1, 2], [3, 1]
+    n = [ndcg_at_k((match * b01)[None, t], idcg, 2)[0] for t in (top_good, top_bad, top_wrong)]
+    assert n[0] == pytest.approx(1.0) and n[0] > n[1] > n[2]
+    assert n[2] == pytest.approx(0.5 / np.log2(3) / idcg[0])
+    br = beauty_among_relevant(np.array([[1.0, 0.9, 0.0], [0.9, 0.8, 0.1]]),
+                               np.array([[True, False, True], [False, False, False]]))
+    assert br[0] == pytest.approx(0.5) and np.isnan(br[1])
 
 
-def test_hpir_ties_are_dropped():
-    # every image of query 0 has the same utility: all its pairs tie; query 1 never ties
-    util = np.zeros((2, 10))
-    util[0] = 0.5
-    util[1] = np.arange(10) / 10.0 * (np.arange(10) % 2)  # 0 and 0.1 .. 0.9 alternately
-    pairs = draw_row_pairs(util, pairs_per_query=6, row_size=2, tie=0.02, seed=3)
-    assert pairs.drawn == 12
-    assert 0 not in pairs.query.tolist()
-    assert np.all(np.abs(pairs.util_a - pairs.util_b) >= 0.02)
-    res = hpir_agreement(pairs, util)
-    assert res["ties_dropped"] == 12 - len(pairs.query) >= 6
-
-
-def test_pair_agreement_hand_case():
-    """Rows {0, 1} vs {2, 3}, the oracle prefers the first. Scores [0.9, 0.1, 0.3, 0.3]:
-    row means 0.5 vs 0.3 -> agrees; [0.1, 0.1, 0.3, 0.3] -> disagrees; equal means -> 1/2."""
-    pairs = RowPairs(np.array([0]), np.array([[0, 1]]), np.array([[2, 3]]), np.array([0.8]),
-                     np.array([0.2]), 1)
-    assert pair_agreement(pairs, np.array([[0.9, 0.1, 0.3, 0.3]])).tolist() == [1.0]
-    assert pair_agreement(pairs, np.array([[0.1, 0.1, 0.3, 0.3]])).tolist() == [0.0]
-    assert pair_agreement(pairs, np.array([[0.5, 0.0, 0.25, 0.25]])).tolist() == [0.5]
-
-
-def test_same_seed_same_rows():
-    util = np.random.default_rng(1).random((5, 50))
-    a, b = draw_row_pairs(util, seed=4), draw_row_pairs(util, seed=4)
-    assert np.array_equal(a.a, b.a) and np.array_equal(a.b, b.b)
-    assert not np.array_equal(a.a, draw_row_pairs(util, seed=5).a)
+def test_minmax01():
+    np.testing.assert_allclose(minmax01(np.array([2.0, 3.0, 4.0]), 2.0, 4.0), [0, 0.5, 1])
+    assert (minmax01(np.array([1.0, 1.0]), 1.0, 1.0) == 0).all()
 
 
 # ----------------------------------------------------------------------------- aesthetic@K
@@ -151,9 +140,6 @@ def test_world_eval_additions(world):
     ids = world.corpus(["id"])["id"].to_pylist()
     emb = np.random.default_rng(0).normal(size=(len(ids), 4)).astype(np.float32)
     ev = WorldEval(world, emb, ids)
-    u = ev.utility_beauty()
-    assert u.min() == pytest.approx(0.1) and u.max() == pytest.approx(1.0)
-    assert np.argsort(u).tolist() == np.argsort(ev.beauty).tolist()
     b = ev.beauty_of([ids[3], "nope", ids[3] + "~blur"])
     assert b[0] == pytest.approx(ev.beauty[3]) and np.isnan(b[1:]).all()
     q = world.queries(split="test", kind="content")["query_id"].to_pylist()[:5]
@@ -185,3 +171,55 @@ def test_cluster_ci_resamples_queries_and_is_wider_for_correlated_rows():
     with pytest.raises(ValueError):
         cluster_ci_dict(v, groups[:-1])
     assert np.isnan(cluster_ci_dict(np.zeros(0), np.zeros(0))["mean"])
+
+
+def test_world_eval_graded_equals_a_brute_force_count(world):
+    """nDCG@10, beauty among relevant, precision@10 and aesthetic@10 of random rankings over
+    the test gallery, against a direct loop over the oracle table."""
+    from aligner.evaluation.oracle import WorldEval
+
+    ids = world.corpus(["id"])["id"].to_pylist()
+    ev = WorldEval(world, np.zeros((len(ids), 4), np.float32), ids)
+    oracle = {r["id"]: r for r in world.oracle().to_pylist()}
+    truth = {r["query_id"]: r for r in world.query_truth().to_pylist()}
+    test = [i for i, x in enumerate(ids) if oracle[x]["split"] == "test"]
+    qids = world.queries(split="test", kind="content")["query_id"].to_pylist()
+    rng = np.random.default_rng(2)
+
+    def match(q, i):
+        t, o = truth[q], oracle[ids[i]]
+        return (o["shape"] == t["shape"] and o["colour"] == t["colour"]
+                and (not t["count"] or o["count"] == t["count"])
+                and (not t["background"] or o["background"] == t["background"]))
+
+    top = []  # some relevant images (shuffled in), the rest random test images
+    for q in qids:
+        rel = [i for i in test if match(q, i)][:4]
+        rest = rng.choice([i for i in test if i not in rel], 10 - len(rel), replace=False)
+        top.append(rng.permutation(np.concatenate([rel, rest]).astype(int)))
+    top = np.array(top)
+    g = ev.graded(qids, top, 10, "test")
+    assert np.isfinite(g["beauty_relevant@10"]).sum() >= 3  # the relevant branch is exercised
+    beauty = np.array([oracle[ids[i]]["beauty"] for i in test])
+    lo, hi = beauty.min(), beauty.max()
+
+    for qi, q in enumerate(qids):
+        b01 = {i: (oracle[ids[i]]["beauty"] - lo) / (hi - lo) for i in test}
+        gains = [b01[i] * match(q, i) for i in top[qi]]
+        ideal = sorted((b01[i] for i in test if match(q, i)), reverse=True)[:10]
+        idcg = sum(x / np.log2(r + 2) for r, x in enumerate(ideal))
+        d = sum(x / np.log2(r + 2) for r, x in enumerate(gains))
+        if idcg > 0:
+            assert g["ndcg@10"][qi] == pytest.approx(d / idcg)
+        else:
+            assert np.isnan(g["ndcg@10"][qi])
+        rel = [oracle[ids[i]]["beauty"] for i in top[qi] if match(q, i)]
+        if rel:
+            assert g["beauty_relevant@10"][qi] == pytest.approx(np.mean(rel))
+        else:
+            assert np.isnan(g["beauty_relevant@10"][qi])
+        assert g["precision@10"][qi] == pytest.approx(len(rel) / 10)
+        assert g["aesthetic@10"][qi] == pytest.approx(
+            np.mean([oracle[ids[i]]["beauty"] for i in top[qi]]))
+    counts = ev.relevant_counts(qids, "test")
+    assert counts.tolist() == [sum(match(q, i) for i in test) for q in qids]

@@ -41,8 +41,8 @@ def small(tmp_path_factory):
     from aligner.world import WorldSpec, generate_world
 
     d = tmp_path_factory.mktemp("build")
-    generate_world(WorldSpec(n_images=120, n_queries=30, n_paraphrases=6, rows_per_file=60),
-                   d / "world", workers=1, progress=False)
+    generate_world(WorldSpec(n_images=120, n_queries=30, n_paraphrases=6, rows_per_file=60,
+                             gallery_relevant=0), d / "world", workers=1, progress=False)
     r = load_retriever(ModelSpec(), device="cpu")
     save_checkpoint(r, d / "base")
     with torch.no_grad():
@@ -61,9 +61,10 @@ def test_gallery_and_queries_from_a_world(small):
     assert g.ids == world.corpus(["id"])["id"].to_pylist() and len(g.images) == 120
     assert g.source == f"world {small / 'world'}" and g.captions and g.split is not None
     test = load_gallery(world=small / "world", which="test")
-    assert 0 < len(test.ids) < 120 and set(test.split) == {"test"}
+    assert 0 < len(test.ids) < 120 and set(test.split) == {"test", "val"}
     idx, where = test.recall_split()
-    assert where == "test split" and len(idx) == len(test.ids)
+    assert where == "test split" and idx.tolist() == test.indices("test").tolist()
+    assert len(test.indices("test")) + len(test.indices("val")) == len(test.ids)
     qids, texts = load_queries(world=small / "world")
     want = world.queries(split="test", kind="content")
     assert qids == want["query_id"].to_pylist() and texts == want["query"].to_pylist()
@@ -82,8 +83,9 @@ def test_gallery_from_a_corpus(small, tmp_path):
         "split": t["split"]})
     pq.write_table(hf, tmp_path / "hf.parquet")
     g = load_gallery(corpus=tmp_path / "hf.parquet", which="test")
-    assert g.captions is None and set(g.split) == {"test"}
-    assert g.images[0] == t.filter(pc.equal(t["split"], "test"))["image"][0].as_py()
+    assert g.captions is None and set(g.split) == {"test", "val"}
+    held = t.filter(pc.is_in(t["split"], value_set=pa.array(["test", "val"])))
+    assert g.images[0] == held["image"][0].as_py() and g.ids == held["id"].to_pylist()
     pq.write_table(t.select(["id", "image"]), tmp_path / "nosplit.parquet")
     g = load_gallery(corpus=tmp_path / "nosplit.parquet", which="test")  # no split: every image
     assert len(g.ids) == 120 and g.split is None

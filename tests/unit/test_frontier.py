@@ -96,22 +96,27 @@ def test_choose_and_report_takes_the_selection_split_pick():
 
 
 class _FakeEval:
-    """An oracle over a gallery of 'outcome' indices: beauty and relevance per index."""
+    """An oracle over a gallery of 'outcome' indices: nDCG and precision per index."""
 
-    def __init__(self, beauty, relevance):
-        self.beauty = np.asarray(beauty, float)
-        self.rel = np.asarray(relevance, float)
+    def __init__(self, ndcg, precision):
+        self.ndcg = np.asarray(ndcg, float)
+        self.prec = np.asarray(precision, float)
+        self.splits = []
 
-    def relevance(self, qids, top):
-        return self.rel[np.asarray(top)[:, 0]]
+    def graded(self, qids, top, k, split):
+        self.splits.append(split)
+        first = np.asarray(top)[:, 0]
+        return {f"ndcg@{k}": self.ndcg[first], f"precision@{k}": self.prec[first]}
 
 
 def _sweep_state(monkeypatch, sel_same: bool = False):
     """An EvalState whose systems return one 'outcome' index per split: setting i gives
     outcome 2i on validation queries and 2i + 1 on test queries; the aligned model gives 6 / 7.
 
-    validation: precision [.9, .85, .5], aesthetic [.1, .3, .6]; aligned precision .8
-    test:       precision [.9, .6, .82], aesthetic [.1, .3, .6]; aligned precision .8
+    validation: precision [.9, .85, .5], nDCG [.1, .3, .6]; aligned precision .8
+    test:       precision [.9, .6, .82], nDCG [.1, .3, .6]; aligned precision .8
+    Validation queries must search the val gallery (indices 100, 101), test queries the test
+    gallery (200, 201): a search of any other subset raises.
     """
     from aligner.evaluation import equal_relevance
     from aligner.evaluation.build import BuiltSystems
@@ -127,21 +132,28 @@ def _sweep_state(monkeypatch, sel_same: bool = False):
             self.i = i
 
         def search(self, texts, k, ids=None, subset=None):
+            test = ids[0].startswith("t")
+            if not sel_same:
+                want = [200, 201] if test else [100, 101]
+                assert subset is not None and subset.tolist() == want, (ids, subset)
             out = np.array([2 * self.i + (q.startswith("t")) for q in ids])[:, None]
             return np.zeros((len(ids), k)), np.repeat(out, k, 1)
 
-    ev = _FakeEval(beauty=[.1, .1, .3, .3, .6, .6, .2, .2],
-                   relevance=[.9, .9, .85, .6, .5, .82, .8, .8])
+    ev = _FakeEval(ndcg=[.1, .1, .3, .3, .6, .6, .2, .2],
+                   precision=[.9, .9, .85, .6, .5, .82, .8, .8])
     cfg = EvaluateConfig(baselines=["cascade"])
     st = EvalState(cfg)
     st.qids = st.texts = ["t1", "t2", "t3"]
     st.sel_qids = st.sel_texts = st.qids if sel_same else ["v1", "v2"]
     st.sel_split = "test" if sel_same else "val"
     st.sel_fallback = "no val queries: chosen on test" if sel_same else None
+    st.held_split, st.held = "test", np.array([200, 201])
+    st.sel_gallery = "test" if sel_same else "val"
+    st.sel_subset = st.held if sel_same else np.array([100, 101])
     st.built = BuiltSystems({"base": Outcome("base", 0), "aligned": Outcome("aligned", 3)}, [],
                             np.zeros(8), {}, [])
     st.ev = ev
-    st.per = {"aligned": {"aesthetic@10": np.full(3, 0.2), "precision@10": np.full(3, 0.8)}}
+    st.per = {"aligned": {"ndcg@10": np.full(3, 0.2), "precision@10": np.full(3, 0.8)}}
     weights = [0.1, 1.0, 2.0]
     monkeypatch.setattr(equal_relevance, "baseline_makers", lambda _: {
         "cascade": (weights, lambda w: Outcome(f"cascade w={w}", weights.index(w)))})
@@ -159,9 +171,10 @@ def test_sweep_chooses_on_validation_and_reports_on_test(monkeypatch):
     r = eq["families"]["cascade"]
     assert r["setting"] == "cascade w=1"  # test alone would have picked w=2
     assert r["precision@10"] == pytest.approx(0.6)  # reported: its test results
-    assert r["aesthetic@10"]["mean"] == pytest.approx(0.3)
+    assert r["ndcg@10"]["mean"] == pytest.approx(0.3)
     assert r["selection"]["precision@10"] == pytest.approx(0.85)
-    assert r["aesthetic@10_diff"]["mean"] == pytest.approx(0.2 - 0.3)
+    assert r["ndcg@10_diff"]["mean"] == pytest.approx(0.2 - 0.3)
+    assert set(st.ev.splits) == {"val", "test"}  # each measured over its own gallery
     rows = st.frontier["cascade"]
     assert [row["precision@10"] for row in rows] == pytest.approx([.9, .6, .82])
     assert [row["selection"]["precision@10"] for row in rows] == pytest.approx([.9, .85, .5])
@@ -177,7 +190,7 @@ def test_sweep_without_selection_queries_says_so(monkeypatch):
     assert (eq["chosen_on"], eq["reported_on"]) == ("test", "test") and eq["fallback"]
     assert eq["families"]["cascade"]["setting"] == "cascade w=2"
     text = equal_relevance_sentences({"equal_relevance": eq, "aligned_name": "aligned",
-                                      "primary": "aesthetic@10", "k": 10})
+                                      "primary": "ndcg@10", "k": 10})
     assert any(t.startswith("Caution: no val queries") for t in text)
 
 

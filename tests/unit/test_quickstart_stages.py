@@ -110,6 +110,8 @@ def test_flags_and_config_checks():
         QuickstartConfig(teacher="oracle")
     with pytest.raises(ValueError, match="n_images"):
         QuickstartConfig(n_images=50)
+    with pytest.raises(ValueError, match="gallery_relevant"):
+        QuickstartConfig(gallery_relevant=-1)
     assert {"rephrase", "scorer", "both", "both+degraded"} <= set(TEACHERS)
     assert all(len(t["aesthetic"]) == len(t["aesthetic_weights"]) for t in TEACHERS.values())
 
@@ -156,7 +158,9 @@ def test_the_repository_ships_a_base_for_the_default_world():
     assert d is not None, "aligner/assets/builtin_base is missing"
     cfg = QuickstartConfig()
     fp = world_fingerprint(WorldSpec(n_images=cfg.n_images, seed=cfg.seed,
-                                     n_queries=cfg.n_queries))
+                                     n_queries=cfg.n_queries,
+                                     gallery_relevant=cfg.gallery_relevant))
+    assert cfg.gallery_relevant == 20  # dense galleries: rendered after, never trained on
     assert shipped_base_fits(fp) == (True, "trained on this very world")
     weights = d / "checkpoint" / "open_clip_model.safetensors"
     assert weights.stat().st_size < 12e6

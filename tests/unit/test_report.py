@@ -23,28 +23,41 @@ def fake_metrics() -> dict:
     def system(kind, r10, a10, hp):
         return {"kind": kind, "recall": {"r@1": ci(r10 / 3), "r@5": ci(r10 / 2), "r@10": ci(r10),
                                          "transform": "same"},
-                "aesthetic@10": ci(a10), "aesthetic@5": ci(a10), "precision@10": ci(0.5),
-                "scorer_aesthetic@10": ci(0.1), "hpir": ci(hp),
+                "ndcg@10": ci(a10), "ndcg@5": ci(a10), "beauty_relevant@10": ci(a10 / 2),
+                "aesthetic@10": ci(a10 / 3), "precision@10": ci(0.5),
+                "scorer_aesthetic@10": ci(0.1),
+                "hpir_aesthetics": {"oracle": ci(hp), "raters": ci(hp - 0.05),
+                                    "raters_weighted": ci(hp - 0.04)},
+                "hpir_accuracy": {"oracle": ci(0.9), "raters": ci(0.7), "raters_weighted": ci(0.8)},
                 "timing": {"ms_per_query": 1.5}}
     return {
-        "k": 10, "also_ks": [5], "primary": "aesthetic@10", "base_name": "base",
+        "k": 10, "also_ks": [5], "primary": "ndcg@10", "base_name": "base",
         "aligned_name": "aligned", "oracle": True, "setup": "tiny fake",
+        "gallery": {"held_out": {"split": "test", "images": 40, "relevant_per_query": {
+            "queries": 5, "min": 20, "p10": 20, "median": 21, "mean": 22.5, "max": 30,
+            "under_10": 0}}, "selection": {"split": "val", "images": 20}},
+        "hpir": {"pool": "base top 50", "row_size": 5, "aspects": {
+            "aesthetics": {"pairs": 12, "ties_dropped": 1, "skipped_queries": 0,
+                           "rater_agreement": 0.65, "ceiling": ci(0.8)},
+            "accuracy": {"pairs": 16, "ties_dropped": 0, "skipped_queries": 0,
+                         "rater_agreement": 0.65, "ceiling": ci(0.8)}}},
         "systems": {"base": system("model", 0.70, 0.10, 0.60),
                     "cascade": system("cascade", 0.60, 0.30, 0.61),
                     "rephrase": system("rephrase", 0.70, 0.14, 0.60),
                     "aligned": system("model", 0.66, 0.20, 0.65)},
         "comparisons": {
-            "base": {"aesthetic@10_diff": ci(0.10, 0.05, 0.15), "recall@10_diff": ci(-0.04, -0.06, -0.02),
-                     "precision@10_diff": ci(-0.02, -0.05, 0.01), "hpir_diff": ci(0.05)},
-            "cascade": {"aesthetic@10_diff": ci(-0.10, -0.15, -0.05), "recall@10_diff": ci(0.06)},
-            "rephrase": {"aesthetic@10_diff": ci(0.06, -0.01, 0.12), "recall@10_diff": ci(-0.04)},
+            "base": {"ndcg@10_diff": ci(0.10, 0.05, 0.15), "recall@10_diff": ci(-0.04, -0.06, -0.02),
+                     "precision@10_diff": ci(-0.02, -0.05, 0.01),
+                     "hpir_aesthetics_diff": ci(0.05), "hpir_accuracy_diff": ci(-0.01)},
+            "cascade": {"ndcg@10_diff": ci(-0.10, -0.15, -0.05), "recall@10_diff": ci(0.06)},
+            "rephrase": {"ndcg@10_diff": ci(0.06, -0.01, 0.12), "recall@10_diff": ci(-0.04)},
         },
         "teacher": {"grid": {"all": {"pairs": 10, "oracle_pairs": 8, "degraded_pairs": 2,
                                      "degraded_agreement": "by construction", "unknown_ids": 0,
                                      "ties": 0, "agreement": ci(0.6), "agreement_weighted": ci(0.62),
                                      "beauty_margin": ci(0.05)}, "by_source": {}},
                     "broken": {"error": "no such file"}},
-        "premise": {"aesthetic@10_gain": ci(0.2)},
+        "premise": {"ndcg@10_gain": ci(0.2)},
         "skipped": ["nothing really"], "notes": ["a note"],
     }
 
@@ -76,12 +89,13 @@ class Sections(HTMLParser):
 
 def test_verdict_says_where_aligned_does_not_win():
     v = verdict_sentences(fake_metrics(), recall_tolerance=0.02)
-    assert v[0].startswith("aligned wins on aesthetic@10 against 1 of 3 systems (base)")
+    assert v[0].startswith("aligned wins on ndcg@10 against 1 of 3 systems (base)")
     assert "does NOT win against cascade, rephrase" in v[0]
     text = "\n".join(v)
-    assert "aligned beats base on aesthetic@10 by +0.100 [0.050, 0.150] at recall@10 -4.0 points" in text
+    assert "aligned beats base on ndcg@10 by +0.100 [0.050, 0.150] at recall@10 -4.0 points" in text
+    assert "HPIR-aesthetics +5.0 points" in text and "HPIR-accuracy -1.0 points" in text
     assert "aligned is WORSE than cascade" in text
-    assert "aligned does NOT beat rephrase on aesthetic@10: +0.060 [-0.010, 0.120], the CI includes 0" in text
+    assert "aligned does NOT beat rephrase on ndcg@10: +0.060 [-0.010, 0.120], the CI includes 0" in text
     assert "aligned loses recall@10 against base" in text  # -4 points, CI below 0
     assert "loses recall@10 against rephrase" in text and "against cascade: +" not in text
     no = verdict_sentences({**fake_metrics(), "comparisons": {}})
@@ -100,21 +114,25 @@ def test_report_writes_html_and_png(tmp_path):
     p = Sections()
     p.feed(page)
     assert not p.errors and not p.stack[1:], (p.errors, p.stack)
-    for section in ("verdict", "systems", "comparisons", "plots", "teacher", "grids", "skipped"):
+    for section in ("verdict", "systems", "gallery", "hpir", "comparisons", "plots", "teacher",
+                    "grids", "skipped"):
         assert section in p.ids
     assert all(src.startswith("data:image/png;base64,") for src in p.imgs) and len(p.imgs) >= 3
     assert "aligned is WORSE than cascade" in page and "by construction" in page
     assert "no such file" in page and "two red circles" in page
     with Image.open(paths["png"]) as im:
         assert im.format == "PNG" and im.height > 400
+    assert "Beauty among relevant results can only show" in page and "<td>21</td>" in page
+    assert "two simulated raters agree on 0.65" in page
     table = summary_table(m)
-    assert "aligned" in table.splitlines()[-len(m["verdict"]) - 2]
-    assert "0.200 [0.190, 0.210]" in table
+    assert "aligned" in table.splitlines()[-len(m["verdict"]) - 3]
+    assert "0.200 [0.190, 0.210]" in table and "HPIR-aes" in table
+    assert "wrong content included" in table
 
 
 def test_report_without_gains_or_grids(tmp_path):
     m = fake_metrics()
-    m["systems"]["base"]["aesthetic@10"] = {"mean": None}
+    m["systems"]["base"]["ndcg@10"] = {"mean": None}
     paths = write_report(tmp_path, m)
     assert paths["png"].is_file() and "n/a" in paths["html"].read_text()
 
@@ -205,11 +223,17 @@ def test_evaluate_job_end_to_end(tiny, capsys):
                                   "teacher_rerank", "aligned"]
     assert set(m["comparisons"]) == {"base", "cascade", "query_shift", "rephrase",
                                      "teacher_rerank"}
-    assert set(m["pairwise"]["aesthetic@10"]["aligned"]) == set(m["comparisons"])
+    assert set(m["pairwise"]["ndcg@10"]["aligned"]) == set(m["comparisons"])
+    assert m["primary"] == "ndcg@10"
     s = m["systems"]
     for name in s:
-        for key in ("aesthetic@10", "aesthetic@5", "precision@10", "scorer_aesthetic@10", "hpir"):
+        for key in ("ndcg@10", "ndcg@5", "aesthetic@10", "aesthetic@5", "precision@10",
+                    "scorer_aesthetic@10"):
             assert s[name][key]["n"] > 0, (name, key)
+        for aspect in ("hpir_aesthetics", "hpir_accuracy"):
+            assert s[name][aspect]["oracle"]["n"] > 0 and s[name][aspect]["raters"]["n"] > 0
+    assert {"hpir_aesthetics_diff", "hpir_accuracy_diff", "ndcg@10_diff",
+            "beauty_relevant@10_diff"} <= set(m["comparisons"]["base"])
     assert s["rephrase"]["recall"]["r@10"] == s["base"]["recall"]["r@10"]
     assert s["rephrase"]["recall"]["transform"].startswith("n/a")
     assert s["cascade"]["recall"]["transform"] == "rerank"
@@ -241,12 +265,12 @@ def test_evaluate_job_end_to_end(tiny, capsys):
     assert mix["all"]["pairs"] == 25 and mix["all"]["degraded_pairs"] == 5
     assert mix["by_source"]["degraded"]["degraded_agreement"] == "by construction"
     assert "error" in m["teacher"]["gone"]
-    assert m["premise"]["aesthetic@10_gain"]["n"] == m["queries"]["n"]
-    assert m["verdict"][0].startswith("aligned wins on aesthetic@10 against")
+    assert 0 < m["premise"]["ndcg@10_gain"]["n"] <= m["queries"]["n"]
+    assert m["verdict"][0].startswith("aligned wins on ndcg@10 against")
     printed = capsys.readouterr().out
     assert "report:" in printed and "HPIR" in printed
     per = pq.read_table(out / "per_query.parquet")
-    assert per.num_rows == m["queries"]["n"] and "aligned/aesthetic@10" in per.column_names
+    assert per.num_rows == m["queries"]["n"] and "aligned/ndcg@10" in per.column_names
     html = (out / "report.html").read_text()
     assert "Teacher diagnostics" in html and html.count("data:image/png;base64,") > 10
     # every baseline swept over its knob; the aligned model compared at equal relevance
@@ -265,7 +289,7 @@ def test_evaluate_job_end_to_end(tiny, capsys):
         else:
             sel = r["selection"]
             assert sel["precision@10"] >= eq["aligned_selection"]["precision@10"] - eq["slack"]
-            assert r["aesthetic@10_diff"]["n"] == m["queries"]["n"]
+            assert 0 < r["ndcg@10_diff"]["n"] <= m["queries"]["n"]
     assert sum("At equal or better relevance on the val queries" in v
                for v in m["verdict"]) == 4
     assert any(v.startswith("Latency") for v in m["verdict"])
