@@ -76,9 +76,24 @@ class ModelSystem:
     info: dict[str, Any]
 
 
+def text_tower_hash(model: Any) -> str:
+    """A hash of every weight that shapes a text embedding (all but the image tower and the
+    logit scale): two checkpoints with the same hash encode every text identically."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for key, t in sorted(model.state_dict().items()):
+        if key.startswith("visual.") or key == "logit_scale":
+            continue
+        h.update(key.encode())
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
 def load_model_system(name: str, checkpoint: str | Path, gallery: Gallery,
                       embeddings: str | Path = "", scorer: str = "lowlevel",
-                      batch_size: int = 256) -> ModelSystem:
+                      batch_size: int = 256,
+                      text_encoders: dict[str, CachedEncoder] | None = None) -> ModelSystem:
     """An :class:`EncoderSystem` for a checkpoint over ``gallery``.
 
     Args:
@@ -89,6 +104,9 @@ def load_model_system(name: str, checkpoint: str | Path, gallery: Gallery,
             in-process; one that does not match is refused with a warning).
         scorer: the scorer whose ``aesthetic`` column of ``embeddings`` may be reused.
         batch_size: encoder batch size.
+        text_encoders: cached text encoders by :func:`text_tower_hash`, shared between
+            checkpoints whose text towers are the same (a fine-tune of the image tower
+            only): each text is encoded once for all of them (filled in here).
     """
     from aligner.retrieval.models import load_checkpoint
 
@@ -110,7 +128,16 @@ def load_model_system(name: str, checkpoint: str | Path, gallery: Gallery,
         emb = embed_gallery(r, gallery, batch_size)
         info["embed_s"] = round(time.time() - t1, 2)
         log.info("%s: embedded %d images in %.1f s", name, len(emb), info["embed_s"])
-    enc = CachedEncoder(lambda texts: r.encode_texts(texts, batch_size))
+    key = text_tower_hash(r.model)
+    info["text_tower"] = key
+    enc = (text_encoders or {}).get(key)
+    if enc is None:
+        enc = CachedEncoder(lambda texts: r.encode_texts(texts, batch_size))
+        if text_encoders is not None:
+            text_encoders[key] = enc
+    else:
+        log.info("%s: the same text tower as an earlier system: its text encodings are shared",
+                 name)
     system = EncoderSystem(name, enc, emb, {"checkpoint": str(checkpoint)})
     return ModelSystem(system, enc, aes, info)
 
@@ -271,8 +298,9 @@ def build_systems(gallery: Gallery, base_checkpoint: str | Path,
     if clash:
         raise ValueError(f"models may not be named {sorted(clash)} (base / baseline names)")
     base_emb_dir = base_embeddings or emb_dirs.get(base_name, "")
+    text_encoders: dict[str, CachedEncoder] = {}
     b = load_model_system(base_name, base_checkpoint, gallery, base_emb_dir, settings.scorer,
-                          batch_size)
+                          batch_size, text_encoders)
     base, aes = b.system, b.aesthetic
     info = {base_name: b.info}
     if aes is None or not np.isfinite(aes).any():
@@ -307,8 +335,9 @@ def build_systems(gallery: Gallery, base_checkpoint: str | Path,
                              f"{teacher.name} uses each query as its own rephrasing")
     for name, ckpt in models.items():
         m = load_model_system(name, ckpt, gallery, emb_dirs.get(name, ""), settings.scorer,
-                              batch_size)
+                              batch_size, text_encoders)
         systems[name] = m.system
-        encoders.append(m.encoder)
+        if all(m.encoder is not e for e in encoders):
+            encoders.append(m.encoder)
         info[name] = m.info
     return BuiltSystems(systems, encoders, aes, info, notes, base_name)

@@ -389,15 +389,19 @@ def caption_recall(st: EvalState) -> None:
     st.cap_texts = [caps[i] for i in keep]
     st.rec_info["captions"] = int(len(keep))
     t0 = time.time()
+    secs = {}
     for name, s in st.systems.items():
         if s.caption_transform == "n/a":
             continue
+        t1 = time.time()
         st.hits[name] = system_recall_hits(s, st.cap_texts, st.targets, subset=st.rec_gallery)
+        secs[name] = round(time.time() - t1, 1)
     for name, s in st.systems.items():
         if s.caption_transform == "n/a":
             st.hits[name] = st.hits[s.inner.name]
-    log.info("caption recall: %d captions among %d images, %d systems in %.1f s", len(keep),
-             len(st.rec_gallery), len(st.hits), time.time() - t0)
+    log.info("caption recall: %d captions among %d images, %d systems in %.1f s (%s)",
+             len(keep), len(st.rec_gallery), len(st.hits), time.time() - t0,
+             ", ".join(f"{n} {v} s" for n, v in secs.items()))
 
 
 def hpir(st: EvalState) -> None:

@@ -24,11 +24,14 @@ from dataclasses import dataclass, field
 import numpy as np
 
 #: Default knob values per family.
+#: Each grid starts at 0 (the base itself) and steps up slowly, so that some setting is as
+#: relevant as an aligned model that loses no relevance: with a grid starting at 0.1 no
+#: setting of any family qualified on the default world's dense val gallery.
 DEFAULT_SWEEPS: dict[str, tuple[float, ...]] = {
-    "cascade": (0.1, 0.25, 0.5, 1.0, 2.0, 100.0),  # 100: in effect an aesthetic re-sort
-    "query_shift": (0.05, 0.1, 0.2, 0.35, 0.5, 0.75, 1.0),
-    "rephrase": (0.1, 0.25, 0.5, 0.75, 1.0),
-    "teacher_rerank": (0.1, 0.25, 0.5, 1.0, 2.0, 100.0),  # the cascade's grid, teacher score
+    "cascade": (0.0, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 100.0),  # 100: an aesthetic re-sort
+    "query_shift": (0.0, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0),
+    "rephrase": (0.0, 0.05, 0.1, 0.25, 0.5, 1.0),
+    "teacher_rerank": (0.0, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 100.0),  # the cascade's grid
 }
 KNOB = {"cascade": "w", "query_shift": "w", "rephrase": "mix", "teacher_rerank": "w"}
 

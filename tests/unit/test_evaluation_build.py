@@ -108,7 +108,9 @@ def test_build_systems_with_explicit_arguments(small):
     built = build_systems(g, small / "base", models={"aligned": small / "aligned"},
                           settings=settings, rephrasings=reph, teacher=teacher)
     assert list(built.systems) == ["base", *BASELINES, "aligned"]
-    assert built.base is built.systems["base"] and len(built.encoders) == 2
+    # "aligned" changed only its image tower: one text encoder serves both
+    assert built.base is built.systems["base"] and len(built.encoders) == 1
+    assert built.info["aligned"]["text_tower"] == built.info["base"]["text_tower"]
     s = built.systems
     assert isinstance(s["base"], EncoderSystem) and isinstance(s["aligned"], EncoderSystem)
     assert isinstance(s["cascade"], CascadeSystem) and (s["cascade"].n, s["cascade"].weight) \
@@ -262,3 +264,24 @@ def test_teacher_found_through_the_aligned_models_manifests(tmp_path):
     assert parse_teacher_name("scorer*0.5+rephrase*1") == (["scorer", "rephrase"], [0.5, 1.0])
     with pytest.raises(ValueError, match="records no teacher"):
         teacher_from_manifest({"job": "build_preferences"})
+
+
+def test_a_changed_text_tower_gets_its_own_text_encoder(small, tmp_path):
+    """Shared text encodings only where every text weight is the same."""
+    import torch
+
+    from aligner.retrieval.models import load_checkpoint, save_checkpoint
+
+    r = load_checkpoint(small / "aligned", device="cpu")
+    with torch.no_grad():
+        dict(r.model.named_parameters())["text.proj.weight"].add_(0.01)
+    save_checkpoint(r, tmp_path / "text_moved")
+    g = load_gallery(world=small / "world")
+    built = build_systems(g, small / "base", models={"aligned": small / "aligned",
+                                                     "moved": tmp_path / "text_moved"},
+                          baselines=[])
+    assert len(built.encoders) == 2
+    assert built.info["moved"]["text_tower"] != built.info["base"]["text_tower"]
+    q = ["two red circles"]
+    assert not np.allclose(built.systems["moved"].encode(q), built.systems["base"].encode(q))
+    np.testing.assert_allclose(built.systems["aligned"].encode(q), built.systems["base"].encode(q))
