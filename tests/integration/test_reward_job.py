@@ -1,6 +1,14 @@
 """Reward model from simulated-rater votes, on Ray Train (2 real workers): it learns (held-out
 accuracy above CLIP similarity's against the hidden taste), its scores are normalised on the
-training items, the checkpoint loads through the ImageReward-style API, and a re-run resumes."""
+training items, the checkpoint loads through the ImageReward-style API, and a re-run resumes.
+
+The reward model starts from the shipped base, and both are judged on held-out pairs (test
+queries x test-split images, ``test_pairs.parquet``). The shipped base was pre-trained on the
+train split of the default world (seed 0, 10,000 images); images are pure in ``(seed, index)``
+and splits a seeded permutation, so a seed-0 world of another size would put base training
+images in its test split (and flatter the "CLIP similarity" row and the reward model's start).
+The world here has another seed (7): it shares no image with the default world, which the
+fixture checks (its fingerprint is not the shipped base's world's, and its seed differs)."""
 
 from __future__ import annotations
 
@@ -9,18 +17,22 @@ import json
 import numpy as np
 import pytest
 
-from aligner.world import World, WorldSpec, generate_world
+from aligner.world import World, WorldSpec, generate_world, world_fingerprint
 
 
 @pytest.fixture(scope="module")
 def reward_setup(tmp_path_factory):
-    """A small world, the shipped base and simulated-rater votes over it."""
-    from aligner.retrieval.shipped import install_shipped_base
+    """A small world the shipped base never saw, the shipped base and simulated-rater votes
+    over it."""
+    from aligner.retrieval.shipped import install_shipped_base, provenance, shipped_base_fits
     from jobs.rater_votes import main
 
     d = tmp_path_factory.mktemp("reward")
-    generate_world(WorldSpec(n_images=1200, n_queries=150, n_paraphrases=5, rows_per_file=600),
-                   d / "world", workers=1, progress=False)
+    spec = WorldSpec(n_images=1200, seed=7, n_queries=150, n_paraphrases=5, rows_per_file=600)
+    fits, why = shipped_base_fits(world_fingerprint(spec))
+    assert not fits, why
+    assert spec.seed != provenance()["world_fingerprint"]["spec"]["seed"]  # no shared image
+    generate_world(spec, d / "world", workers=1, progress=False)
     base = install_shipped_base(d / "base")
     assert main([f"world={d / 'world'}", f"output={d / 'votes'}",
                  "raters.pairs_per_query=40"]) == 0
