@@ -35,21 +35,13 @@ from aligner.evaluation.teacher_spec import TeacherSpec
 @pytest.fixture(scope="module")
 def small(tmp_path_factory):
     """A 120-image world, an untrained built-in checkpoint (base), a perturbed one."""
-    import torch
-
-    from aligner.retrieval.models import ModelSpec, load_retriever, save_checkpoint
     from aligner.world import WorldSpec, generate_world
+    from tests.helpers.models import base_and_perturbed
 
     d = tmp_path_factory.mktemp("build")
     generate_world(WorldSpec(n_images=120, n_queries=30, n_paraphrases=6, rows_per_file=60,
                              gallery_relevant=0), d / "world", workers=1, progress=False)
-    r = load_retriever(ModelSpec(), device="cpu")
-    save_checkpoint(r, d / "base")
-    with torch.no_grad():
-        g = torch.Generator().manual_seed(2)
-        for p in r.model.visual.parameters():
-            p.add_(0.05 * torch.randn(p.shape, generator=g))
-    save_checkpoint(r, d / "aligned")
+    base_and_perturbed(d, seed=2)
     return d
 
 

@@ -23,23 +23,15 @@ def worlds(tmp_path_factory):
     """A small world with dense val/test galleries, an untrained base and a perturbed copy
     ("aligned"), template rephrasings; and a copy of the world whose test images' oracle
     labels are noise."""
-    import torch
-
     from aligner.evaluation.oracle import with_good_looks
-    from aligner.retrieval.models import ModelSpec, load_retriever, save_checkpoint
     from aligner.world import World, WorldSpec, generate_world
+    from tests.helpers.models import base_and_perturbed
 
     d = tmp_path_factory.mktemp("choices")
     generate_world(WorldSpec(n_images=400, n_queries=60, n_paraphrases=0, rows_per_file=200,
                              gallery_relevant=8), d / "world", workers=1, progress=False)
     world = World(d / "world")
-    r = load_retriever(ModelSpec(), device="cpu")
-    save_checkpoint(r, d / "base")
-    with torch.no_grad():
-        g = torch.Generator().manual_seed(3)
-        for p in r.model.visual.parameters():
-            p.add_(0.05 * torch.randn(p.shape, generator=g))
-    save_checkpoint(r, d / "aligned")
+    base_and_perturbed(d, seed=3)
     q = world.queries(kind="content")
     (d / "rephrase").mkdir()
     pq.write_table(pa.table({"query_id": q["query_id"], "query": q["query"],

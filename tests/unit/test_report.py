@@ -144,23 +144,15 @@ def test_report_without_gains_or_grids(tmp_path):
 def tiny(tmp_path_factory):
     """A 300-image world, an untrained built-in checkpoint (base) and a perturbed one (aligned),
     a rephrase table missing one test query, a preference table, the base's embeddings."""
-    import torch
-
     from aligner.evaluation.oracle import with_good_looks
-    from aligner.retrieval.models import ModelSpec, load_retriever, save_checkpoint
     from aligner.world import World, WorldSpec, generate_world
+    from tests.helpers.models import base_and_perturbed
 
     d = tmp_path_factory.mktemp("eval")
     generate_world(WorldSpec(n_images=300, n_queries=60, n_paraphrases=6, rows_per_file=100),
                    d / "world", workers=1, progress=False)
     world = World(d / "world")
-    r = load_retriever(ModelSpec(), device="cpu")
-    save_checkpoint(r, d / "base")
-    with torch.no_grad():
-        g = torch.Generator().manual_seed(1)
-        for p in r.model.visual.parameters():
-            p.add_(0.05 * torch.randn(p.shape, generator=g))
-    save_checkpoint(r, d / "aligned")
+    base_and_perturbed(d, seed=1)
     q = world.queries(split="test", kind="content")
     rows = [{"query_id": i, "query": t, "rephrased": with_good_looks(t)}
             for i, t in zip(q["query_id"].to_pylist(), q["query"].to_pylist(), strict=True)]
