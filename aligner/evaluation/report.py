@@ -429,7 +429,8 @@ def summary_figure(metrics: Mapping[str, Any], gains: np.ndarray | None, path: s
         ax.errorbar(x, a["mean"], xerr=xerr, yerr=yerr, fmt=marker, ms=10 if marker == "*" else 6,
                     capsize=3, label=name)
         ax.annotate(name, (x, a["mean"]), textcoords="offset points", xytext=(5, 5), fontsize=8)
-    ax.set(xlabel="recall@10 (held-out captions)", ylabel=key,
+    label = f"{key} (gain match x beauty)" if key.startswith("ndcg@") else key
+    ax.set(xlabel="recall@10 (held-out captions)", ylabel=label,
            title=f"{key} vs recall@10 (95% CI)")
     ax.grid(alpha=0.3)
     if any(ax.get_legend_handles_labels()[1]):
