@@ -314,17 +314,6 @@ class AlignSteps(LoopSteps):
         q = self.data.query_text
         return None if q is None else q[pairs.query[rows]]
 
-    def pair_similarities(self, pairs: PairSet, rows: np.ndarray):
-        """Similarities of the model for ``rows`` of ``pairs``: ``(s_w [P], s_l [P])``."""
-        data = self.data
-        imgs = np.concatenate([pairs.chosen[rows], pairs.rejected[rows]])
-        uniq, inv = np.unique(imgs, return_inverse=True)
-        feats, qf = self.task(to_pixels(data.pixels[uniq], self.mean, self.std).to(self.device),
-                              **self.texts([self._query_pooled(pairs, rows)],
-                                           [data.query_strings[i] for i in pairs.query[rows]]))
-        p = len(rows)
-        return (qf * feats[inv[:p]]).sum(-1), (qf * feats[inv[p:]]).sum(-1)
-
     def evaluate_pairs(self, pairs: PairSet, batch: int = 256) -> dict[str, float]:
         """Diagnostics of a pair set (no gradients).
 
@@ -337,13 +326,23 @@ class AlignSteps(LoopSteps):
         """
         if len(pairs) == 0:
             return {}
-        cfg, device = self.cfg, self.device
+        cfg, device, data = self.cfg, self.device, self.data
         self.task.eval()
         losses, acc, margins = [], [], []
         with torch.no_grad():
+            # every image once (pairs of one query share their pool), then each batch's
+            # queries against the features it needs
+            uniq = np.unique(np.concatenate([pairs.chosen, pairs.rejected]))
+            feats = torch.cat([self.model.encode_image(
+                to_pixels(data.pixels[uniq[i:i + 512]], self.mean, self.std).to(device),
+                normalize=True) for i in range(0, len(uniq), 512)])
             for lo in range(0, len(pairs), batch):
                 rows = np.arange(lo, min(lo + batch, len(pairs)))
-                s_w, s_l = self.pair_similarities(pairs, rows)
+                qf = self.task.text_features(**self.texts(
+                    [self._query_pooled(pairs, rows)],
+                    [data.query_strings[i] for i in pairs.query[rows]]))
+                s_w = (qf * feats[np.searchsorted(uniq, pairs.chosen[rows])]).sum(-1)
+                s_l = (qf * feats[np.searchsorted(uniq, pairs.rejected[rows])]).sum(-1)
                 out = ranked_dpo_loss(
                     s_w, s_l, torch.from_numpy(pairs.ref_chosen[rows]).to(device),
                     torch.from_numpy(pairs.ref_rejected[rows]).to(device), cfg.beta,

@@ -15,6 +15,7 @@ import copy
 import math
 
 import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
 from torch.testing import assert_close
@@ -175,3 +176,16 @@ def test_steps_are_deterministic_for_a_seed():
         assert torch.equal(state_a[k], state_b[k]), k
     logs_c, _ = _two_steps(seed=4)  # another seed draws other pairs and captions
     assert logs_c != logs_a
+
+
+def test_validation_pairs_match_the_loss_by_hand_in_any_batching():
+    """evaluate_pairs (each image encoded once, queries batched) equals the per-pair loss
+    computed one image at a time, whatever the batch size."""
+    model, data, cfg = TinyModel(), tiny_data(), config()
+    want = by_hand(model, data, cfg)
+    steps = steps_for(model, data, cfg)
+    for batch in (1, 3, 256):
+        got = steps.evaluate_pairs(data.train, batch=batch)
+        assert got["pair_loss"] == pytest.approx(float(want["pref"]), rel=1e-5)
+        assert got["pair_acc"] == pytest.approx(float(want["acc"]))
+        assert got["pair_margin"] == pytest.approx(float(want["margin"]), rel=1e-5, abs=1e-6)
