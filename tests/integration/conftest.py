@@ -70,7 +70,8 @@ def serving_world(ray_session, tmp_path_factory) -> SimpleNamespace:
 
     root = tmp_path_factory.mktemp("serving")
     make_world.run(replace(make_world.MakeWorldConfig(), output=str(root / "world"),
-                           n_images=300, n_queries=60, n_paraphrases=12, progress=False))
+                           n_images=300, n_queries=60, n_paraphrases=12, progress=False,
+                           gallery_relevant=0))  # serving needs no dense galleries
     base = save_checkpoint(load_retriever(ModelSpec(), device="cpu"), root / "base")
     ec = EmbedConfig(input=str(root / "world" / "corpus"), output=str(root / "emb_base"),
                      model=ModelSpec(checkpoint=str(base)), progress=False, batch_size=64)

@@ -208,11 +208,13 @@ def test_the_readme_pipeline_runs_through_ray_job_submit(head):
         assert f"Job '{ids[name]}' succeeded" in r.stdout + r.stderr
 
     # outputs: where $OUT pointed, not inside the job's copy of the working dir
-    assert _manifest(head.out / "world")
+    world = _manifest(head.out / "world")["summary"]
+    # the README's 400 natural images plus the dense val/test galleries rendered beside them
+    assert world["natural_images"] == 400 and world["gallery_images"] > 0, world
     emb = _manifest(head.out / "embeddings")
-    assert emb["rows_out"] == 400 and emb["rows_failed"] == 0, emb
+    assert emb["rows_out"] == world["images"] and emb["rows_failed"] == 0, emb
     index = _manifest(head.out / "index")
-    assert index["ntotal"] == 400 and not index["parallel"], index
+    assert index["ntotal"] == world["images"] and not index["parallel"], index
     assert (head.out / "search" / "search.png").is_file()
 
     # the logs, read back through the Jobs API: the embed driver joined this cluster
@@ -280,7 +282,7 @@ def test_job_submission_client_runs_a_parallel_index_build_on_the_cluster(head):
     assert f"joining Ray cluster at {head.gcs}" in logs, logs[-3000:]
     manifest = _manifest(out)  # two shards, each added by a Ray task on this cluster
     assert manifest["parallel"] and len(manifest["shards"]) == 2, manifest
-    assert manifest["ntotal"] == 400, manifest
+    assert manifest["ntotal"] == _manifest(head.out / "world")["summary"]["images"], manifest
 
 
 @pytest.mark.integration

@@ -50,9 +50,10 @@ def local(tmp_path_factory) -> SimpleNamespace:
     from aligner.world import World, WorldSpec, generate_world
 
     d = tmp_path_factory.mktemp("prefs-s3")
+    # no dense galleries: this test is about object storage, 60 images keep its encoding short
     generate_world(WorldSpec(n_images=60, n_queries=20, n_paraphrases=4, val_fraction=0.2,
-                             test_fraction=0.2, rows_per_file=30), d / "world", workers=1,
-                   progress=False)
+                             test_fraction=0.2, rows_per_file=30, gallery_relevant=0),
+                   d / "world", workers=1, progress=False)
     world = World(d / "world")
     r = load_retriever(ModelSpec(), device="cpu")
     save_checkpoint(r, d / "start")

@@ -21,7 +21,8 @@ def test_quickstart_small(ray_session, tmp_path, capsys):
             "captions_per_step=32", "k=5", 'queries=["two red circles on grass"]']
     assert main(argv) == 0
     out = capsys.readouterr().out
-    assert "quickstart:" in out and "aligned - base: aesthetic@10" in out
+    assert "quickstart:" in out and "aligned - base: nDCG@10" in out
+    assert "HPIR-aesthetics" in out and "gallery    " in out
     assert "pre-trained here" in out and "another world" in out  # not the shipped base
     assert "teachers   pairs agreeing with the oracle: rephrase" in out
     manifest = json.loads((tmp_path / "manifest.json").read_text())
