@@ -61,9 +61,9 @@ class StudyConfig:
             raise ValueError("seeds must be >= 1")
         if not self.world_seeds or len(set(self.world_seeds)) != len(self.world_seeds):
             raise ValueError("world_seeds must be distinct and not empty")
-        if any(a.startswith(("workdir=", "seed=")) for a in self.quickstart):
-            raise ValueError("quickstart arguments must not set workdir or seed (the study "
-                             "does)")
+        if any(a.startswith(("workdir=", "seed=", "control=")) for a in self.quickstart):
+            raise ValueError("quickstart arguments must not set workdir, seed or control (the "
+                             "study does: every seed trains the control)")
 
 
 def _digest(*paths: Path) -> str:
@@ -86,7 +86,8 @@ def run_world(cfg: StudyConfig, world_seed: int, out: Path) -> dict[str, dict]:
     from jobs import quickstart
 
     qwork = Path(cfg.workdir).resolve() if world_seed == 0 else out / f"world{world_seed}"
-    rc = quickstart.main([f"workdir={qwork}", f"seed={world_seed}", *cfg.quickstart])
+    rc = quickstart.main([f"workdir={qwork}", f"seed={world_seed}", "control=true",
+                          *cfg.quickstart])
     if rc != 0:
         raise RuntimeError(f"the quickstart for world {world_seed} failed ({rc})")
     ac = build_config(AlignConfig, qwork / "aligned" / "config.yaml", [])

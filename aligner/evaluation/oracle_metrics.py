@@ -116,15 +116,16 @@ def preference_agreement(chosen: Sequence[str], rejected: Sequence[str], weights
     out = {"pairs": len(chosen), "oracle_pairs": int(known.sum()),
            "degraded_pairs": int(degraded.sum()),
            "unknown_ids": int((~degraded & ~known).sum()),
-           "ties": int((bc[known] == br[known]).sum()),
-           "agreement": ci_dict(agree),
-           "agreement_weighted": weighted_bootstrap_ci(agree, w[known]),
-           "beauty_margin": ci_dict(bc[known] - br[known])}
-    if queries is not None:
-        g = np.asarray(list(queries), object)[known]
-        out["agreement"] = cluster_ci_dict(agree, g)
-        out["agreement_weighted"] = cluster_ci_dict(agree, g, w[known])
-        out["beauty_margin"] = cluster_ci_dict(bc[known] - br[known], g)
+           "ties": int((bc[known] == br[known]).sum())}
+    if queries is None:
+        out.update(agreement=ci_dict(agree),
+                   agreement_weighted=weighted_bootstrap_ci(agree, w[known]),
+                   beauty_margin=ci_dict(bc[known] - br[known]))
+    else:  # one query's pairs are correlated: resample queries (the codes once, not per CI)
+        _, g = np.unique(np.asarray(list(queries), object)[known], return_inverse=True)
+        out.update(agreement=cluster_ci_dict(agree, g),
+                   agreement_weighted=cluster_ci_dict(agree, g, w[known]),
+                   beauty_margin=cluster_ci_dict(bc[known] - br[known], g))
     if degraded.any():
         out["degraded_agreement"] = BY_CONSTRUCTION
     return out

@@ -116,8 +116,12 @@ def run_evaluation(cfg: EvaluateConfig) -> EvalResult:
         FileNotFoundError, ValueError, KeyError: missing or malformed inputs.
     """
     st = EvalState(cfg)
+    took = {}
     for phase in PHASES:
+        t0 = time.time()
         phase(st)
+        took[phase.__name__] = round(time.time() - t0, 1)
+    log.info("evaluation phases (s): %s", ", ".join(f"{k} {v}" for k, v in took.items()))
     return result(st)
 
 

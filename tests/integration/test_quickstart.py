@@ -18,7 +18,8 @@ def test_quickstart_small(ray_session, tmp_path, capsys):
 
     argv = ["--fast", f"workdir={tmp_path}", "n_images=400", "n_queries=120",
             "pretrain_steps=30", "align_steps=10", "eval_every=5", "pairs_per_step=16",
-            "captions_per_step=32", "k=5", 'queries=["two red circles on grass"]']
+            "captions_per_step=32", "k=5", 'queries=["two red circles on grass"]',
+            "control=true"]
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert "quickstart:" in out and "aligned - base: nDCG@10" in out
