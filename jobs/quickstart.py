@@ -7,11 +7,10 @@
     python -m jobs.quickstart control=true     # also the contrastive-only control (+~4 min)
 
 world -> base model -> embed (Ray Data) -> faiss index -> rephrase (Ray Data + LLM) ->
-preference pairs -> ranked-DPO fine-tune on Ray Train (2 workers) (with ``control=true`` also
-a contrastive-only control with the same steps and data) -> re-embed and index with the aligned
-model ->
-evaluate against the base, a cascade re-ranker, clip-retrieval's query shift and query-time
-rephrasing -> a before/after table and an HTML report.
+preference pairs -> ranked-DPO fine-tune on Ray Train (2 workers; with ``control=true`` also
+a contrastive-only control with the same steps, data and alpha) -> re-embed and index with the
+aligned model -> evaluate against the base, a cascade re-ranker, clip-retrieval's query shift
+and query-time rephrasing -> a before/after table and an HTML report.
 
 The base model is the checkpoint the repository ships (``aligner/assets/builtin_base``, made
 by ``jobs.pretrain`` on this very world) unless ``--from-scratch`` is given or the world is

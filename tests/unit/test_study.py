@@ -229,3 +229,13 @@ def test_the_job_writes_and_prints_rows_equal_relevance_and_targets(three_runs, 
     for text in ("nDCG@10, aligned - base", "teacher_rerank w=0.5", "NOT met (2/3 runs)"):
         assert text in md and text in printed
     assert (out / "seeds.png").stat().st_size > 1000
+
+
+@pytest.mark.parametrize("arg", ["workdir=/tmp/x", "seed=3", "control=false"])
+def test_the_study_owns_the_quickstart_workdir_seed_and_control(arg):
+    """The study sets these itself (every seed trains the control); a quickstart argument that
+    sets one is refused, not silently overridden."""
+    from jobs.study import StudyConfig
+
+    with pytest.raises(ValueError, match="must not set workdir, seed or control"):
+        StudyConfig(quickstart=[arg])
