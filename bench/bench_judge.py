@@ -15,7 +15,7 @@ as the job and the serving deployment run it, on rows of ``k`` rendered world im
   is orders of magnitude slower per request, and GPU-bound);
 * ``openai`` - the same ranker against a local chat-completions server that answers at once
   (the client's overhead: JSON, data URLs, threads; a real endpoint adds its model time);
-* ``vllm`` - only with CUDA and the gpu extra (skipped here otherwise, and says so).
+* ``vllm`` - only with CUDA and the GPU stack (requirements-gpu.txt) (skipped here otherwise, and says so).
 
 Prints a table and JSON, and writes ``bench/judge_results.json`` (``--out``). Absolute numbers belong
 to this machine; the proxies' and the client's costs are what carry over.
@@ -89,7 +89,7 @@ def make_judge(backend: str, fetch: Any, tmp: Path, stack: list) -> tuple[Any, s
             import torch
             import vllm  # noqa: F401
         except ImportError:
-            return None, "vllm is not installed (the gpu extra)"
+            return None, "vllm is not installed (the GPU stack: requirements-gpu.txt)"
         if not torch.cuda.is_available():
             return None, "no CUDA GPU"
         from aligner.judge.lmm import LMMJudge

@@ -53,7 +53,7 @@ class TransformersOptions:
 
 @dataclass
 class VLLMOptions:
-    """The ``vllm`` back end (vLLM offline inference; needs the gpu extra and a GPU)."""
+    """The ``vllm`` back end (vLLM offline inference; needs the GPU stack, requirements-gpu.txt, and a GPU)."""
 
     model: str = field(default="", metadata={"help": "HF model id or local path for vLLM"})
     engine_kwargs: dict[str, Any] = field(default_factory=dict, metadata={

@@ -1,6 +1,6 @@
 """vLLM on GPU workers: a Ray Data processor for batch jobs, and an in-process rephraser.
 
-Needs the ``gpu`` extra (``vllm``); nothing here imports vllm or ``ray.data.llm`` until a
+Needs the GPU stack (``vllm``, requirements-gpu.txt); nothing here imports vllm or ``ray.data.llm`` until a
 function is called. The batch path is Ray's own plumbing::
 
     proc = build_vllm_processor(model_source="Qwen/Qwen2.5-1.5B-Instruct", prompt="detail")

@@ -93,12 +93,55 @@ def test_setup_installs_the_lock_and_swallows_no_error(prepared):
                         "-q -r requirements.txt"]
     for cmd in all_commands(prepared):
         assert not SWALLOW.search(cmd), f"this command hides a failure: {cmd}"
-    # the GPU type's own list replaces the common one: it must start with it, unchanged
+    # the GPU type's own list replaces the common one: the same commands, in the same order,
+    # but for the lock line, which installs the GPU lock (docs/cluster.md, "The GPU stack")
     gpu = prepared["available_node_types"]["gpu_worker"]["worker_setup_commands"]
     common = prepared["worker_setup_commands"]
-    assert gpu[:len(common)] == common
+    gpu_lock = installs[0].replace("-r requirements.txt", "-r requirements-gpu.txt")
+    assert (REPO / src / "requirements-gpu.txt").is_file()
+    assert gpu[:len(common)] == [gpu_lock if c == installs[0] else c for c in common]
+    assert sum("pip install" in c and " -r " in c for c in gpu) == 1  # one lock, not two
+    # then checks: one faiss distribution (a GPU one), and torch, faiss and vLLM on the GPU
     extra = gpu[len(common):]
-    assert any('".[gpu]"' in c for c in extra) and any("cuda.is_available()" in c for c in extra)
+    assert not any(".[gpu]" in c for c in gpu)  # no extra: it could not replace the CPU pins
+    assert any("cuda.is_available()" in c for c in extra)
+    assert any("get_num_gpus()" in c for c in extra) and any("vllm" in c for c in extra)
+    assert any("'faiss-cpu', 'faiss-gpu'" in c and "len(f) == 1" in c for c in extra)
+
+
+def lock_pins(name: str) -> dict[str, str]:
+    """{canonical name: version} of a lock; every requirement line must be an exact pin."""
+    pins = {}
+    for line in (REPO / name).read_text().splitlines():
+        line = line.split(" #")[0].strip()
+        if line and not line.startswith("#"):
+            m = re.fullmatch(r"([A-Za-z0-9][A-Za-z0-9._-]*)==([A-Za-z0-9.+!-]+)", line)
+            assert m, f"{name}: not an exact pin: {line}"
+            pins[re.sub(r"[-_.]+", "-", m[1]).lower()] = m[2]
+    return pins
+
+
+def test_the_locks_hold_one_faiss_each_and_the_gpu_lock_ray_llm():
+    """The static half of .ci/resolve (which resolves both locks against the index)."""
+    import tomllib
+
+    cpu, gpu = lock_pins("requirements.txt"), lock_pins("requirements-gpu.txt")
+    faiss = {name: sorted(p for p in pins if p == "faiss-cpu" or p.startswith("faiss-gpu"))
+             for name, pins in (("cpu", cpu), ("gpu", gpu))}
+    assert faiss["cpu"] == ["faiss-cpu"], faiss  # each installs the `faiss` module: one only
+    assert len(faiss["gpu"]) == 1 and faiss["gpu"][0].startswith("faiss-gpu"), faiss
+    # one Ray on every node of a cluster; the GPU lock is resolved for ray[llm] (ray.data.llm)
+    assert gpu["ray"] == cpu["ray"] and "vllm" in gpu and "vllm" not in cpu
+    tops = re.findall(r"^#in: (.+)$", (REPO / "requirements-gpu.txt").read_text(), re.M)
+    assert f"ray[data,train,serve,llm]=={gpu['ray']}" in tops
+    for top in tops:  # every top-level requirement with an exact pin is the lock's version
+        m = re.fullmatch(r"([\w.-]+)(?:\[[\w,]+\])?==(\S+)", top)
+        if m:
+            assert gpu[re.sub(r"[-_.]+", "-", m[1]).lower()] == m[2], top
+    # pyproject has no extra that installs the GPU stack on top of the CPU pins
+    extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"].get(
+        "optional-dependencies", {})
+    assert not [r for reqs in extras.values() for r in reqs if r.startswith(("vllm", "faiss"))]
 
 
 def test_the_swallow_check_catches_the_patterns_it_names():

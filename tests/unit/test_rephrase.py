@@ -320,7 +320,7 @@ def test_finalise_batch_checks_processor_outputs_and_errors():
 @pytest.mark.gpu
 @pytest.mark.timeout(1200)
 def test_vllm_rephraser_on_gpu():
-    pytest.importorskip("vllm", reason="needs the gpu extra: pip install '.[gpu]'")
+    pytest.importorskip("vllm", reason="needs the GPU stack: pip install -r requirements-gpu.txt")
     import os
 
     model = os.environ.get("ALIGNER_VLLM_MODEL", "HuggingFaceTB/SmolLM2-360M-Instruct")
