@@ -260,6 +260,13 @@ async function search({ like = null, push = true } = {}) {
 
 // ------------------------------------------------------------------------------ voting
 
+function newKey() {
+  if (window.crypto && crypto.randomUUID) return crypto.randomUUID();
+  const b = new Uint8Array(16);
+  crypto.getRandomValues(b);  // available outside secure contexts too
+  return Array.from(b, (x) => x.toString(16).padStart(2, "0")).join("");
+}
+
 async function vote(preferred) {
   if (!comparison) return;
   const buttons = el.vote.querySelectorAll(".vote-buttons button");
@@ -269,6 +276,13 @@ async function vote(preferred) {
   const body = { comparison_id: comparison.id, preferred, confidence };
   const comment = el.comment.value.trim();
   if (comment) body.comment = comment;
+  // one Idempotency-Key per vote: a retry of the same vote (after a network error or a 503)
+  // resends it, so the server records the vote once; a different choice gets a new key
+  const sig = JSON.stringify(body);
+  if (!comparison.pending || comparison.pending.sig !== sig) {
+    comparison.pending = { sig, key: newKey() };
+  }
+  body.idempotency_key = comparison.pending.key;
   try {
     const v = await api("/v1/votes", body);
     comparison.a.model.textContent = v.left_model;

@@ -3,7 +3,8 @@ votes become a preferences table that the training jobs read.
 
 - :mod:`serving.votes.models`: the ``comparisons`` and ``votes`` tables (SQLAlchemy 2).
 - :mod:`serving.votes.store`: :class:`VoteStore`, which migrates (Alembic, ``migrations/``)
-  and writes safely from many threads and processes.
+  and writes safely from many threads and processes, on SQLite or PostgreSQL; retried writes
+  are idempotent (a vote's ``idempotency_key``). See ``docs/votes.md``.
 - :mod:`serving.votes.export`: :func:`export_preferences`, votes -> ``preferences.parquet``
   (``python -m serving.votes.export database=URL output=DIR``).
 
@@ -22,10 +23,11 @@ from serving.votes.models import (
     normalise_query,
     query_id_for,
 )
-from serving.votes.store import VoteStore, sqlite_url
+from serving.votes.store import IdempotencyKeyReused, VoteStore, sqlite_url, votes_url
 
-__all__ = ["MAX_COMMENT_CHARS", "PREFERRED", "Comparison", "Vote", "VoteStore",
-           "export_preferences", "normalise_query", "query_id_for", "sqlite_url"]
+__all__ = ["MAX_COMMENT_CHARS", "PREFERRED", "Comparison", "IdempotencyKeyReused", "Vote",
+           "VoteStore", "export_preferences", "normalise_query", "query_id_for", "sqlite_url",
+           "votes_url"]
 
 
 def __getattr__(name: str) -> Any:

@@ -1,5 +1,7 @@
 """The votes database's tables: ``comparisons`` (two result rows shown for one query) and
-``votes`` (which row a person preferred; several per comparison).
+``votes`` (which row a person preferred; several per comparison). Each vote carries an
+``idempotency_key`` (unique): a write retried after an unknown outcome finds the vote it
+already made instead of making a second one.
 
 The schema is created and changed only by the Alembic migrations beside this module
 (``migrations/versions``); these models must match them, which a unit test checks with
@@ -25,6 +27,8 @@ PREFERRED = ("left", "right", "tie")
 #: the longest comment a vote may carry (enforced by the store, not the schema)
 MAX_COMMENT_CHARS = 1000
 MIN_CONFIDENCE, MAX_CONFIDENCE, DEFAULT_CONFIDENCE = 1, 5, 3
+#: the longest idempotency key (a uuid4 is 32 hex digits, 36 with dashes)
+MAX_IDEMPOTENCY_KEY_CHARS = 64
 
 #: constraint and index names, so migrations and models name them the same on every backend
 NAMING_CONVENTION = {
@@ -42,7 +46,7 @@ def utcnow() -> datetime:
 
 
 def new_id() -> str:
-    """A new comparison id: a uuid4 as 32 hex digits."""
+    """A new comparison id (or idempotency key): a uuid4 as 32 hex digits."""
     return uuid.uuid4().hex
 
 
@@ -132,5 +136,8 @@ class Vote(Base):
                                             server_default=sql_text(str(DEFAULT_CONFIDENCE)))
     comment: Mapped[str | None] = mapped_column(Text)
     rater: Mapped[str | None] = mapped_column(String(200))
+    #: who wrote it once (client or store), unique; NULL only for votes made before 0002
+    idempotency_key: Mapped[str | None] = mapped_column(String(MAX_IDEMPOTENCY_KEY_CHARS),
+                                                         unique=True, index=True)
 
     comparison: Mapped[Comparison] = relationship(back_populates="votes")

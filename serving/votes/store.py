@@ -5,9 +5,11 @@
     store.add_vote(c["id"], "right", confidence=4)
     store.counts()    # {"comparisons": 1, "votes": 1, "by_preferred": {...}, "by_model": {...}}
 
-Any SQLAlchemy URL works (``sqlite:///...``, ``postgresql+psycopg://...``); the schema is made
-and kept current only by the Alembic migrations in ``migrations/`` (:func:`migrate`, which
-the store runs when it opens), so a fresh and an existing database both end at head.
+Two back ends are supported and tested: SQLite (``sqlite:////abs/votes.db``, one machine) and
+PostgreSQL through psycopg 3 (``postgresql+psycopg://user:password@host:5432/votes``; a bare
+``postgresql://`` or ``postgres://`` URL is read as psycopg too). The schema is made and kept
+current only by the Alembic migrations in ``migrations/`` (:func:`migrate`, which the store
+runs when it opens), so a fresh and an existing database both end at head.
 
 SQLite is set up for several writers (Serve replicas are separate processes, each with a
 thread pool): WAL journal, ``synchronous=NORMAL``, a busy timeout, foreign keys on, and write
@@ -15,6 +17,22 @@ transactions that take the write lock at ``BEGIN IMMEDIATE`` (a deferred transac
 reads first and then writes can fail with "database is locked" at once, whatever the
 timeout). On top of that, every operation is retried a few times with backoff when the
 database still reports itself locked or busy, so no vote is lost under contention.
+
+PostgreSQL needs none of that (row locks, READ COMMITTED); there the store retries what a
+server restart or fail-over and concurrency throw (:func:`is_transient`): a connection lost or
+refused, the server shutting down or starting up, a serialization failure or deadlock. It
+retries with backoff until :data:`RETRY_WINDOW_S` has passed (a restart takes seconds), and
+its pool pings a connection before lending it (``pool_pre_ping``), so dead pooled connections
+are replaced instead of failing a request.
+
+A retried write must not write twice when its first try's outcome is unknown (the connection
+died during ``COMMIT``: committed or not?). So every write is keyed: a comparison's id is drawn
+before the first try, and a vote carries an ``idempotency_key`` (the client's, e.g. an HTTP
+``Idempotency-Key`` header, or one drawn per call) in a unique column. A try first looks for
+the row its key made; a concurrent try with the same key loses on the unique index and then
+finds the winner's row. Either way one row per key, and the caller gets that row back
+(``replayed`` says it existed already). A key reused for a different vote is a ``ValueError``
+(:class:`IdempotencyKeyReused`).
 
 A :class:`VoteStore` is thread-safe (one engine and connection pool; every call opens its own
 session) but belongs to one process: open one per process (per Serve replica), not before a
@@ -25,7 +43,10 @@ UTC strings).
 from __future__ import annotations
 
 import logging
+import os
 import random
+import re
+import socket
 import sqlite3
 import threading
 import time
@@ -39,17 +60,19 @@ from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import URL, Engine, create_engine, event, func, make_url, select
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import DBAPIError, IntegrityError, InterfaceError, OperationalError
 from sqlalchemy.orm import Session
 from sqlalchemy.pool import StaticPool
 
 from serving.votes.models import (
     MAX_COMMENT_CHARS,
     MAX_CONFIDENCE,
+    MAX_IDEMPOTENCY_KEY_CHARS,
     MIN_CONFIDENCE,
     PREFERRED,
     Comparison,
     Vote,
+    new_id,
     query_id_for,
     utcnow,
 )
@@ -64,6 +87,18 @@ BUSY_TIMEOUT_S = 10.0
 #: tries of one operation while the database reports itself locked, and the first backoff
 RETRY_ATTEMPTS = 6
 RETRY_BACKOFF_S = 0.05
+#: a server database (PostgreSQL): transient errors are retried for at least this long
+RETRY_WINDOW_S = 20.0
+#: the longest pause between two tries (SQLite; a server database: 1 s)
+RETRY_MAX_SLEEP_S = 2.0
+#: a server database: seconds to wait for a connection to open (libpq waits forever by default)
+CONNECT_TIMEOUT_S = 10
+#: PostgreSQL SQLSTATEs worth another try, besides class 08 (connection exception):
+#: serialization failure, deadlock, admin / crash shutdown, cannot connect now (starting up),
+#: too many connections
+PG_RETRY_SQLSTATES = frozenset({"40001", "40P01", "57P01", "57P02", "57P03", "53300"})
+#: what an idempotency key may hold: 1 to 64 visible ASCII characters (a uuid4 fits)
+IDEMPOTENCY_KEY = re.compile(rf"[\x21-\x7e]{{1,{MAX_IDEMPOTENCY_KEY_CHARS}}}")
 #: the most rows :meth:`VoteStore.votes` returns at once
 MAX_LIST_LIMIT = 10_000
 #: execution option read by the SQLite ``begin`` hook: ``"IMMEDIATE"`` takes the write lock
@@ -71,9 +106,46 @@ _BEGIN_OPTION = "votes_sqlite_begin"
 _MIGRATE_LOCK = threading.Lock()  # alembic's ``context`` proxy is process-global
 
 
+class IdempotencyKeyReused(ValueError):
+    """An idempotency key that already made a different vote (another comparison, choice,
+    confidence or comment)."""
+
+
 def sqlite_url(path: str | Path) -> str:
     """The SQLAlchemy URL of an SQLite file (made absolute, so any working directory works)."""
     return "sqlite:///" + str(Path(path).expanduser().resolve())
+
+
+def votes_url(url: str | URL | Path) -> URL:
+    """The URL the store opens: a path (no ``://``) is an SQLite file; ``postgresql://`` and
+    ``postgres://`` mean psycopg 3, the PostgreSQL driver this project installs (SQLAlchemy's
+    default for them is psycopg2)."""
+    if isinstance(url, Path) or (isinstance(url, str) and "://" not in url):
+        url = sqlite_url(url)
+    out = make_url(url)
+    if out.drivername in ("postgresql", "postgres"):
+        out = out.set(drivername="postgresql+psycopg")
+    return out
+
+
+def is_transient(exc: BaseException, backend: str) -> bool:
+    """Whether a failed database call is worth another try.
+
+    SQLite: "database is locked" / busy. A server database (PostgreSQL): the pool found the
+    connection dead (``connection_invalidated``), a connection-level error without a SQLSTATE
+    (refused, reset, closed), class 08, or one of :data:`PG_RETRY_SQLSTATES`. Constraint
+    violations, bad SQL and the like are not.
+    """
+    if not isinstance(exc, DBAPIError):
+        return False
+    if backend == "sqlite":
+        return isinstance(exc, OperationalError) and _locked_message(str(exc.orig))
+    if exc.connection_invalidated:
+        return True
+    code = getattr(exc.orig, "sqlstate", None) or getattr(exc.orig, "pgcode", None)
+    if code:
+        return code.startswith("08") or code in PG_RETRY_SQLSTATES
+    return isinstance(exc, OperationalError | InterfaceError)
 
 
 def _is_memory(url: URL) -> bool:
@@ -88,11 +160,20 @@ def create_vote_engine(url: str | URL, busy_timeout_s: float = BUSY_TIMEOUT_S,
     SQLite files: the parent directory is created; every connection sets WAL,
     ``synchronous=NORMAL``, ``busy_timeout`` and ``foreign_keys=ON``, and its transactions
     begin explicitly (``BEGIN``, or ``BEGIN IMMEDIATE`` on :func:`write_engine`). In-memory
-    SQLite (tests) shares one connection across threads. Other backends are used as they are.
+    SQLite (tests) shares one connection across threads. Other back ends get a pool that pings
+    a connection before lending it (dead ones, e.g. after a server restart, are replaced);
+    PostgreSQL connections also get a connect timeout and an ``application_name`` naming this
+    host and process (``pg_stat_activity`` shows which replica holds which), unless the URL's
+    query sets them.
     """
     url = make_url(url)
     if url.get_backend_name() != "sqlite":
-        return create_engine(url, echo=echo, pool_pre_ping=True)
+        args: dict[str, Any] = {}
+        if url.get_backend_name() == "postgresql":  # unless the URL says otherwise
+            args = {"connect_timeout": CONNECT_TIMEOUT_S,  # who holds which connection:
+                    "application_name": f"votes-{socket.gethostname()}-{os.getpid()}"[:63]}
+            args = {k: v for k, v in args.items() if k not in url.query}
+        return create_engine(url, echo=echo, pool_pre_ping=True, connect_args=args)
     memory = _is_memory(url)
     kw: dict[str, Any] = {"connect_args": {"timeout": busy_timeout_s,
                                            "check_same_thread": False}}
@@ -187,8 +268,8 @@ def _locked_message(msg: str) -> bool:
     return "database is locked" in msg or "database table is locked" in msg or "busy" in msg
 
 
-def _sleep(attempt: int) -> None:
-    time.sleep(min(2.0, RETRY_BACKOFF_S * 2 ** attempt) * (0.5 + random.random()))
+def _sleep(attempt: int, cap_s: float = RETRY_MAX_SLEEP_S) -> None:
+    time.sleep(min(cap_s, RETRY_BACKOFF_S * 2 ** attempt) * (0.5 + random.random()))
 
 
 def _iso(value: Any) -> str | None:
@@ -214,6 +295,14 @@ def _check_ids(name: str, ids: Any) -> list[str]:
             raise ValueError(f"{name} holds {i!r}: image ids are non-empty strings")
         out.append(str(i))
     return out
+
+
+def check_idempotency_key(key: Any) -> str:
+    """The key if it is 1 to 64 visible ASCII characters, else ``ValueError``."""
+    if not isinstance(key, str) or not IDEMPOTENCY_KEY.fullmatch(key):
+        raise ValueError(f"an idempotency key is 1 to {MAX_IDEMPOTENCY_KEY_CHARS} visible ASCII "
+                         f"characters (a uuid4 will do), got {str(key)[:80]!r}")
+    return key
 
 
 def check_vote(preferred: Any, confidence: Any, comment: Any) -> None:
@@ -251,8 +340,8 @@ def vote_dict(v: Vote, c: Comparison) -> dict[str, Any]:
             "preferred": v.preferred,
             "preferred_model": preferred_model(v.preferred, c.left_model, c.right_model),
             "confidence": v.confidence, "comment": v.comment, "rater": v.rater,
-            "query": c.query, "query_id": c.query_id, "index": c.index,
-            "left_model": c.left_model, "right_model": c.right_model}
+            "idempotency_key": v.idempotency_key, "query": c.query, "query_id": c.query_id,
+            "index": c.index, "left_model": c.left_model, "right_model": c.right_model}
 
 
 class VoteStore:
@@ -262,17 +351,21 @@ class VoteStore:
 
     Args:
         url: an SQLAlchemy URL (``sqlite:////abs/votes.db``, ``postgresql+psycopg://...``);
-            a string without ``://`` is taken as an SQLite file path.
+            a string without ``://`` is taken as an SQLite file path (:func:`votes_url`).
         busy_timeout_s: SQLite's wait for another connection's write lock.
         upgrade: run the migrations to head on open (False: use the schema as it is).
         echo: log every SQL statement.
+        retry_window_s: a server database: how long transient errors are retried (at least
+            :data:`RETRY_ATTEMPTS` tries); SQLite's locked errors get :data:`RETRY_ATTEMPTS`.
     """
 
     def __init__(self, url: str | URL | Path, busy_timeout_s: float = BUSY_TIMEOUT_S,
-                 upgrade: bool = True, echo: bool = False) -> None:
-        if isinstance(url, Path) or (isinstance(url, str) and "://" not in url):
-            url = sqlite_url(url)
-        self.url = make_url(url)
+                 upgrade: bool = True, echo: bool = False,
+                 retry_window_s: float = RETRY_WINDOW_S) -> None:
+        self.url = votes_url(url)
+        self._backend = self.url.get_backend_name()
+        self._retry_window_s = 0.0 if self._backend == "sqlite" else retry_window_s
+        self._max_sleep_s = RETRY_MAX_SLEEP_S if self._backend == "sqlite" else 1.0
         self._engine = create_vote_engine(self.url, busy_timeout_s, echo)
         self._writer = write_engine(self._engine)
         # an in-memory SQLite database is one shared connection: one call at a time
@@ -301,25 +394,42 @@ class VoteStore:
         """Run the migrations up to ``revision`` (retried while the database is locked)."""
         self._retry(lambda: migrate(self._engine, revision), "migrate")
 
+    def is_transient(self, exc: BaseException) -> bool:
+        """Whether an error this store raised is worth another try later (:func:`is_transient`
+        for its back end): what the store still raised after its own retries, e.g. a database
+        down for longer than the retry window."""
+        return is_transient(exc, self._backend)
+
     def revision(self) -> str | None:
         """The migration revision the database is at."""
         return self._retry(lambda: current_revision(self._engine), "revision")
 
     def _retry(self, fn: Callable[[], T], what: str) -> T:
-        """``fn()``, again with backoff while SQLite reports the database locked or busy."""
+        """``fn()``, again with backoff after a transient error (:func:`is_transient`): up to
+        :data:`RETRY_ATTEMPTS` tries, and on a server database for at least the retry window.
+        ``fn`` must be safe to run again after a failure whose outcome is unknown (the
+        writes are keyed; see the module docstring)."""
         if self._closed:
             raise RuntimeError(f"{self!r} is closed")
-        for attempt in range(RETRY_ATTEMPTS):
+        deadline = time.monotonic() + self._retry_window_s
+        attempt = 0
+        while True:
             try:
                 with self._serial:
                     return fn()
-            except OperationalError as e:
-                if not _locked_message(str(e.orig)) or attempt == RETRY_ATTEMPTS - 1:
+            except DBAPIError as e:
+                attempt += 1
+                if not is_transient(e, self._backend) or (
+                        attempt >= RETRY_ATTEMPTS and time.monotonic() >= deadline):
                     raise
-                log.warning("votes %s: %s; retry %d/%d", what, e.orig, attempt + 1,
-                            RETRY_ATTEMPTS - 1)
-                _sleep(attempt)
-        raise AssertionError("unreachable")
+                why = (str(e.orig).strip() or type(e.orig).__name__).splitlines()[0]
+                if self._retry_window_s:
+                    log.warning("votes %s: %s; retry %d (%.1f s of the retry window left)",
+                                what, why, attempt, max(0.0, deadline - time.monotonic()))
+                else:
+                    log.warning("votes %s: %s; retry %d/%d", what, why, attempt,
+                                RETRY_ATTEMPTS - 1)
+                _sleep(attempt - 1, self._max_sleep_s)
 
     def add_comparison(self, query: str, index: str, k: int, left_model: str, right_model: str,
                        left_ids: Sequence[str], right_ids: Sequence[str],
@@ -338,13 +448,17 @@ class VoteStore:
         _check_text("client", client, 200, required=False)
         if not isinstance(k, int) or isinstance(k, bool) or k < 1:
             raise ValueError(f"k must be an integer >= 1, got {k!r}")
-        row = {"query": query, "query_id": query_id_for(query), "index": index or "", "k": k,
+        row = {"id": new_id(), "query": query, "query_id": query_id_for(query),
+               "index": index or "", "k": k,
                "left_model": left_model, "right_model": right_model,
                "left_ids": _check_ids("left_ids", left_ids),
                "right_ids": _check_ids("right_ids", right_ids), "client": client}
 
         def write() -> dict[str, Any]:
             with Session(self._writer, expire_on_commit=False) as s, s.begin():
+                done = s.get(Comparison, row["id"])  # an earlier try committed after all
+                if done is not None:
+                    return comparison_dict(done)
                 c = Comparison(**row, created_at=utcnow())
                 s.add(c)
                 s.flush()
@@ -362,9 +476,11 @@ class VoteStore:
         return self._retry(read, "get_comparison")
 
     def add_vote(self, comparison_id: str, preferred: str, confidence: int = 3,
-                 comment: str | None = None, rater: str | None = None) -> dict[str, Any]:
+                 comment: str | None = None, rater: str | None = None,
+                 idempotency_key: str | None = None) -> dict[str, Any]:
         """Record one person's preference; returns the vote as a dict (with ``id``,
-        ``created_at``, ``preferred_model`` and the comparison's query and models).
+        ``created_at``, ``preferred_model``, ``idempotency_key`` and the comparison's query and
+        models). :meth:`record_vote` also says whether the key had already made it.
 
         Args:
             comparison_id: the comparison's id.
@@ -372,26 +488,70 @@ class VoteStore:
             confidence: 1 (a guess) to 5 (sure).
             comment: free text, at most 1000 characters ('' is stored as None).
             rater: who voted (e.g. a hashed session id), optional.
+            idempotency_key: the request's key (1 to 64 visible ASCII characters; a uuid4):
+                the same key again returns the vote it made instead of adding one. None: a
+                new key, so that the store's own retries cannot duplicate the vote.
 
         Raises:
             KeyError: no comparison with that id.
-            ValueError: a bad ``preferred``, a confidence outside 1..5, a comment too long.
+            ValueError: a bad ``preferred``, a confidence outside 1..5, a comment too long, a
+                malformed key, or (:class:`IdempotencyKeyReused`) a key that made another vote.
         """
+        return self.record_vote(comparison_id, preferred, confidence, comment, rater,
+                                idempotency_key)[0]
+
+    def record_vote(self, comparison_id: str, preferred: str, confidence: int = 3,
+                    comment: str | None = None, rater: str | None = None,
+                    idempotency_key: str | None = None) -> tuple[dict[str, Any], bool]:
+        """:meth:`add_vote`, returning ``(vote, replayed)``: ``replayed`` is True when the key
+        had already made this vote (a retry), which is then returned as it was stored (its
+        ``rater`` and ``created_at`` too). Same arguments and errors as :meth:`add_vote`."""
         check_vote(preferred, confidence, comment)
         _check_text("rater", rater, 200, required=False)
+        key = new_id() if idempotency_key is None else check_idempotency_key(idempotency_key)
         comment = comment or None
+        want = {"comparison_id": comparison_id, "preferred": preferred,
+                "confidence": confidence, "comment": comment}
 
-        def write() -> dict[str, Any]:
-            with Session(self._writer, expire_on_commit=False) as s, s.begin():
-                c = s.get(Comparison, comparison_id)
-                if c is None:
-                    raise KeyError(f"no comparison {comparison_id!r}")
-                v = Vote(comparison_id=comparison_id, preferred=preferred,
-                         confidence=confidence, comment=comment, rater=rater,
-                         created_at=utcnow())
-                s.add(v)
-                s.flush()
-                return vote_dict(v, c)
+        def made(s: Session) -> dict[str, Any] | None:
+            """The vote this key made, if any (the same vote, or IdempotencyKeyReused)."""
+            row = s.execute(select(Vote, Comparison)
+                            .join(Comparison, Vote.comparison_id == Comparison.id)
+                            .where(Vote.idempotency_key == key)).first()
+            if row is None:
+                return None
+            v, c = row
+            got = {"comparison_id": v.comparison_id, "preferred": v.preferred,
+                   "confidence": v.confidence, "comment": v.comment}
+            if got != want:
+                raise IdempotencyKeyReused(
+                    f"idempotency key {key!r} already recorded another vote (vote {v.id}, "
+                    f"comparison {v.comparison_id}, {v.preferred}, confidence {v.confidence}); "
+                    "a new vote needs a new key")
+            return vote_dict(v, c)
+
+        def write() -> tuple[dict[str, Any], bool]:
+            try:
+                with Session(self._writer, expire_on_commit=False) as s, s.begin():
+                    done = made(s)  # an earlier try (or request) with this key committed
+                    if done is not None:
+                        return done, True
+                    c = s.get(Comparison, comparison_id)
+                    if c is None:
+                        raise KeyError(f"no comparison {comparison_id!r}")
+                    v = Vote(comparison_id=comparison_id, preferred=preferred,
+                             confidence=confidence, comment=comment, rater=rater,
+                             idempotency_key=key, created_at=utcnow())
+                    s.add(v)
+                    s.flush()
+                    return vote_dict(v, c), False
+            except IntegrityError:
+                # a concurrent try with the same key inserted first (the unique index): its row
+                with Session(self._engine) as s:
+                    done = made(s)
+                if done is None:
+                    raise
+                return done, True
 
         return self._retry(write, "add_vote")
 

@@ -55,6 +55,36 @@ def test_every_manifest_is_current_and_generated():
     assert kinds.count("RayService") == 1 and kinds.count("RayJob") >= 1
 
 
+def lock_pins(name: str) -> dict[str, str]:
+    pins = {}
+    for line in (REPO / name).read_text().splitlines():
+        m = re.fullmatch(r"([A-Za-z0-9][A-Za-z0-9._-]*)==(\S+)", line.strip())
+        if m:
+            pins[re.sub(r"[-_.]+", "-", m[1]).lower()] = m[2]
+    return pins
+
+
+def test_the_image_installs_one_lock_and_the_gpu_image_the_gpu_lock():
+    """k8s/Dockerfile: LOCK picks requirements.txt (default) or requirements-gpu.txt (the GPU
+    image the GPU groups run, as cluster.yaml's gpu_worker); never a pyproject extra."""
+    text = (K8S / "Dockerfile").read_text()
+    assert "ARG LOCK=requirements.txt" in text.splitlines()
+    assert 'pip install --no-cache-dir -r "${LOCK}"' in text
+    assert "pip install --no-cache-dir --no-deps ." in text and ".[" not in text
+    # the documented build of each image the manifests name (comment lines joined)
+    header = text.replace("\\\n#", " ")
+    builds = {m[1]: m[0] for m in re.finditer(r"docker build .*-t (\S+) \.", header)}
+    assert set(builds) == {render.IMAGE, render.GPU_IMAGE}, builds
+    assert "LOCK" not in builds[render.IMAGE]
+    gpu = builds[render.GPU_IMAGE]
+    assert "--build-arg LOCK=requirements-gpu.txt" in gpu and "-py311-gpu" in gpu
+    # the base image's Ray is the Ray of both locks (one Ray version across the cluster)
+    ray = re.search(r"^ARG BASE=rayproject/ray:(\d+\.\d+\.\d+)-py311$", text, re.M)[1]
+    assert lock_pins("requirements.txt")["ray"] == lock_pins("requirements-gpu.txt")["ray"] == ray
+    # the build fails unless exactly one faiss distribution is installed
+    assert "('faiss-cpu', 'faiss-gpu')" in text and "assert len(f) == 1" in text
+
+
 # ----------------------------------------------------------------------------- CRD shape
 
 
@@ -212,6 +242,33 @@ def test_serve_config_v2_is_serving_config_yaml_but_for_the_listed_overrides():
     assert diff_paths(v2, original) == {path for path, _, _ in render.SERVE_OVERRIDES}
     assert v2["http_options"]["host"] == "0.0.0.0"
     assert diff_paths({"a": [1, {"b": 2}]}, {"a": [1, {"b": 3}]}) == {("a", 1, "b")}
+
+
+def test_the_rayservice_keeps_votes_in_postgresql_named_by_a_secret(monkeypatch):
+    """On the cluster the votes go to PostgreSQL (its URL from a Secret, in every Ray
+    container), not to SQLite on the shared volume; serving/config.yaml keeps SQLite."""
+    from serving.config import AppArgs
+    from serving.votes import votes_url
+
+    args = serve_v2()["applications"][0]["args"]
+    name = args["votes"]["database_url_env"]
+    assert name == render.VOTES_DB_URL_ENV and not args["votes"].get("database_url")
+    cluster = load(K8S / "rayservice.yaml")["spec"]["rayClusterConfig"]
+    for group in (cluster["headGroupSpec"], *cluster["workerGroupSpecs"]):
+        for c in group["template"]["spec"]["containers"]:
+            env = {e["name"]: e for e in c.get("env", [])}
+            ref = env[name]["valueFrom"]["secretKeyRef"]
+            assert ref == {"name": render.VOTES_DB_SECRET, "key": "url"}  # required
+    monkeypatch.setenv(name, "postgresql://votes:pw@postgres.db.svc:5432/votes")
+    url = AppArgs(**args).database_url()
+    assert votes_url(url).drivername == "postgresql+psycopg"
+    monkeypatch.delenv(name)
+    with pytest.raises(ValueError, match=name):  # a pod without the Secret does not start
+        AppArgs(**args).database_url()
+    laptop = load(REPO / "serving" / "config.yaml")["applications"][0]["args"]
+    assert not laptop["votes"].get("database_url") and not laptop["votes"].get(
+        "database_url_env")
+    assert AppArgs(**laptop).database_url().startswith("sqlite:///")
 
 
 def test_serve_config_v2_passes_serves_own_schema_and_the_apps_args():

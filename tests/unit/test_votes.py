@@ -46,7 +46,7 @@ def test_fresh_database_is_migrated_to_head_and_matches_the_models(tmp_path):
     store = _store(tmp_path)  # the parent directory db/ does not exist yet
     try:
         assert (tmp_path / "db" / "votes.db").is_file()
-        assert store.revision() == head_revision() == "0001"
+        assert store.revision() == head_revision() == "0002"
         assert {"comparisons", "votes", "alembic_version"} <= set(
             inspect(store.engine).get_table_names())
         assert _schema_diff(store, Base.metadata) == []
@@ -64,7 +64,7 @@ def test_fresh_database_is_migrated_to_head_and_matches_the_models(tmp_path):
     finally:
         store.close()
     again = VoteStore(str(tmp_path / "db" / "votes.db"))  # a plain path; already at head
-    assert again.revision() == "0001" and again.counts()["comparisons"] == 0
+    assert again.revision() == "0002" and again.counts()["comparisons"] == 0
     again.close()
 
 
@@ -205,7 +205,7 @@ def test_processes_lose_no_vote_and_migrate_a_fresh_file_once(tmp_path):
         p.join(120)
     assert [p.exitcode for p in procs] == [0, 0, 0]
     store = VoteStore(url)
-    assert store.revision() == "0001"
+    assert store.revision() == "0002"
     assert store.counts()["comparisons"] == 3 and store.counts()["votes"] == 90
     per = {}
     for v in store.votes(limit=1000):
@@ -296,3 +296,169 @@ def test_votes_package_imports_no_ray_or_fastapi():
             names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
                      [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
             assert not {n.split(".")[0] for n in names} & banned, path
+
+
+# ----------------------------------------------------------------------------- idempotency
+
+
+def test_a_retried_vote_with_its_key_is_recorded_once(tmp_path):
+    from serving.votes import IdempotencyKeyReused
+
+    store = _store(tmp_path)
+    cid = _comparison(store)["id"]
+    first, replayed = store.record_vote(cid, "right", 4, "crisp", rater="r1",
+                                        idempotency_key="k-1")
+    assert not replayed and first["idempotency_key"] == "k-1"
+    again, replayed = store.record_vote(cid, "right", 4, "crisp", rater="another-connection",
+                                        idempotency_key="k-1")
+    assert replayed and again == first  # the stored vote, its rater included
+    assert store.add_vote(cid, "right", 4, "crisp", idempotency_key="k-1") == first
+    for other in ({"preferred": "left"}, {"confidence": 5}, {"comment": None},
+                  {"comparison_id": _comparison(store)["id"]}):
+        args = {"comparison_id": cid, "preferred": "right", "confidence": 4,
+                "comment": "crisp", **other}
+        with pytest.raises(IdempotencyKeyReused, match="k-1"):
+            store.add_vote(**args, idempotency_key="k-1")
+    for bad in ("", "a b", "x" * 65, "é", 7):
+        with pytest.raises(ValueError, match="idempotency key"):
+            store.add_vote(cid, "left", idempotency_key=bad)
+    drawn = store.add_vote(cid, "left")  # no key given: the store draws one
+    assert len(drawn["idempotency_key"]) == 32 and drawn["idempotency_key"] != "k-1"
+    assert store.counts()["votes"] == 2
+    assert [v["idempotency_key"] for v in store.votes()] == [drawn["idempotency_key"], "k-1"]
+    store.close()
+
+
+def test_threads_sending_the_same_key_make_one_vote(tmp_path):
+    store = _store(tmp_path)
+    cid = _comparison(store)["id"]
+    start, results = threading.Barrier(8), []
+
+    def worker() -> None:
+        start.wait()
+        results.append(store.record_vote(cid, "tie", idempotency_key="same"))
+
+    threads = [threading.Thread(target=worker) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert sorted(r[1] for r in results) == [False] + [True] * 7
+    assert {r[0]["id"] for r in results} == {1} and store.counts()["votes"] == 1
+    store.close()
+
+
+def test_a_commit_whose_answer_is_lost_is_not_written_twice(tmp_path):
+    """The database commits, then the call fails as if the connection died: the store's retry
+    finds the row its key made instead of writing a second one."""
+    from sqlalchemy import event
+    from sqlalchemy.exc import OperationalError
+    from sqlalchemy.orm import Session
+
+    store = _store(tmp_path)
+    cid = _comparison(store)["id"]
+    lost = []
+
+    def lose_the_answer(session) -> None:
+        if not lost:
+            lost.append(1)
+            raise OperationalError("COMMIT", {}, Exception("database is locked"))
+
+    event.listen(Session, "after_commit", lose_the_answer)
+    try:
+        vote, replayed = store.record_vote(cid, "left", idempotency_key="once")
+        comparison = _comparison(store, "lost answer")  # its id is drawn before the first try
+    finally:
+        event.remove(Session, "after_commit", lose_the_answer)
+    assert lost and replayed and vote["idempotency_key"] == "once"
+    assert store.counts()["votes"] == 1 and store.counts()["comparisons"] == 2
+    assert store.get_comparison(comparison["id"]) == comparison
+    store.close()
+
+
+def test_a_0001_database_is_upgraded_and_keeps_its_votes(tmp_path):
+    store = VoteStore(sqlite_url(tmp_path / "old.db"), upgrade=False)
+    store.upgrade("0001")
+    assert store.revision() == "0001"
+    with store.engine.begin() as conn:
+        conn.execute(text("INSERT INTO comparisons (id, created_at, query, query_id, \"index\", "
+                          "k, left_model, right_model, left_ids, right_ids) VALUES ('c1', "
+                          "'2025-01-01 00:00:00', 'q', 'q-1', 'i', 1, 'base', 'aligned', "
+                          "'[\"a\"]', '[\"b\"]')"))
+        conn.execute(text("INSERT INTO votes (comparison_id, created_at, preferred) "
+                          "VALUES ('c1', '2025-01-01 00:00:00', 'left')"))
+    store.close()
+    store = VoteStore(sqlite_url(tmp_path / "old.db"))
+    assert store.revision() == head_revision() == "0002"
+    assert [(v["id"], v["idempotency_key"]) for v in store.votes()] == [(1, None)]
+    assert store.add_vote("c1", "right", idempotency_key="new")["id"] == 2
+    assert _schema_diff(store, Base.metadata) == []
+    from alembic import command
+
+    from serving.votes.store import alembic_config
+
+    cfg = alembic_config()
+    with store.engine.begin() as conn:  # and back: the keys go, the votes stay
+        cfg.attributes["connection"] = conn
+        command.downgrade(cfg, "0001")
+    assert store.revision() == "0001"
+    assert "idempotency_key" not in {c["name"] for c in inspect(store.engine).get_columns("votes")}
+    with store.engine.connect() as conn:
+        assert conn.execute(text("SELECT count(*) FROM votes")).scalar() == 2
+    store.close()
+
+
+def test_postgres_urls_mean_psycopg_and_transient_errors_are_told_apart():
+    from sqlalchemy.exc import IntegrityError as SAIntegrityError
+    from sqlalchemy.exc import OperationalError
+
+    from serving.votes.store import is_transient, votes_url
+
+    assert votes_url("postgresql://u:p@db:5432/votes").drivername == "postgresql+psycopg"
+    assert votes_url("postgres://u@db/votes").drivername == "postgresql+psycopg"
+    assert votes_url("postgresql+psycopg://u@db/votes").drivername == "postgresql+psycopg"
+    assert votes_url("votes.db").drivername == "sqlite"
+    assert votes_url("votes.db").database == str(Path("votes.db").resolve())
+
+    def op(orig) -> OperationalError:
+        return OperationalError("SELECT 1", {}, orig)
+
+    assert is_transient(op(Exception("database is locked")), "sqlite")
+    assert not is_transient(op(Exception("no such table: votes")), "sqlite")
+    errors = pytest.importorskip("psycopg").errors
+    import psycopg
+
+    assert is_transient(op(psycopg.OperationalError("connection refused")), "postgresql")
+    assert is_transient(op(psycopg.InterfaceError("the connection is closed")), "postgresql")
+    for cls in (errors.SerializationFailure, errors.DeadlockDetected, errors.AdminShutdown,
+                errors.CannotConnectNow, errors.ConnectionFailure):
+        assert is_transient(op(cls("x")), "postgresql"), cls
+    assert not is_transient(SAIntegrityError("INSERT", {}, errors.UniqueViolation("x")),
+                            "postgresql")
+    assert not is_transient(op(errors.UndefinedTable("x")), "postgresql")
+    assert not is_transient(ValueError("x"), "postgresql")
+    dropped = OperationalError("SELECT 1", {}, errors.UndefinedTable("x"),
+                               connection_invalidated=True)
+    assert is_transient(dropped, "postgresql")  # the pool saw the connection die
+
+
+def test_the_database_url_can_come_from_an_environment_variable(tmp_path, monkeypatch):
+    from pydantic import ValidationError
+
+    from serving.config import AppArgs
+
+    base = {"corpus": "c", "models": {m: {"indexes": {"i": "x"}} for m in ("base", "aligned")},
+            "data_dir": str(tmp_path)}
+    assert AppArgs(**base).database_url() == f"sqlite:///{tmp_path / 'votes.db'}"
+    literal = {"database_url": "postgresql+psycopg://u@db/votes"}
+    assert AppArgs(**base, votes=literal).database_url() == literal["database_url"]
+    env = {**literal, "database_url_env": "VOTES_DATABASE_URL"}
+    monkeypatch.delenv("VOTES_DATABASE_URL", raising=False)
+    with pytest.raises(ValueError, match=r"\$VOTES_DATABASE_URL, which is unset"):
+        AppArgs(**base, votes=env).database_url()  # never a silent fall-back
+    monkeypatch.setenv("VOTES_DATABASE_URL", " postgresql+psycopg://votes:pw@pg:5432/votes\n")
+    assert AppArgs(**base, votes=env).database_url() == \
+        "postgresql+psycopg://votes:pw@pg:5432/votes"
+    for bad in ("VOTES-URL", "1ABC", "$VOTES"):
+        with pytest.raises(ValidationError, match="database_url_env"):
+            AppArgs(**base, votes={"database_url_env": bad})
