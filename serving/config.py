@@ -104,7 +104,36 @@ class JudgeArgs(_Strict):
 
 
 class VotesArgs(_Strict):
-    database_url: str = Field("", description="SQLAlchemy URL; '' = sqlite under data_dir")
+    """Where the votes go (docs/votes.md): SQLite under ``data_dir`` on one machine, a
+    PostgreSQL URL on a cluster, best read from the environment (a Kubernetes Secret)."""
+
+    database_url: str = Field("", description=(
+        "SQLAlchemy URL (sqlite:////abs/votes.db, postgresql+psycopg://user:pw@host/votes); "
+        "'' = sqlite under data_dir"))
+    database_url_env: str = Field("", description=(
+        "name of an environment variable holding the URL (e.g. VOTES_DATABASE_URL from a "
+        "Secret): when named it wins over database_url, and a replica without it fails to start"))
+
+    @field_validator("database_url_env")
+    @classmethod
+    def _env_name(cls, v: str) -> str:
+        if v and not (v.isascii() and v.isidentifier()):
+            raise ValueError(f"database_url_env must name an environment variable, got {v!r}")
+        return v
+
+    def url(self) -> str:
+        """The URL given (the environment variable's when one is named); '' = none.
+
+        Raises:
+            ValueError: ``database_url_env`` names a variable that is unset or empty.
+        """
+        if self.database_url_env:
+            url = os.environ.get(self.database_url_env, "").strip()
+            if not url:
+                raise ValueError(f"votes.database_url_env names ${self.database_url_env}, which "
+                                 "is unset or empty in this process (its Secret missing?)")
+            return url
+        return self.database_url
 
 
 class AuthArgs(_Strict):
@@ -118,22 +147,107 @@ class AuthArgs(_Strict):
         return self.api_key or os.environ.get(self.api_key_env) or None
 
 
+# The API's hard bounds (serving.schemas: over one is a 422, whatever the config); the
+# configured limits below cannot exceed them (over a configured limit is a 400).
+HARD_MAX_QUERY_CHARS = 100_000
+HARD_MAX_K = 1_000_000
+HARD_MAX_IDS = 100_000
+HARD_MAX_NPROBE = 1_000_000
+HARD_MAX_K_FACTOR = 10_000.0
+
+
 class LimitArgs(_Strict):
-    max_query_chars: int = Field(500, ge=1)
-    max_k: int = Field(10_000, ge=1)
-    max_page_size: int = Field(200, ge=1)
+    """Request limits, the per-client rate limit and ``image_url`` fetching.
+
+    **Request limits.** ``max_query_chars``, ``max_k``, ``max_page_size``,
+    ``max_metadata_ids``, ``max_nprobe`` and ``max_k_factor`` are the maximums of their fields
+    in the OpenAPI document (``/openapi.json`` is generated with the configured values); a
+    request over one is a 400.
+
+    **Rate limit.** A token bucket per client, ``rate_per_s`` with bursts of ``rate_burst``,
+    over it 429 with ``Retry-After`` (health checks and static files are not limited). The
+    buckets live in each ingress replica, and Serve spreads a client's requests over the
+    replicas, so the configured rate is for the whole application and each replica enforces
+    its share: ``rate_per_s / rate_replicas`` and ``rate_burst / rate_replicas`` (at least 1).
+    Set ``rate_replicas`` to the ingress's ``num_replicas``, or its autoscaling
+    ``max_replicas`` (serving/config.yaml, ``deployments``): a client then never gets more than
+    the configured rate in all; while fewer replicas run it gets less (``running /
+    rate_replicas`` of it). Nothing is shared between replicas (no extra call per request).
+
+    **Who the client is.** The TCP peer, unless the peer is in ``trusted_proxies`` (CIDRs of
+    your load balancers or reverse proxies): then the right-most ``X-Forwarded-For`` hop that
+    is not a trusted proxy (the address the outermost trusted proxy saw). A client cannot
+    choose its own bucket by sending ``X-Forwarded-For``. Serve's HTTP proxy (uvicorn) itself
+    already takes the client from ``X-Forwarded-For`` when the connection comes from
+    127.0.0.1 (uvicorn's ``FORWARDED_ALLOW_IPS``), i.e. a reverse proxy on the same machine.
+
+    **image_url** (``serving.fetch``): http(s) only; at every redirect (at most
+    ``image_url_max_redirects``) the host is resolved once, every address must be public
+    unless ``allow_private_image_urls``, and the connection goes to the checked address;
+    ``image_url_max_bytes`` and ``image_url_timeout_s`` (all hops together) bound it.
+    """
+
+    max_query_chars: int = Field(500, ge=1, le=HARD_MAX_QUERY_CHARS)
+    max_k: int = Field(10_000, ge=1, le=HARD_MAX_K)
+    max_page_size: int = Field(200, ge=1, le=HARD_MAX_K)
     max_body_bytes: int = Field(8 << 20, ge=1024)
     max_image_pixels: int = Field(40_000_000, ge=1)
-    max_metadata_ids: int = Field(1000, ge=1)
-    max_nprobe: int = Field(1024, ge=1, description="largest nprobe a request may ask for")
-    max_k_factor: float = Field(64.0, ge=1, description="largest k_factor a request may ask for")
-    rate_per_s: float = Field(100.0, gt=0, description="requests per second per client")
+    max_metadata_ids: int = Field(1000, ge=1, le=HARD_MAX_IDS)
+    max_nprobe: int = Field(1024, ge=1, le=HARD_MAX_NPROBE,
+                            description="largest nprobe a request may ask for")
+    max_k_factor: float = Field(64.0, ge=1, le=HARD_MAX_K_FACTOR,
+                                description="largest k_factor a request may ask for")
+    rate_per_s: float = Field(100.0, gt=0, description=(
+        "requests per second per client, for the whole application (see rate_replicas)"))
     rate_burst: int = Field(200, ge=1)
+    rate_replicas: int = Field(1, ge=1, le=10_000, description=(
+        "each ingress replica enforces rate_per_s / rate_replicas (and the burst likewise): "
+        "set it to the ingress's num_replicas or max_replicas"))
+    trusted_proxies: list[str] = Field(default_factory=list, description=(
+        "CIDRs of proxies whose X-Forwarded-For is believed (default none: the peer address)"))
     request_timeout_s: float = Field(20.0, gt=0)
     image_url_timeout_s: float = Field(5.0, gt=0)
     image_url_max_bytes: int = Field(8 << 20, ge=1)
+    image_url_max_redirects: int = Field(3, ge=0, le=20, description=(
+        "redirects image_url may follow, each one checked like the first URL"))
     allow_private_image_urls: bool = Field(
         False, description="let image_url reach loopback / private addresses (tests, LANs)")
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _cidrs(cls, v: list[str]) -> list[str]:
+        import ipaddress
+
+        out = []
+        for cidr in v:
+            try:
+                out.append(str(ipaddress.ip_network(cidr.strip(), strict=False)))
+            except ValueError:
+                raise ValueError(f"trusted_proxies: {cidr!r} is not an address or a CIDR "
+                                 "network") from None
+        return out
+
+    def replica_rate(self) -> tuple[float, float]:
+        """(tokens per second, burst) of one ingress replica's buckets (see the class)."""
+        n = self.rate_replicas
+        return self.rate_per_s / n, max(1.0, self.rate_burst / n)
+
+
+class SpeedArgs(_Strict):
+    """The search path's speed knobs (``bench/bench_serve.py`` measures each; docs/serving.md
+    gives the numbers)."""
+
+    text_cache: int = Field(4096, ge=0, le=10_000_000, description=(
+        "query texts whose vectors each retriever replica keeps (an LRU; 0 = off)"))
+    batch_wait_ms: float = Field(0.0, ge=0, le=1000, description=(
+        "how long a retriever waits for more text queries to batch with (0: batch only what "
+        "queued while the previous batch ran)"))
+    retriever_cpus: float = Field(0.25, gt=0, le=256, description="Ray CPUs per retriever replica")
+    torch_threads: int = Field(1, ge=1, le=256, description=(
+        "torch and faiss threads in a retriever replica"))
+    local_text_search: bool = Field(True, description=(
+        "plain text searches run in the ingress replica (its own copy of each unsharded "
+        "model and index): one Serve hop per search instead of two"))
 
 
 class AppArgs(_Strict):
@@ -153,6 +267,7 @@ class AppArgs(_Strict):
     limits: LimitArgs = Field(default_factory=LimitArgs)
     log_requests: bool = True
     image_cache: int = Field(2048, ge=0, description="corpus images kept in memory")
+    speed: SpeedArgs = Field(default_factory=SpeedArgs)
 
     @model_validator(mode="after")
     def _check(self) -> AppArgs:
@@ -167,9 +282,12 @@ class AppArgs(_Strict):
         return self
 
     def database_url(self) -> str:
-        """The votes database URL (SQLite in ``data_dir`` unless set)."""
-        return self.votes.database_url or \
-            f"sqlite:///{Path(self.data_dir).resolve() / 'votes.db'}"
+        """The votes database URL (SQLite in ``data_dir`` unless set; see :class:`VotesArgs`).
+
+        Raises:
+            ValueError: ``votes.database_url_env`` names an unset variable.
+        """
+        return self.votes.url() or f"sqlite:///{Path(self.data_dir).resolve() / 'votes.db'}"
 
     def resolved(self) -> AppArgs:
         """A copy with local relative paths made absolute (against this process's working

@@ -2,9 +2,15 @@
 
 * :class:`BodyLimit` answers 413 when a body is larger than the limit, whether it says so in
   ``Content-Length`` or streams past it (chunked uploads are counted as they arrive).
-* :class:`RateLimit` is a token bucket per client (``X-Forwarded-For``, else the peer
-  address) in each ingress replica: ``rate`` requests per second, bursts up to ``burst``;
-  over it, 429 with ``Retry-After``. Health checks and static files are not limited.
+* :class:`RateLimit` is a token bucket per client (:func:`client_of`: the peer address, or
+  the ``X-Forwarded-For`` client behind a trusted proxy) in each ingress replica: ``rate``
+  requests per second, bursts up to ``burst`` (the ingress gives each replica its share of the
+  application's rate, ``serving.config.LimitArgs``); over it, 429 with ``Retry-After``.
+  Health checks and static files are not limited.
+* :class:`Auth` answers 401 (``WWW-Authenticate: Bearer``) before anything else reads the
+  request when a route that ``auth.protect`` covers comes without the bearer token, so an
+  unauthenticated request learns nothing from validation errors (the ingress's routes check
+  the token again).
 * :class:`RequestLog` gives every request an id (``X-Request-ID``, taken from the request when
   given), logs one structured line per request (JSON: id, method, path, status, ms, client),
   and counts requests and their latency in Prometheus (``aligner_requests``,
@@ -13,12 +19,14 @@
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import logging
+import secrets
 import threading
 import time
 import uuid
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import Awaitable, Callable, Iterable, MutableMapping, Sequence
 from typing import Any
 
 log = logging.getLogger("serving.requests")
@@ -28,6 +36,7 @@ Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 UNLIMITED = ("/v1/health", "/static", "/favicon.ico")
 
 
@@ -47,13 +56,40 @@ def _header(scope: Scope, name: bytes) -> str | None:
     return None
 
 
-def client_of(scope: Scope) -> str:
-    """The client's address: the first ``X-Forwarded-For`` hop, else the peer."""
-    fwd = _header(scope, b"x-forwarded-for")
-    if fwd:
-        return fwd.split(",")[0].strip()
+def networks(cidrs: Iterable[str]) -> tuple[Network, ...]:
+    """CIDR strings (or single addresses) as networks."""
+    return tuple(ipaddress.ip_network(c.strip(), strict=False) for c in cidrs)
+
+
+def _trusted(address: str, trusted: Sequence[Network]) -> bool:
+    try:
+        ip = ipaddress.ip_address(address.strip().strip("[]"))
+    except ValueError:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
+        ip = ip.ipv4_mapped
+    return any(ip.version == n.version and ip in n for n in trusted)
+
+
+def client_of(scope: Scope, trusted: Sequence[Network] = ()) -> str:
+    """The client's address: the peer, or, when the peer is a trusted proxy, the right-most
+    ``X-Forwarded-For`` hop that is not a trusted proxy (every hop trusted: the left-most).
+
+    A hop is appended by each proxy on the way, so only the hops added by trusted proxies
+    can be believed; whatever the client wrote itself is further left and is never used
+    while a proxy's hop is to its right. Without trusted proxies the header is ignored.
+    """
     peer = scope.get("client")
-    return str(peer[0]) if peer else "unknown"
+    addr = str(peer[0]) if peer else "unknown"
+    if not trusted or not _trusted(addr, trusted):
+        return addr
+    hops = [h.strip() for k, v in scope.get("headers") or []
+            if k.lower() == b"x-forwarded-for" for h in v.decode("latin-1").split(",")]
+    hops = [h for h in hops if h]
+    for hop in reversed(hops):
+        if not _trusted(hop, trusted):
+            return hop
+    return hops[0] if hops else addr
 
 
 class _TooLarge(Exception):
@@ -102,8 +138,10 @@ class BodyLimit:
 class RateLimit:
     """Token bucket per client (see the module docstring)."""
 
-    def __init__(self, app: ASGIApp, rate: float, burst: int) -> None:
+    def __init__(self, app: ASGIApp, rate: float, burst: float,
+                 trusted: Sequence[Network] = ()) -> None:
         self.app, self.rate, self.burst = app, float(rate), float(burst)
+        self.trusted = tuple(trusted)
         self.buckets: dict[str, tuple[float, float]] = {}
         self.lock = threading.Lock()
 
@@ -124,22 +162,53 @@ class RateLimit:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope.get("path", "").startswith(UNLIMITED):
             return await self.app(scope, receive, send)
-        wait = self.take(client_of(scope))
+        wait = self.take(client_of(scope, self.trusted))
         if wait > 0:
             return await _answer(send, 429, "too many requests: slow down",
                                  {"retry-after": str(max(1, round(wait)))})
         await self.app(scope, receive, send)
 
 
+class Auth:
+    """The bearer token on the routes ``protect`` covers (see the module docstring):
+    ``"all"``: every path under ``/v1/`` but ``public``; ``"writes"``: the ``(method, path)``
+    pairs of ``writes`` (lower-case method); ``"none"``: nothing."""
+
+    def __init__(self, app: ASGIApp, key: str | None, protect: str,
+                 writes: Iterable[tuple[str, str]] = (), public: Iterable[str] = ()) -> None:
+        self.app, self.key, self.protect = app, key, protect
+        self.writes, self.public = set(writes), set(public)
+
+    def covers(self, method: str, path: str) -> bool:
+        if self.protect == "all":
+            return path.startswith("/v1/") and path not in self.public
+        return self.protect == "writes" and (method.lower(), path) in self.writes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not self.covers(scope.get("method", ""),
+                                                        scope.get("path", "")):
+            return await self.app(scope, receive, send)
+        if not self.key:
+            return await _answer(send, 503, "this route needs an API key and none is "
+                                            "configured")
+        scheme, _, token = (_header(scope, b"authorization") or "").partition(" ")
+        if scheme.lower() != "bearer" or not secrets.compare_digest(
+                token.strip().encode(), self.key.encode()):
+            return await _answer(send, 401, "a valid API key is needed: Authorization: "
+                                            "Bearer <key>", {"www-authenticate": "Bearer"})
+        await self.app(scope, receive, send)
+
+
 class RequestLog:
     """Request ids, one structured log line per request, Prometheus counts and latency."""
 
-    def __init__(self, app: ASGIApp, enabled: bool = True) -> None:
+    def __init__(self, app: ASGIApp, enabled: bool = True,
+                 trusted: Sequence[Network] = ()) -> None:
         from ray.serve.metrics import Counter, Histogram
 
-        from serving.deployments import STEP_MS_BOUNDARIES
+        from serving.retriever_core import STEP_MS_BOUNDARIES
 
-        self.app, self.enabled = app, enabled
+        self.app, self.enabled, self.trusted = app, enabled, tuple(trusted)
         self.count = Counter("aligner_requests", description="HTTP requests by route and status",
                              tag_keys=("route", "status"))
         self.latency = Histogram("aligner_request_ms", description="request latency (ms)",
@@ -176,4 +245,4 @@ class RequestLog:
             if self.enabled:
                 log.info(json.dumps({"request_id": rid, "method": scope.get("method"),
                                      "path": path, "status": status, "ms": round(ms, 2),
-                                     "client": client_of(scope)}))
+                                     "client": client_of(scope, self.trusted)}))

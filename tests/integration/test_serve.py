@@ -150,7 +150,13 @@ def _bomb_png(side: int = 50_000) -> bytes:
 BAD = [
     ("empty text", "POST", "/v1/search", {"text": "   "}, 422),
     ("nothing to search", "POST", "/v1/search", {"k": 3}, 422),
-    ("huge k", "POST", "/v1/search", {"text": "a cat", "k": 10**9}, 400),
+    ("huge k", "POST", "/v1/search", {"text": "a cat", "k": 10**9}, 422),  # the API's bound
+    ("k over the limit", "POST", "/v1/search", {"text": "a cat", "k": 501}, 400),  # max_k
+    ("k a boolean", "POST", "/v1/search", {"text": "a cat", "k": True}, 422),
+    ("k a string", "POST", "/v1/search", {"text": "a cat", "k": "5"}, 422),
+    ("NaN weight", "POST", "/v1/search", b'{"text": "a", "text_weight": NaN}', 422),
+    ("empty model name", "POST", "/v1/search", {"text": "a", "model": ""}, 400),
+    ("empty index name", "POST", "/v1/search", {"text": "a", "index": ""}, 400),
     ("k zero", "POST", "/v1/search", {"text": "a cat", "k": 0}, 422),
     ("page too big", "POST", "/v1/search", {"text": "a cat", "k": 100, "page_size": 100}, 400),
     ("long text", "POST", "/v1/search", {"text": "x" * 5000}, 400),
@@ -179,6 +185,10 @@ BAD = [
     ("unknown image", "GET", "/v1/images/no-such-image", None, 404),
     ("too many metadata ids", "POST", "/v1/metadata", {"ids": ["a"] * 5000}, 400),
     ("compare k too big", "POST", "/v1/compare", {"text": "a cat", "k": 500}, 422),
+    ("compare blank text", "POST", "/v1/compare", {"text": "   "}, 422),
+    ("votes offset overflow", "GET", "/v1/votes?offset=128207008073614580776960", None, 422),
+    ("votes limit zero", "GET", "/v1/votes?limit=0", None, 422),
+    ("export confidence 9", "GET", "/v1/votes/export?min_confidence=9", None, 422),
     ("judge unknown ids", "POST", "/v1/judge", {"text": "a", "left": ["x"], "right": ["y"]},
      400),
     ("vote unknown comparison", "POST", "/v1/votes",

@@ -173,3 +173,137 @@ def test_body_limit_declared_and_streamed():
     assert _run(mw, [b"1"], headers=[(b"content-length", b"99")])[0] == 413
     status, seen = _run(mw, [b"123456", b"789012"])  # chunked: counted as it streams
     assert status == 413
+
+
+# ----------------------------------------------------------------------------- OpenAPI
+
+def _document(**over):
+    from serving.config import AppArgs
+    from serving.ingress import app, openapi_of
+
+    args = AppArgs(**{"corpus": "c", "models": {
+        "base": {"indexes": {"flat": "a", "hnsw": "b"}}, "aligned": {"indexes": {"flat": "c"}}},
+        "limits": {"max_k": 77, "max_page_size": 9, "max_query_chars": 33,
+                   "max_metadata_ids": 5, "max_nprobe": 8, "max_k_factor": 4.0}, **over})
+    app.openapi_schema = None
+    try:
+        return openapi_of(app, args)
+    finally:
+        app.openapi_schema = None
+
+
+def _integers(schema, where):
+    """(where, schema) of every integer in a JSON schema."""
+    if isinstance(schema, dict):
+        if schema.get("type") == "integer":
+            yield where, schema
+        for k, v in schema.items():
+            yield from _integers(v, f"{where}.{k}")
+    elif isinstance(schema, list):
+        for i, v in enumerate(schema):
+            yield from _integers(v, f"{where}[{i}]")
+
+
+def test_the_openapi_document_has_the_configured_names_and_limits():
+    spec = _document()
+    comp = spec["components"]["schemas"]
+    search = comp["SearchRequest"]["properties"]
+    assert search["model"]["anyOf"][0]["enum"] == ["aligned", "base"]
+    assert search["index"]["anyOf"][0]["enum"] == ["flat", "hnsw"]
+    # the models' indexes differ: each model is tied to its own
+    ways = {w["properties"]["model"].get("const", "default"): w["properties"]["index"]["anyOf"][0]
+            ["enum"] for w in comp["SearchRequest"]["anyOf"]}
+    assert ways == {"base": ["flat", "hnsw"], "default": ["flat"]}
+    assert search["k"]["maximum"] == 77 and search["page_size"]["anyOf"][0]["maximum"] == 9
+    assert search["nprobe"]["anyOf"][0]["maximum"] == 8
+    assert search["k_factor"]["anyOf"][0]["maximum"] == 4.0
+    assert search["text"]["anyOf"][0]["maxLength"] == 33
+    assert comp["CompareRequest"]["properties"]["text"]["maxLength"] == 33
+    assert comp["MetadataRequest"]["properties"]["ids"]["maxItems"] == 5
+    assert comp["MetadataRequest"]["properties"]["model"]["anyOf"][0]["enum"] == ["aligned",
+                                                                                "base"]
+    form = next(v for k, v in comp.items() if k.startswith("Body_search"))["properties"]
+    assert form["k"]["maximum"] == 77 and form["model"]["anyOf"][0]["enum"] == ["aligned", "base"]
+    # the same index names everywhere: a plain enum, no anyOf
+    same = _document(models={"base": {"indexes": {"flat": "a"}},
+                             "aligned": {"indexes": {"flat": "c"}}})
+    assert "anyOf" not in same["components"]["schemas"]["SearchRequest"]
+
+
+def test_every_integer_a_request_can_carry_is_bounded():
+    spec = _document()
+    found = []
+    for name, schema in spec["components"]["schemas"].items():
+        if name.endswith("Request") or name.startswith("Body_"):
+            found += list(_integers(schema, name))
+    for path, ops in spec["paths"].items():
+        for method, op in ops.items():
+            for p in op.get("parameters", []):
+                found += list(_integers(p["schema"], f"{method} {path} {p['name']}"))
+    assert len(found) >= 10
+    unbounded = [w for w, s in found if "maximum" not in s or "minimum" not in s]
+    assert unbounded == []
+    votes = {p["name"]: p["schema"] for p in spec["paths"]["/v1/votes"]["get"]["parameters"]}
+    assert votes["limit"]["maximum"] == 1000 and votes["offset"]["maximum"] >= 10**6
+
+
+def test_every_route_documents_its_statuses_and_media_types():
+    spec = _document()
+    for path, ops in spec["paths"].items():
+        for method, op in ops.items():
+            codes = set(op["responses"])
+            assert {"200", "413", "503"} <= codes, (method, path)
+            if path != "/v1/health":
+                assert "429" in codes and op["responses"]["429"]["headers"]["Retry-After"]
+            if method == "post" or op.get("parameters"):
+                assert "422" in codes, (method, path)
+            for code, r in op["responses"].items():
+                if code.startswith(("4", "5")):
+                    assert r["content"]["application/json"]["schema"] == {
+                        "$ref": "#/components/schemas/Error"}, (method, path, code)
+    paths = spec["paths"]
+    assert list(paths["/v1/votes/export"]["get"]["responses"]["200"]["content"]) == [
+        "application/vnd.apache.parquet"]
+    assert "image/png" in paths["/v1/images/{image_id}"]["get"]["responses"]["200"]["content"]
+    assert "304" in paths["/v1/images/{image_id}"]["get"]["responses"]
+    assert {"400", "404"} <= set(paths["/v1/search"]["post"]["responses"])
+    assert "502" in paths["/v1/judge"]["post"]["responses"]
+    assert "504" in paths["/v1/search"]["post"]["responses"]
+    from serving.ingress import app, routes_of
+
+    by_path: dict[str, set[str]] = {}
+    for r in routes_of(app.routes):
+        by_path.setdefault(getattr(r, "path", ""), set()).update(getattr(r, "methods", ()))
+    assert {"GET", "HEAD"} <= by_path["/"], "HEAD / answers"
+    assert {"GET", "POST"} <= by_path["/v1/votes"]  # one path, two routes: 405 names both
+
+
+def test_the_routes_auth_covers_carry_its_security():
+    def secured(spec):
+        return {(m, p) for p, ops in spec["paths"].items() for m, op in ops.items()
+                if op.get("security") == [{"bearer": []}] and "401" in op["responses"]}
+
+    writes = _document(auth={"protect": "writes"})
+    assert secured(writes) == {("post", "/v1/votes"), ("get", "/v1/votes"),
+                               ("get", "/v1/votes/export")}
+    assert writes["components"]["securitySchemes"]["bearer"]["scheme"] == "bearer"
+    assert "401" not in writes["paths"]["/v1/search"]["post"]["responses"]
+    every = _document(auth={"protect": "all"})
+    assert {p for _, p in secured(every)} == set(every["paths"]) - {"/v1/health"}
+    none = _document(auth={"protect": "none"})
+    assert secured(none) == set() and "securitySchemes" not in none["components"]
+
+
+def test_a_rejected_nan_is_a_422_not_a_500():
+    import json
+
+    import pydantic
+    from fastapi.exceptions import RequestValidationError
+
+    from serving.ingress import _invalid
+    from serving.schemas import SearchRequest
+
+    with pytest.raises(pydantic.ValidationError) as e:
+        SearchRequest.model_validate(json.loads('{"text": "a", "text_weight": NaN}'))
+    r = asyncio.run(_invalid(None, RequestValidationError(e.value.errors())))  # type: ignore[arg-type]
+    assert r.status_code == 422 and json.loads(r.body)["detail"][0]["input"] == "nan"
