@@ -103,13 +103,15 @@ def align_figures(r: dict[str, Any]) -> dict[str, Any]:
 
 
 def serve_figures(r: dict[str, Any]) -> dict[str, Any]:
-    """Latency / throughput per setting and concurrency; HTTP vs in-process and vs the floor."""
+    """Latency / throughput per variant, setting, query log and connections (wrk); each
+    variant's ratios to its own floor; the query cache's simulated hit rates."""
     ref = r["in_process"]
-    rows = [{**h, "p50_vs_in_process": _ratio(h["p50_ms"], ref["p50_ms"])} for h in r["http"]]
-    return {"in_process": ref, "rows": rows,
-            "overhead_p50_ratio": r["overhead_p50_ratio"],
-            "floor_p50_ratio": r["floor_p50_ratio"],
-            "floor_throughput_ratio": r["floor_throughput_ratio"]}
+    rows = [{**h, "p50_vs_in_process": _ratio(h["p50_ms"], ref["p50_ms"])}
+            for v in r["variants"] for h in v["rows"]]
+    return {"in_process": ref, "rows": rows, "client": r.get("client", "wrk"),
+            "ratios": {v["variant"]: v["ratios"] for v in r["variants"] if "ratios" in v},
+            "failed": [v["variant"] for v in r["variants"] if "ratios" not in v],
+            "zipf_lru_hit_rate_by_capacity": r.get("zipf_lru_hit_rate_by_capacity", {})}
 
 
 def reward_figures(r: dict[str, Any]) -> dict[str, Any]:

@@ -96,7 +96,7 @@ def commands(scale: Scale, work: Path, raw: Path, index_dim: int | None = None,
     serve_dir = serve_workdir or str(work / "serve_world")
     serve = [[py, str(BENCH / "bench_serve.py"), "--workdir", serve_dir,
               "--seconds", str(scale.serve_seconds), "--concurrency", scale.serve_concurrency,
-              "--out", str(raw / "serve.json")]]
+              "--variants", "before,after", "--out", str(raw / "serve.json")]]
     if not serve_workdir:
         serve.insert(0, [py, str(BENCH / "serve_world.py"), "--out", serve_dir,
                          "--n-images", str(scale.serve_images)])

@@ -99,7 +99,8 @@ def serve_plot(fig: dict[str, Any], path: Path) -> Path:
     f, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
     by: dict[str, list[dict[str, Any]]] = {}
     for r in fig["rows"]:
-        by.setdefault(r["setting"], []).append(r)
+        if r.get("log", "cycle") == "cycle":
+            by.setdefault(f"{r.get('variant', '')}: {r['setting']}", []).append(r)
     for name, rs in by.items():
         rs = sorted(rs, key=lambda r: r["concurrency"])
         c = [r["concurrency"] for r in rs]
@@ -108,9 +109,9 @@ def serve_plot(fig: dict[str, Any], path: Path) -> Path:
         b.plot(c, [r["per_s"] for r in rs], "o-", label=name)
     a.axhline(fig["in_process"]["p50_ms"], color="k", lw=0.8, ls="--",
               label="in-process p50 (C=1)")
-    a.set(xscale="log", yscale="log", xlabel="concurrent clients", ylabel="ms",
+    a.set(xscale="log", yscale="log", xlabel="connections (wrk)", ylabel="ms",
           title="latency through Serve (HTTP)")
-    b.set(xscale="log", xlabel="concurrent clients", ylabel="requests/s", title="throughput")
+    b.set(xscale="log", xlabel="connections (wrk)", ylabel="requests/s", title="throughput")
     for ax in (a, b):
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7)

@@ -106,17 +106,24 @@ def align_md(f: dict[str, Any]) -> list[str]:
 
 def serve_md(f: dict[str, Any]) -> list[str]:
     ref = f["in_process"]
-    out = ["### Search through Serve (HTTP on 127.0.0.1)", ""]
-    out += _table(["setting", "clients", "p50 ms", "p99 ms", "req/s", "errors",
-                   "p50 vs in-process"],
-                  [["in-process (encode + search)", 1, ref["p50_ms"], ref["p99_ms"],
-                    ref["per_s"], 0, "1.00x"]]
-                  + [[r["setting"], r["concurrency"], r["p50_ms"], r["p99_ms"], r["per_s"],
-                      r["errors"], _x(r["p50_vs_in_process"])] for r in f["rows"]])
-    out += ["", f"HTTP overhead at one client: p50 {_x(f['overhead_p50_ratio'])} the "
-            f"in-process search; search vs Serve's floor (an echo deployment): p50 "
-            f"{_x(f['floor_p50_ratio'])} at one client, throughput "
-            f"{_x(f['floor_throughput_ratio'])} at the most clients."]
+    out = [f"### Search through Serve (HTTP on 127.0.0.1, {f['client']})", ""]
+    out += _table(["variant", "setting", "query log", "connections", "p50 ms", "p99 ms",
+                   "req/s", "errors", "cache hits", "p50 vs in-process"],
+                  [["-", "in-process (encode + search)", "cycle", 1, ref["p50_ms"],
+                    ref["p99_ms"], ref["per_s"], 0, "", "1.00x"]]
+                  + [[r["variant"], r["setting"], r["log"], r["concurrency"], r["p50_ms"],
+                      r["p99_ms"], r["per_s"], r["errors"],
+                      "" if r.get("cache_hit_rate") is None else f"{r['cache_hit_rate']:.2f}",
+                      _x(r["p50_vs_in_process"])] for r in f["rows"]])
+    out += ["", "Search vs Serve's floor (an echo deployment in the same run), per variant:", ""]
+    out += _table(["variant", "p50 / floor p50 (fewest connections)",
+                   "req/s / floor req/s (most connections)", "p99 ms at 8"],
+                  [[name, _x(v["floor_p50_ratio"]), _x(v["floor_throughput_ratio"]),
+                    v.get("p99_ms_c8", "")] for name, v in f["ratios"].items()])
+    if f["zipf_lru_hit_rate_by_capacity"]:
+        out += ["", "Query cache hit rate on the heavy-tailed log, by capacity: "
+                + ", ".join(f"{c}: {h:.2f}" for c, h in
+                            f["zipf_lru_hit_rate_by_capacity"].items()) + "."]
     return out
 
 

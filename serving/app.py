@@ -75,8 +75,11 @@ def build_app(args: dict[str, Any]) -> Application:
         raise ValueError(f"auth.protect={cfg.auth.protect} needs an API key: set the "
                          f"environment variable {cfg.auth.api_key_env} (or auth.api_key), or "
                          "auth.protect=none on a trusted network")
-    retrievers = {name: Retriever.options(name=f"retriever_{name}").bind(
-        name, m.model_dump(), cfg.limits.max_image_pixels, shard_deployments(name, m))
+    retrievers = {name: Retriever.options(
+        name=f"retriever_{name}",
+        ray_actor_options={"num_cpus": cfg.speed.retriever_cpus}).bind(
+        name, m.model_dump(), cfg.limits.max_image_pixels, shard_deployments(name, m),
+        cfg.speed.model_dump())
         for name, m in cfg.models.items()}
     reranker = Reranker.options(name="reranker").bind(
         cfg.reranker.n, cfg.reranker.weight, cfg.reranker.scorer, cfg.reranker.reward_model,

@@ -245,9 +245,10 @@ class SpeedArgs(_Strict):
     retriever_cpus: float = Field(0.25, gt=0, le=256, description="Ray CPUs per retriever replica")
     torch_threads: int = Field(1, ge=1, le=256, description=(
         "torch and faiss threads in a retriever replica"))
-    local_text_search: bool = Field(True, description=(
+    local_text_search: bool = Field(False, description=(
         "plain text searches run in the ingress replica (its own copy of each unsharded "
-        "model and index): one Serve hop per search instead of two"))
+        "model and index): one Serve hop per search instead of two (measured: a few ms at "
+        "one connection, less throughput under load on 2 cores; docs/serving.md)"))
 
 
 class AppArgs(_Strict):

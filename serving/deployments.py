@@ -28,67 +28,36 @@ from typing import Any
 
 import numpy as np
 from ray import serve
-from ray.serve.metrics import Histogram
+
+from serving.retriever_core import RetrieverCore, Timed, error, step_histogram
 
 log = logging.getLogger("serving")
-STEP_MS_BOUNDARIES = [0.5, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000]
-
-
-def step_histogram() -> Histogram:
-    """``aligner_step_ms{step=...}``: milliseconds per step of a request."""
-    return Histogram("aligner_step_ms", description="milliseconds per step of a request",
-                     boundaries=STEP_MS_BOUNDARIES, tag_keys=("step",))
-
-
-def error(status: int, detail: str) -> dict[str, Any]:
-    """The error value a deployment returns for an expected failure."""
-    return {"error": {"status": status, "detail": detail}}
-
-
-class _Timed:
-    """Records ``aligner_step_ms`` for a step."""
-
-    def __init__(self, hist: Histogram, step: str) -> None:
-        self.hist, self.step = hist, step
-
-    def __enter__(self) -> _Timed:
-        self.t0 = time.perf_counter()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.ms = 1000 * (time.perf_counter() - self.t0)
-        self.hist.observe(self.ms, tags={"step": self.step})
-
-
 @serve.deployment(ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=64,
                   health_check_period_s=10)
-class Retriever:
-    """One model and its indexes (see the module docstring).
+class Retriever(RetrieverCore):
+    """One model and its indexes (see the module docstring and
+    :class:`serving.retriever_core.RetrieverCore`), batched.
 
     Args:
         name: the model's name in the API (``base``, ``aligned``).
         model: :class:`serving.config.ModelArgs` as a dict.
         max_image_pixels: bigger query images are refused.
+        shards: index name -> the handles of its shard-group deployments.
+        speed: :class:`serving.config.SpeedArgs` as a dict (query cache, batch wait, threads).
     """
 
     def __init__(self, name: str, model: dict[str, Any], max_image_pixels: int,
-                 shards: dict[str, list[Any]] | None = None) -> None:
+                 shards: dict[str, list[Any]] | None = None,
+                 speed: dict[str, Any] | None = None) -> None:
         from aligner.retrieval.index import RemoteShardsIndex
-        from aligner.retrieval.models import ModelSpec
-        from aligner.retrieval.service import SearchService
 
-        spec = ModelSpec(name=model.get("name") or "builtin", pretrained=model.get("pretrained"),
-                         checkpoint=model.get("checkpoint"))
-        self.name = name
         remote = {index: RemoteShardsIndex.open(model["indexes"][index], fan_out(handles),
                                                 mmap=model.get("mmap", False))
                   for index, handles in (shards or {}).items()}
-        self.service = SearchService.open(spec, model["indexes"], max_image_pixels,
-                                          mmap=model.get("mmap", False),
-                                          nprobe=model.get("nprobe"),
-                                          ef_search=model.get("ef_search"),
-                                          k_factor=model.get("k_factor"), remote=remote)
-        self.hist = step_histogram()
+        super().__init__(name, model, max_image_pixels, remote, speed)
+        wait_s = float((speed or {}).get("batch_wait_ms", 0.0)) / 1000
+        self._text_queries.set_batch_wait_timeout_s(wait_s)
+        self._encode_texts.set_batch_wait_timeout_s(wait_s)
 
     def check_health(self) -> None:
         """Unhealthy (the replica is replaced) when an index lost its vectors (shard groups
@@ -99,13 +68,10 @@ class Retriever:
             if index.ntotal <= 0:
                 raise RuntimeError(f"index {name} holds no vectors")
 
-    def describe(self) -> dict[str, Any]:
-        return {"name": self.name, "dim": self.service.dim, **self.service.describe()}
-
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.002)
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.0)
     async def _encode_texts(self, texts: list[str]) -> list[np.ndarray]:
-        with _Timed(self.hist, "encode_text"):
-            return list(await asyncio.to_thread(self.service.encode_texts, texts))
+        with Timed(self.hist, "encode_text"):
+            return list(await asyncio.to_thread(self.encode_cached, texts))
 
     async def encode_text(self, text: str) -> list[float]:
         """One query text -> its normalised vector (batched with concurrent requests)."""
@@ -121,24 +87,14 @@ class Retriever:
             except ImageError as e:
                 return error(400, f"image: {e}")
 
-        with _Timed(self.hist, "encode_image"):
+        with Timed(self.hist, "encode_image"):
             return await asyncio.to_thread(lambda: [one(b) for b in blobs])
 
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.0)
     async def _text_queries(self, items: list[tuple[str, dict[str, Any]]]) -> list[Any]:
         """Text searches, batched: one forward pass for every text, then each one's search,
         all in one worker thread (the common case costs one call into this replica)."""
-
-        def run() -> list[Any]:
-            with _Timed(self.hist, "encode_text") as t:
-                vecs = self.service.encode_texts([text for text, _ in items])
-            outs = [self._search_now(v, **kw) for v, (_, kw) in zip(vecs, items, strict=True)]
-            for out in outs:
-                if "timings_ms" in out:
-                    out["timings_ms"]["encode"] = t.ms
-            return outs
-
-        return await asyncio.to_thread(run)
+        return await asyncio.to_thread(self.text_queries, items)
 
     async def query(self, text: str | None = None, image: bytes | None = None,
                     embedding: list[float] | None = None, text_weight: float = 1.0,
@@ -166,64 +122,18 @@ class Retriever:
             q = self.service.query_vector(tvec, ivec, embedding, text_weight, image_weight)
         except ValueError as e:
             return error(422, str(e))
-        out = await asyncio.to_thread(self._search_now, q, **kw)
+        out = await asyncio.to_thread(self.search_now, q, **kw)
         if "timings_ms" in out:
             out["timings_ms"]["encode"] = encode_ms
         return out
 
-    def _search_now(self, vector: np.ndarray, k: int, index: str | None,
-                    aesthetic_weight: float, dedup_threshold: float | None,
-                    page: tuple[int, int] | None, nprobe: int | None = None,
-                    k_factor: float | None = None) -> dict[str, Any]:
-        try:
-            with _Timed(self.hist, "knn"):
-                r = self.service.search(np.asarray(vector, np.float32), k, index,
-                                        aesthetic_weight, dedup_threshold, nprobe=nprobe,
-                                        k_factor=k_factor)
-            idx = self.service.index(index)
-            aes = idx.table.column("aesthetic").take(r.positions).to_numpy(zero_copy_only=False)
-            out: dict[str, Any] = {
-                "index": index or self.service.default_index, "ids": r.ids,
-                "scores": r.scores.tolist(),
-                "aesthetic": [None if not np.isfinite(a) else float(a) for a in aes],
-                "removed": len(r.removed), "timings_ms": dict(r.timings_ms)}
-            if "dedup" in r.timings_ms:
-                self.hist.observe(r.timings_ms["dedup"], tags={"step": "dedup"})
-            if page is not None:
-                with _Timed(self.hist, "metadata") as t:
-                    lo, size = page
-                    out["rows"] = self.service.rows(r.positions[lo:lo + size], index)
-                out["timings_ms"]["metadata"] = t.ms
-            return out
-        except KeyError as e:
-            return error(400, str(e).strip("'\""))
-        except ValueError as e:
-            return error(422, str(e))
-
     async def metadata(self, ids: list[str], index: str | None = None) -> Any:
         """Rows for ids (None for an unknown id), or an error value."""
-        try:
-            with _Timed(self.hist, "metadata"):
-                return await asyncio.to_thread(self.service.metadata, ids, index)
-        except KeyError as e:
-            return error(400, str(e).strip("'\""))
+        return await asyncio.to_thread(super().metadata, ids, index)
 
     async def view(self, query: list[float], ids: list[str], index: str | None = None) -> Any:
-        """What a judge sees of a row: each image's similarity to the query, its aesthetic
-        score and its vector; or an error value."""
-        try:
-            idx = self.service.index(index)
-        except KeyError as e:
-            return error(400, str(e).strip("'\""))
-        pos = idx.positions_of(ids)
-        if (pos < 0).any():
-            return error(400, f"unknown ids {[i for i, p in zip(ids, pos, strict=True) if p < 0][:5]}")
-        vecs = idx.vectors_at(pos)
-        if vecs is None:
-            return error(422, "this index cannot return its vectors")
-        aes = idx.table.column("aesthetic").take(pos).to_numpy(zero_copy_only=False)
-        return {"similarity": (vecs @ np.asarray(query, np.float32)).tolist(),
-                "aesthetic": aes.astype(np.float64).tolist(), "vectors": vecs.tolist()}
+        """What a judge sees of a row (see :meth:`RetrieverCore.view`)."""
+        return super().view(query, ids, index)
 
 
 def fan_out(handles: list[Any]) -> Any:
@@ -310,7 +220,7 @@ class Reranker:
         aesthetics (``reward`` or ``scorer``)."""
         from aligner.evaluation.systems import cascade_scores
 
-        with _Timed(self.hist, "rerank"):
+        with Timed(self.hist, "rerank"):
             n = min(self.n, len(scores))
             sim = np.asarray(scores[:n], np.float64)[None, :]
             by = "scorer"
@@ -352,7 +262,7 @@ class Rephraser:
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
     async def _rephrase(self, queries: list[str]) -> list[dict[str, Any]]:
-        with _Timed(self.hist, "rephrase"):
+        with Timed(self.hist, "rephrase"):
             rows = await asyncio.to_thread(self.rephraser.rephrase_rows, queries)
         return [{"text": r.text, "rephraser": r.rephraser, "fallback": bool(r.fallback),
                  "reason": r.reason} for r in rows]
@@ -420,7 +330,7 @@ class Judge:
         from aligner.judge.protocol import order_consistent
         from aligner.judge.proxy import RowView
 
-        with _Timed(self.hist, "judge"):
+        with Timed(self.hist, "judge"):
             q = await self.retriever.encode_text.remote(text)
             views = await asyncio.gather(self.retriever.view.remote(q, left),
                                          self.retriever.view.remote(q, right))
@@ -438,7 +348,7 @@ class Judge:
                             names: dict[str, str]) -> dict[str, Any]:
         from aligner.judge.rows import RowPair
 
-        with _Timed(self.hist, "judge"):
+        with Timed(self.hist, "judge"):
             [r] = await asyncio.to_thread(self.rows.judge_pairs,
                                           [RowPair("", text, list(left), list(right))])
         if r["status"] != "ok":
