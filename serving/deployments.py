@@ -32,6 +32,8 @@ from ray import serve
 from serving.retriever_core import RetrieverCore, Timed, error, step_histogram
 
 log = logging.getLogger("serving")
+
+
 @serve.deployment(ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=64,
                   health_check_period_s=10)
 class Retriever(RetrieverCore):
