@@ -21,6 +21,7 @@ from serving.votes import VoteStore, query_id_for, sqlite_url
 from serving.votes.export import export_preferences, main, vote_pairs
 from serving.votes.models import Base
 from serving.votes.store import head_revision
+from tests.helpers.threads import run_together
 
 VOTES_PKG = Path(__file__).resolve().parents[2] / "serving" / "votes"
 
@@ -162,22 +163,12 @@ def test_votes_survive_a_restart(tmp_path):
 def test_threads_lose_no_vote(tmp_path):
     store = _store(tmp_path)
     cid = _comparison(store)["id"]
-    start, errors = threading.Barrier(8), []
 
     def worker(i: int) -> None:
-        try:
-            start.wait()
-            for j in range(25):
-                store.add_vote(cid, ("left", "right", "tie")[j % 3], rater=f"t{i}")
-        except Exception as e:  # noqa: BLE001 - collected and asserted below
-            errors.append(e)
+        for j in range(25):
+            store.add_vote(cid, ("left", "right", "tie")[j % 3], rater=f"t{i}")
 
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
-    assert not errors
+    assert not run_together(8, worker)
     assert store.counts()["votes"] == 200
     assert len({v["id"] for v in store.votes(limit=1000)}) == 200
     store.close()

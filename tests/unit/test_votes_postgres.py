@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
-import threading
 import time
 import uuid
 from pathlib import Path
@@ -25,6 +24,7 @@ from serving.votes.export import export_preferences
 from serving.votes.models import Base
 from serving.votes.store import alembic_config, head_revision
 from tests.helpers.postgres import PostgresServer, unavailable
+from tests.helpers.threads import run_together
 
 REASON = unavailable()
 pytestmark = [pytest.mark.skipif(REASON is not None, reason=f"no PostgreSQL: {REASON}"),
@@ -160,22 +160,13 @@ def test_the_store_answers_as_on_sqlite(pg_url, tmp_path):
 def test_the_same_key_from_many_threads_is_one_vote(pg_url):
     store = VoteStore(pg_url)
     cid = store.add_comparison("q", "i", 1, "base", "aligned", ["a"], ["b"])["id"]
-    start, results, errors = threading.Barrier(8), [], []
+    results = []
 
     def worker(i: int) -> None:
-        start.wait()
-        try:
-            for j in range(10):  # 10 keys, each sent by all 8 threads at once
-                results.append(store.record_vote(cid, "tie", 2, idempotency_key=f"k{j}"))
-        except Exception as e:  # noqa: BLE001 - asserted below
-            errors.append(e)
+        for j in range(10):  # 10 keys, each sent by all 8 threads at once
+            results.append(store.record_vote(cid, "tie", 2, idempotency_key=f"k{j}"))
 
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
-    assert not errors
+    assert not run_together(8, worker)
     assert sum(not replayed for _, replayed in results) == 10 and len(results) == 80
     assert {v["idempotency_key"]: v["id"] for v, _ in results} == {
         v["idempotency_key"]: v["id"] for v in store.votes()}
