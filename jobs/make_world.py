@@ -1,6 +1,7 @@
 """Generate the built-in aesthetic world (corpus, queries, hidden oracle).
 
     python -m jobs.make_world --config jobs/configs/make_world.yaml output=out/world n_images=10000
+    python -m jobs.make_world output=out/world_divergent taste=divergent   # docs/feedback_loop.md
 """
 
 from __future__ import annotations
@@ -9,12 +10,16 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import yaml
+
 from aligner.runtime.config import save_config, to_dict
 from aligner.runtime.job import job_main
 from aligner.runtime.manifest import write_manifest
 from aligner.world import WorldSpec
 
 DEFAULT_YAML = Path(__file__).parent / "configs" / "make_world.yaml"
+#: what the public config and manifest say of the taste (the full config is in eval/)
+HIDDEN = "hidden (eval/taste.json)"
 
 
 @dataclass
@@ -33,13 +38,17 @@ def run(cfg: MakeWorldConfig) -> dict:
     started = time.time()
     spec = cfg.spec()
     summary = generate_world(spec, cfg.output, workers=cfg.workers or None, progress=cfg.progress)
-    save_config(cfg, Path(cfg.output) / "config.yaml")
-    write_manifest(cfg.output, "make_world", to_dict(cfg), started, summary=summary,
+    # the taste is the hidden human's: the full config goes to eval/, the public one hides it
+    save_config(cfg, Path(cfg.output) / "eval" / "make_world.yaml")
+    public = {**to_dict(cfg), "taste": HIDDEN}
+    (Path(cfg.output) / "config.yaml").write_text(yaml.safe_dump(public, sort_keys=False))
+    write_manifest(cfg.output, "make_world", public, started, summary=summary,
                    fingerprint=world_fingerprint(spec),
                    outputs={"corpus": "corpus/", "queries": "queries/queries.parquet",
                             "gallery images (val / test)": "galleries.parquet",
                             "oracle (evaluation only)": "eval/oracle.parquet",
-                            "query truth (evaluation only)": "eval/query_truth.parquet"})
+                            "query truth (evaluation only)": "eval/query_truth.parquet",
+                            "taste (evaluation only)": "eval/taste.json"})
     return summary
 
 

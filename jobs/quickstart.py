@@ -65,6 +65,10 @@ class QuickstartConfig:
         "help": "dense val/test galleries: images rendered per val and test content query "
                 "until its split holds at least this many relevant images (0: none; "
                 "docs/evaluation.md)"})
+    taste: str = field(default="default", metadata={
+        "help": "the world's hidden taste (jobs.make_world taste=): default | divergent (a dev "
+                "world whose people like low-key light and off-centre framing; use base=shipped "
+                "there, docs/learning_curve.md)"})
     pretrain_steps: int = field(default=3000, metadata={
         "help": "pre-training steps when the base is trained here"})
     rephraser: str = field(default="local", metadata={
@@ -187,7 +191,8 @@ def main(argv: list[str] | None = None) -> int:
     pipe = Pipeline(work, cfg.fresh)
 
     wc = replace(make_world.MakeWorldConfig(), output=str(p["world"]), n_images=cfg.n_images,
-                 seed=cfg.seed, n_queries=cfg.n_queries, gallery_relevant=cfg.gallery_relevant)
+                 seed=cfg.seed, n_queries=cfg.n_queries, gallery_relevant=cfg.gallery_relevant,
+                 taste=cfg.taste)
     pipe.stage("world", p["world"], lambda: make_world.run(wc), wc)
     base_info = base_stage(cfg, pipe, p["world"], p["base"])
     base = ModelSpec(checkpoint=str(p["base"] / "checkpoint"))

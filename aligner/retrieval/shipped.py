@@ -65,7 +65,8 @@ def shipped_base_fits(fingerprint: dict[str, Any], root: str | Path | None = Non
         return False, f"the shipped base was trained on another world (shipped vs this: {diff})"
     if theirs.get("sha256") != fingerprint.get("sha256"):
         return False, ("the world generator makes different captions here than when the "
-                       "shipped base was trained (another numpy or generator version)")
+                       "shipped base was trained (a world with another hidden taste, or "
+                       "another numpy or generator version)")
     return True, "trained on this very world"
 
 

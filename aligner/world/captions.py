@@ -12,6 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 from aligner.world.render import Factors, goodness
+from aligner.world.taste import DEFAULT_TASTE, Taste
 from aligner.world.vocab import (
     BACKGROUND_WORDS,
     COLOUR_WORDS,
@@ -51,16 +52,22 @@ def content_phrase(rng: np.random.Generator, shape: str, colour: str, count: int
 
 
 def look_phrases(rng: np.random.Generator, f: Factors, beauty: float, max_phrases: int = 3,
-                 bias: float = 2.5, heldout: bool = False) -> list[str]:
+                 bias: float = 2.5, heldout: bool = False,
+                 taste: Taste = DEFAULT_TASTE) -> list[str]:
     """Pick 1-``max_phrases`` truthful look phrases, favouring virtues of beautiful images.
 
-    A factor is *notable* when its goodness is far from 0; its chance of being mentioned is
-    ``|g|^2 * exp(bias * beauty * sign(g))``, so the polarity of what is said follows the oracle
-    while every single phrase stays true of its factor.
+    A factor is *notable* when its look is far from plain (``g``: the factor's goodness in the
+    built-in words, :func:`~aligner.world.render.goodness`, which also picks the phrase: a dark
+    image is called dark in every world); its chance of being mentioned is
+    ``|g|^2 * exp(bias * beauty * sign(t))`` with ``t`` the factor's goodness under the world's
+    ``taste``: people describe a picture they love by what they love in it, so the polarity of
+    what is said follows the world's hidden taste while every single phrase stays true of its
+    factor. With the default taste ``t`` is ``g``.
     """
     g = goodness(f)
+    t = g if taste is DEFAULT_TASTE else taste.goodness(f.as_dict())
     names = list(g)
-    weights = np.array([abs(g[k]) ** 2 * np.exp(bias * beauty * np.sign(g[k])) for k in names])
+    weights = np.array([abs(g[k]) ** 2 * np.exp(bias * beauty * np.sign(t[k])) for k in names])
     weights = np.where(np.array([abs(g[k]) for k in names]) < 0.3, 0.0, weights)
     if weights.sum() <= 0:
         return []
@@ -94,11 +101,12 @@ def _join_adjectives(words: list[str]) -> str:
 
 
 def make_caption(rng: np.random.Generator, f: Factors, beauty: float, p_look: float = 0.8,
-                 p_overall: float = 0.35) -> str:
-    """One alt-text caption for an image with factors ``f`` and oracle score ``beauty``."""
+                 p_overall: float = 0.35, taste: Taste = DEFAULT_TASTE) -> str:
+    """One alt-text caption for an image with factors ``f`` and oracle score ``beauty`` (under
+    the world's ``taste``, which only steers which true things are said)."""
     content = content_phrase(rng, f.shape, f.colour, f.count,
                              f.background if rng.random() < 0.85 else None)
-    looks = look_phrases(rng, f, beauty) if rng.random() < p_look else []
+    looks = look_phrases(rng, f, beauty, taste=taste) if rng.random() < p_look else []
     if rng.random() < p_overall and abs(beauty) > 0.35:
         looks.insert(0, _pick(rng, OVERALL_WORDS["good" if beauty > 0 else "bad"]))
     return compose(rng, content, looks)

@@ -8,6 +8,7 @@ Layout of a world directory::
     eval/oracle.parquet             id, beauty, content labels, look factors, rendered_for
                                                                             <- evaluation only
     eval/query_truth.parquet        query_id, shape, colour, count, background, look
+    eval/taste.json                 the hidden human's taste (aligner.world.taste)
     manifest.json
 
 The oracle lives apart from the corpus: only evaluation may read ``eval/``. Same seed and
@@ -50,6 +51,7 @@ from aligner.world.render import (
     render,
     sample_factors,
 )
+from aligner.world.taste import DEFAULT_TASTE, Taste, read_taste, resolve_taste, write_taste
 from aligner.world.vocab import BACKGROUNDS, COLOURS, COUNTS, FACTORS, SHAPES
 
 log = logging.getLogger(__name__)
@@ -77,6 +79,11 @@ class WorldSpec:
     gallery_relevant: int = field(default=20, metadata={
         "help": "val/test galleries: images rendered per val and test content query until its "
                 "split holds at least this many images with the asked-for content (0: none)"})
+    taste: str = field(default="default", metadata={
+        "help": "the hidden human's taste: default | divergent (low-key light and off-centre "
+                "framing) | a JSON file (aligner.world.taste); recorded only in eval/taste.json. "
+                "Same seed, other taste: the same images and splits, other beauty, captions "
+                "that stress other true things"})
 
     def __post_init__(self) -> None:
         if self.n_images < 10:
@@ -91,6 +98,7 @@ class WorldSpec:
             raise ValueError("rows_per_file must be >= 1")
         if self.gallery_relevant < 0:
             raise ValueError("gallery_relevant must be >= 0")
+        resolve_taste(self.taste)
 
     def spec(self) -> WorldSpec:
         """This spec alone (a subclass's extra fields, such as a job's output, dropped)."""
@@ -98,8 +106,9 @@ class WorldSpec:
 
 
 def image_record(seed: int, index: int, size: int, p_look: float,
-                 content: Content | None = None) -> dict:
-    """Everything about image ``index``: factors, beauty, caption, PNG. Pure in (seed, index).
+                 content: Content | None = None, taste: Taste = DEFAULT_TASTE) -> dict:
+    """Everything about image ``index``: factors, beauty, caption, PNG. Pure in (seed, index,
+    taste); the factors and pixels do not depend on the taste.
 
     Args:
         seed: the world's seed.
@@ -108,6 +117,7 @@ def image_record(seed: int, index: int, size: int, p_look: float,
         p_look: share of captions with look phrases.
         content: a gallery image's content (drawn from a generator of its own, so that it
             never repeats a natural image's looks); None: a natural image, content drawn.
+        taste: the world's hidden taste (beauty, and which true things the caption says).
     """
     from aligner.world.captions import make_caption
 
@@ -116,17 +126,24 @@ def image_record(seed: int, index: int, size: int, p_look: float,
     else:
         rng = np.random.default_rng([seed, 6, index])
     f = sample_factors(rng, content)
-    beauty = oracle_beauty(f)
-    caption = make_caption(rng, f, beauty, p_look=p_look)
+    beauty = oracle_beauty(f, taste)
+    if taste == DEFAULT_TASTE:
+        caption = make_caption(rng, f, beauty, p_look=p_look)
+    else:  # the caption from a copy of the stream; the pixels from where the default's end
+        copy = np.random.Generator(type(rng.bit_generator)())
+        copy.bit_generator.state = rng.bit_generator.state
+        caption = make_caption(copy, f, beauty, p_look=p_look, taste=taste)
+        make_caption(rng, f, oracle_beauty(f), p_look=p_look)
     png = encode_png(render(f, size, rng))
     return {"index": index, "factors": f, "beauty": beauty, "caption": caption, "png": png}
 
 
-def _render_chunk(args: tuple[int, int, int, int, float, list[Content] | None]) -> list[dict]:
-    seed, start, stop, size, p_look, contents = args
+def _render_chunk(args: tuple[int, int, int, int, float, list[Content] | None, Taste]
+                  ) -> list[dict]:
+    seed, start, stop, size, p_look, contents, taste = args
     if contents is None:
-        return [image_record(seed, i, size, p_look) for i in range(start, stop)]
-    return [image_record(seed, i, size, p_look, c)
+        return [image_record(seed, i, size, p_look, taste=taste) for i in range(start, stop)]
+    return [image_record(seed, i, size, p_look, c, taste)
             for i, c in zip(range(start, stop), contents, strict=True)]
 
 
@@ -337,8 +354,9 @@ def generate_world(spec: WorldSpec, out_dir: str | Path, workers: int | None = N
     splits = assign_splits(spec.n_images, spec.seed, spec.val_fraction, spec.test_fraction)
     workers = workers or min(8, os.cpu_count() or 1)
     chunk = 250
-    tasks = [(spec.seed, s, min(s + chunk, spec.n_images), spec.image_size, spec.p_look, None)
-             for s in range(0, spec.n_images, chunk)]
+    taste = resolve_taste(spec.taste)
+    tasks = [(spec.seed, s, min(s + chunk, spec.n_images), spec.image_size, spec.p_look, None,
+              taste) for s in range(0, spec.n_images, chunk)]
     corpus_rows: list[dict] = []
     oracle_rows: list[dict] = []
     file_idx = 0
@@ -384,7 +402,7 @@ def generate_world(spec: WorldSpec, out_dir: str | Path, workers: int | None = N
         bar.refresh()
         n = spec.n_images
         tasks = [(spec.seed, n + s, n + min(s + chunk, len(gallery)), spec.image_size,
-                  spec.p_look, [g.content for g in gallery[s:s + chunk]])
+                  spec.p_look, [g.content for g in gallery[s:s + chunk]], taste)
                  for s in range(0, len(gallery), chunk)]
         collect(run(_render_chunk, tasks), split_of, rendered_for)
     finally:
@@ -401,6 +419,7 @@ def generate_world(spec: WorldSpec, out_dir: str | Path, workers: int | None = N
         schema=GALLERIES_SCHEMA), out / GALLERIES_FILE)
     write_queries(queries, out / "queries" / QUERIES_FILE)
     pq.write_table(truth, out / "eval" / "query_truth.parquet")
+    write_taste(out / "eval", taste)
     all_splits = np.asarray(split_of, dtype=object)
     counts = {s: int((all_splits == s).sum()) for s in SPLITS}
     qcounts = {f"{k}/{s}": n for (k, s), n in _count(queries).items()}
@@ -417,6 +436,7 @@ def generate_world(spec: WorldSpec, out_dir: str | Path, workers: int | None = N
         log.info("%s gallery: +%d images for %d content queries; relevant per query before "
                  "%s, after %s", split, g["added"], g["after"]["queries"],
                  _fmt_dist(g["before"]), _fmt_dist(g["after"]))
+    log.info("world taste (hidden, eval/taste.json): %s", taste.name)
     log.info("world: %d images (%d natural + %d gallery; %s) in %.1f s -> %s", len(oracle_rows),
              spec.n_images, len(gallery), counts, summary["seconds"], out)
     return summary
@@ -437,7 +457,9 @@ def world_fingerprint(spec: WorldSpec, n_probe: int = 64) -> dict:
     A model trained on one world must only be evaluated on the same world (else its training
     images can sit in the other world's test split); the quickstart compares fingerprints
     before it reuses the shipped base model. Pixels are left out on purpose: an image
-    library's rounding change alters no split and no factor.
+    library's rounding change alters no split and no factor. The taste is hidden and left out
+    of the described spec; it changes the captions (which true things are said), so it changes
+    the hash.
 
     It describes the **natural images only**: ``gallery_relevant`` (and ``rows_per_file``)
     are left out. Gallery images are rendered after the natural ones, change none of them and
@@ -450,10 +472,11 @@ def world_fingerprint(spec: WorldSpec, n_probe: int = 64) -> dict:
 
     h = hashlib.sha256()
     for i in range(min(n_probe, spec.n_images)):
-        r = image_record(spec.seed, i, spec.image_size, spec.p_look)
+        r = image_record(spec.seed, i, spec.image_size, spec.p_look,
+                         taste=resolve_taste(spec.taste))
         h.update(r["caption"].encode() + b"\n")
     described = {k: v for k, v in asdict(spec.spec()).items()
-                 if k not in ("rows_per_file", "gallery_relevant")}
+                 if k not in ("rows_per_file", "gallery_relevant", "taste")}
     return {"spec": described, "probe": n_probe, "sha256": h.hexdigest()}
 
 
@@ -518,3 +541,8 @@ class World:
     def query_truth(self) -> pa.Table:
         """What each query asks for (evaluation only)."""
         return pq.read_table(self.root / "eval" / "query_truth.parquet")
+
+    def taste(self) -> Taste:
+        """The hidden human's taste (evaluation and the simulated raters only; the default
+        taste for a world made before tastes were a setting)."""
+        return read_taste(self.root / "eval")

@@ -15,6 +15,7 @@ from typing import NamedTuple
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
+from aligner.world.taste import DEFAULT_TASTE, Taste
 from aligner.world.vocab import BACKGROUNDS, COLOURS, SHAPES
 
 COLOUR_RGB = {
@@ -67,22 +68,16 @@ def goodness(f: Factors) -> dict[str, float]:
     }
 
 
-ORACLE_WEIGHTS = {"blur": 0.8, "noise": 0.7, "exposure": 0.8, "saturation": 0.5, "tone": 0.8,
-                  "composition": 0.8}
-ORACLE_INTERACTION = 0.4  # vivid colours are lovely in warm light and garish under a green cast
-
-
-def oracle_beauty(f: Factors) -> float:
+def oracle_beauty(f: Factors, taste: Taste = DEFAULT_TASTE) -> float:
     """The hidden "human": beauty from the look factors (never seen by any teacher).
 
-    ``sum_k w_k * g_k + 0.4 * g_saturation * g_tone``, divided by the weights' sum so that the
-    score lies in about [-1, 1]; a low-level scorer can see blur, noise, exposure and
-    saturation, but not the colour cast's harmony or the composition.
+    ``taste.beauty`` (:mod:`aligner.world.taste`): ``sum_k w_k * g_k + interaction *
+    g_saturation * g_tone`` over the weights' sum, so that the score lies in about [-1, 1]. With
+    the default taste (``0.4`` interaction: vivid colours are lovely in warm light and garish
+    under a green cast) a low-level scorer can see blur, noise, exposure and saturation, but not
+    the colour cast's harmony or the composition.
     """
-    g = goodness(f)
-    total = sum(ORACLE_WEIGHTS[k] * g[k] for k in ORACLE_WEIGHTS)
-    total += ORACLE_INTERACTION * g["saturation"] * g["tone"]
-    return float(total / sum(ORACLE_WEIGHTS.values()))
+    return float(taste.beauty(f.as_dict()))
 
 
 class Content(NamedTuple):

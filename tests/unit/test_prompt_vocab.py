@@ -15,7 +15,7 @@ Two checks, both on lowercase text with hyphens read as spaces:
   ``stars``, ``redness``, ``greenish``);
 * no LOOK phrase: every LOOK_WORDS / OVERALL_WORDS phrase (train and held-out) may not appear
   as a whole phrase (single-word ones nor with a plain inflection: ``sharpness``, ``cleaner``);
-* no word of the world's particular TASTE (``render.py`` ORACLE_WEIGHTS: a warm golden tone,
+* no word of the world's particular TASTE (``aligner/world/taste.py`` DEFAULT_TASTE: a warm golden tone,
   a centred composition, a green cast as the flaw): ``warm``, ``centre``, ``tint`` ...
 
 The judge prompts (``aligner/judge/prompts``) have no few-shot examples: they ask a judge about
