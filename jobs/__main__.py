@@ -18,7 +18,8 @@ JOBS = {"make_world": "MakeWorldConfig", "pretrain": "PretrainConfig", "embed": 
         "build_preferences": "BuildPreferencesConfig", "align": "AlignConfig",
         "rater_votes": "RaterVotesConfig", "train_reward": "TrainRewardConfig",
         "annotate": "AnnotateConfig", "evaluate": "EvaluateConfig", "judge": "JudgeConfig",
-        "quickstart": "QuickstartConfig", "study": "StudyConfig"}
+        "quickstart": "QuickstartConfig", "study": "StudyConfig", "loop": "LoopConfig",
+        "learning_curve": "LearningCurveConfig"}
 DOC = Path(__file__).resolve().parent.parent / "docs" / "configs.md"
 
 

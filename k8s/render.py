@@ -4,7 +4,9 @@
     python k8s/render.py --check    # exit 1 (naming the file) if a manifest is out of date
 
 One RayJob per pipeline stage that needs a cluster (embed, build_index, align) plus one for
-the whole quickstart, and one RayService whose ``serveConfigV2`` is ``serving/config.yaml``
+the whole quickstart and one for the closed feedback loop (``jobs.loop``: it serves, votes and
+upgrades on its own cluster, its simulated votes in a PostgreSQL database of their own), and
+one RayService whose ``serveConfigV2`` is ``serving/config.yaml``
 with the overrides in :data:`SERVE_OVERRIDES` (nothing else: ``tests/unit/test_k8s.py``
 checks both, so the manifests cannot drift from the Serve config or from each other).
 
@@ -43,6 +45,11 @@ API_KEY_SECRET = "aligner-api-key"
 #:     --from-literal=url='postgresql+psycopg://votes:<password>@<host>:5432/votes'
 VOTES_DB_SECRET = "aligner-votes-db"
 VOTES_DB_URL_ENV = "VOTES_DATABASE_URL"
+#: the feedback loop's simulated votes: a database of their own, never the people's
+#: kubectl create secret generic aligner-loop-votes-db \
+#:     --from-literal=url='postgresql+psycopg://loop:<password>@<host>:5432/loop_votes'
+LOOP_VOTES_DB_SECRET = "aligner-loop-votes-db"
+LOOP_VOTES_DB_URL_ENV = "LOOP_VOTES_DATABASE_URL"
 
 #: The only differences between serveConfigV2 and serving/config.yaml: (key path, value, why).
 SERVE_OVERRIDES: list[tuple[tuple[str, ...], Any, str]] = [
@@ -108,6 +115,8 @@ API_KEY_ENV = [{"name": "ALIGNER_API_KEY", "valueFrom": {"secretKeyRef": {
 #: the votes database's URL (required too: without it votes would have nowhere safe to go)
 VOTES_DB_ENV = [{"name": VOTES_DB_URL_ENV, "valueFrom": {"secretKeyRef": {
     "name": VOTES_DB_SECRET, "key": "url"}}}]
+LOOP_VOTES_DB_ENV = [{"name": LOOP_VOTES_DB_URL_ENV, "valueFrom": {"secretKeyRef": {
+    "name": LOOP_VOTES_DB_SECRET, "key": "url"}}}]
 
 
 def head_group(cpu: int = 8, memory: str = "32Gi", env: list | None = None) -> dict[str, Any]:
@@ -209,6 +218,13 @@ def manifests() -> dict[str, dict[str, Any]]:
             "model.name=ViT-B-32 model.pretrained=laion2b_s34b_b79k "
             f"output={SHARED}/aligned num_workers=8 use_gpu=true train.lr=1e-5 train.steps=2000",
             cluster([copy.deepcopy(gpu)], autoscale=True), 24 * 3600),
+        "rayjob-loop.yaml": rayjob(
+            "aligner-loop",
+            f"python -m jobs.loop world={SHARED}/out/world workdir={SHARED}/loop rounds=3 "
+            f"votes_per_round=400 serve.votes_database_url_env={LOOP_VOTES_DB_URL_ENV}",
+            cluster([worker_group("cpu", 1, 1, 1, 16, "64Gi", env=API_KEY_ENV + LOOP_VOTES_DB_ENV)],
+                    autoscale=False, head=head_group(env=API_KEY_ENV + LOOP_VOTES_DB_ENV)),
+            12 * 3600),
         "rayservice.yaml": rayservice(),
     }
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -42,3 +43,45 @@ def evaluate_checkpoint(ckpt: Path, world_dir: str, gallery: str = "test") -> di
             "paraphrases": ev.content_hits(r.encode_texts, "paraphrase"),
             "content_queries": ev.content_hits(r.encode_texts, "content"),
             "premise": ev.premise(r.encode_texts, gallery_split=None)}
+
+
+def embed_split(ckpt: str | Path, world_dir: str | Path, split: str = "test",
+                batch: int = 1024) -> tuple[list[str], np.ndarray]:
+    """``(ids, [N, D] embeddings)`` of one split's images (natural and gallery) under a
+    checkpoint, in process."""
+    from aligner.retrieval.models import load_checkpoint, to_pixels
+    from aligner.world import World
+
+    r = load_checkpoint(ckpt, device="cpu")
+    t = World(world_dir).corpus(["id", "image"], split=split)
+    blobs = t["image"].to_pylist()
+    emb = [r.encode_images(to_pixels(decode_batch(blobs[i:i + batch]), r.preprocess_cfg["mean"],
+                                      r.preprocess_cfg["std"]))
+           for i in range(0, len(blobs), batch)]
+    return t["id"].to_pylist(), np.concatenate(emb) if emb else np.zeros((0, 1), np.float32)
+
+
+def primary_metrics(ckpt: str | Path, world_dir: str | Path, k: int = 10,
+                    split: str = "test") -> dict[str, Any]:
+    """The evaluation's primary measure and its guardrail for one checkpoint, per query.
+
+    The ``split`` content queries search that split's images (the dense held-out gallery for
+    ``test``); per query: ``ndcg@k`` with gain match x beauty (beauty min-max normalised over
+    the gallery searched), ``beauty_relevant@k`` and ``precision@k``, exactly as
+    :meth:`aligner.evaluation.oracle.WorldEval.graded` computes them for ``jobs.evaluate``
+    (docs/evaluation.md, section 2). Returns ``{"query_ids": [...], "ndcg@k": [Q], ...}``.
+    """
+    from aligner.evaluation.oracle import WorldEval
+    from aligner.retrieval.models import load_checkpoint
+    from aligner.world import World
+
+    world = World(world_dir)
+    ids, emb = embed_split(ckpt, world_dir, split)
+    ev = WorldEval(world, emb, ids)
+    q = world.queries(split=split, kind="content")
+    qids, texts = q["query_id"].to_pylist(), q["query"].to_pylist()
+    r = load_checkpoint(ckpt, device="cpu")
+    top = ev.query_topk(r.encode_texts, texts, k)
+    return {"query_ids": qids, "gallery_size": len(ids),
+            **{key: np.asarray(v, np.float64) for key, v in ev.graded(qids, top, k, None).items()
+               if not key.startswith("aesthetic@")}}

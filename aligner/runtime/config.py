@@ -106,6 +106,19 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     return value
 
 
+def _with_field_default(f: dataclasses.Field, value: Any) -> Any:
+    """A partial mapping for a nested dataclass field is laid over that field's default
+    (``default_factory``), not over the nested class's own defaults: a job whose default
+    raters differ from ``RaterSettings()`` keeps them when one nested key is overridden."""
+    if not isinstance(value, dict) or f.default_factory is dataclasses.MISSING:
+        return value
+    default = f.default_factory()
+    if not dataclasses.is_dataclass(default):
+        return value
+    base = {k.name: getattr(default, k.name) for k in dataclasses.fields(default)}
+    return {**base, **value}
+
+
 def _from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
     hints = _field_types(cls)
     names = {f.name for f in dataclasses.fields(cls)}
@@ -115,7 +128,9 @@ def _from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
             f"unknown config key(s) {sorted(prefix + u for u in unknown)}; "
             f"{cls.__name__} has {sorted(names)}"
         )
-    kwargs = {k: _coerce(v, hints[k], prefix + k) for k, v in data.items()}
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {k: _coerce(_with_field_default(fields[k], v), hints[k], prefix + k)
+              for k, v in data.items()}
     try:
         return cls(**kwargs)
     except (TypeError, ValueError) as e:

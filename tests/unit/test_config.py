@@ -68,3 +68,20 @@ def test_help_lists_nested_fields():
 
 def test_parse_overrides_yaml_scalars():
     assert parse_overrides(["a.b=1", "c=null", "d="]) == {"a": {"b": 1}, "c": None, "d": ""}
+
+
+@dataclass
+class _Inner:
+    a: int = 1
+    b: int = 2
+
+
+@dataclass
+class _Outer:
+    inner: _Inner = field(default_factory=lambda: _Inner(a=10, b=20))
+
+
+def test_a_nested_override_keeps_the_fields_default_not_the_classes():
+    cfg = build_config(_Outer, None, ["inner.b=5"])
+    assert (cfg.inner.a, cfg.inner.b) == (10, 5)
+    assert build_config(_Outer, None, []).inner == _Inner(10, 20)

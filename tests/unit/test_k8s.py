@@ -289,3 +289,30 @@ def test_serve_config_v2_passes_serves_own_schema_and_the_apps_args():
     head = load(K8S / "rayservice.yaml")["spec"]["rayClusterConfig"]["headGroupSpec"]
     ports = {p["containerPort"] for p in head["template"]["spec"]["containers"][0]["ports"]}
     assert {port, 8265} <= ports
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+def test_the_loop_rayjob_keeps_its_simulated_votes_apart_from_the_peoples():
+    """``jobs.loop`` serves on its own cluster; its simulated votes go to a PostgreSQL database
+    of their own (a Secret every Ray container reads), never to the RayService's."""
+    from jobs.loop import ServeSettings
+
+    spec = load(K8S / "rayjob-loop.yaml")["spec"]
+    _, cfg = parse_entrypoint(spec["entrypoint"])
+    assert cfg.serve.votes_database_url_env == render.LOOP_VOTES_DB_URL_ENV
+    assert render.LOOP_VOTES_DB_URL_ENV != render.VOTES_DB_URL_ENV
+    assert render.LOOP_VOTES_DB_SECRET != render.VOTES_DB_SECRET
+    assert cfg.world.startswith(render.SHARED) and cfg.serve.port == ServeSettings().port
+    c = spec["rayClusterSpec"]
+    for group in (c["headGroupSpec"], *c["workerGroupSpecs"]):
+        env = {e["name"]: e["valueFrom"]["secretKeyRef"]
+               for e in group["template"]["spec"]["containers"][0]["env"]}
+        assert env[render.LOOP_VOTES_DB_URL_ENV] == {"name": render.LOOP_VOTES_DB_SECRET,
+                                                     "key": "url"}
+        assert env[cfg.serve.api_key_env]["name"] == render.API_KEY_SECRET
+    cpus = sum(int(g["template"]["spec"]["containers"][0]["resources"]["limits"]["cpu"])
+               for g in c["workerGroupSpecs"])
+    assert cpus - cfg.serve.reserved_cpus() >= cfg.retrain.num_workers, \
+        "a Ray Train worker must fit beside the served application"

@@ -8,7 +8,8 @@ from pathlib import Path
 ALIGNER = Path(__file__).resolve().parents[2] / "aligner"
 #: stage folder -> floor; a module may import its own floor and the floors below
 FLOORS = {"runtime": 1, "data": 1, "world": 1, "aesthetics": 2, "retrieval": 2, "rephrase": 3,
-          "reward": 3, "preferences": 3, "training": 4, "judge": 4, "evaluation": 5}
+          "reward": 3, "preferences": 3, "training": 4, "judge": 4, "evaluation": 5,
+          "feedback": 6}
 
 
 def _imports(path: Path) -> list[str]:
