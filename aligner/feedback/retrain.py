@@ -63,7 +63,8 @@ class RetrainSettings:
                 "head fitted on frozen base embeddings (aligner.reward.head_fit, seconds)"})
     reward_steps: int = field(default=0, metadata={
         "help": "reward training steps (0: the trainer's default: finetune 400, head 300)"})
-    reward_batch_size: int = field(default=64, metadata={"help": "vote pairs per reward step"})
+    reward_batch_size: int = field(default=0, metadata={
+        "help": "vote pairs per reward step (0: the trainer's default: finetune 128, head 256)"})
     reward_lr: float = field(default=0.0, metadata={
         "help": "reward learning rate (0: the trainer's default)"})
     teacher: str = field(default="reward", metadata={
@@ -102,11 +103,11 @@ class RetrainSettings:
             raise ValueError(f"teacher {self.teacher!r}: one of {list(TEACHERS)}")
         if self.reward_steps < 0 or self.reward_lr < 0:
             raise ValueError("reward_steps and reward_lr must be >= 0 (0: the default)")
-        if self.reward_batch_size < 2:
-            raise ValueError("reward_batch_size must be >= 2")
+        if self.reward_batch_size == 1 or self.reward_batch_size < 0:
+            raise ValueError("reward_batch_size must be >= 2 (0: the trainer's default)")
         if self.num_workers < 1 or self.threads_per_worker < 0:
             raise ValueError("num_workers must be >= 1 and threads_per_worker >= 0")
-        if self.reward_kind == "finetune" and self.reward_batch_size % self.num_workers:
+        if self.reward_kind == "finetune" and (self.reward_batch_size or 128) % self.num_workers:
             raise ValueError(f"reward_batch_size ({self.reward_batch_size}) must be divisible "
                              f"by num_workers ({self.num_workers})")
         if min(self.align_steps, self.pairs_per_step, self.captions_per_step) < 1:
@@ -275,7 +276,8 @@ def train_reward(votes: VotesInput, world: str | Path, base_ckpt: str | Path, ou
     from aligner.retrieval.models import ModelSpec
     from aligner.training.reward import RewardLoopConfig, TrainRewardConfig, run_train_reward
 
-    loop = RewardLoopConfig(batch_size=settings.reward_batch_size, seed=settings.seed)
+    loop = RewardLoopConfig(seed=settings.seed)
+    loop = replace(loop, batch_size=settings.reward_batch_size or loop.batch_size)
     loop = replace(loop, steps=settings.reward_steps or loop.steps,
                    lr=settings.reward_lr or loop.lr,
                    checkpoint_every=settings.checkpoint_every,
@@ -310,8 +312,9 @@ def _train_head(vdir: Path, world: str | Path, base_ckpt: str | Path, out: Path,
     from aligner.runtime.manifest import write_manifest
 
     started = time.time()
-    s = head_fit.HeadFitSettings(batch_size=max(2, settings.reward_batch_size),
-                                 val_fraction=settings.val_fraction, seed=settings.seed)
+    s = head_fit.HeadFitSettings()
+    s = replace(s, batch_size=settings.reward_batch_size or s.batch_size,
+                val_fraction=settings.val_fraction, seed=settings.seed)
     s = replace(s, steps=settings.reward_steps or s.steps, lr=settings.reward_lr or s.lr)
     ckpt = out / "checkpoint"
     stats = head_fit.fit_reward_head(read_preferences(vdir), Path(world) / "corpus",
