@@ -363,44 +363,47 @@ def report_markdown(s: dict[str, Any]) -> str:
 
 
 def plot_curves(summaries: list[dict[str, Any]], path: str | Path) -> Path:
-    """One panel per world: nDCG@10 against votes (symlog axis) per teacher, with 95% CIs and
-    the base as a dashed line."""
+    """One column per world: above, nDCG@10 against votes (symlog axis) per teacher with 95%
+    CIs and the base as a dashed line; below, each teacher minus the label-free one, paired
+    per query (the comparison the targets read; its CI is much narrower than the levels')."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(summaries), figsize=(5.5 * len(summaries), 4.2),
-                             squeeze=False)
+    fig, axes = plt.subplots(2, len(summaries), figsize=(5.5 * len(summaries), 7.5),
+                             squeeze=False, sharex=True)
     colours = {"label_free": "#777777", "reward": "#d62728", "mix": "#1f77b4"}
-    for ax, s in zip(axes[0], summaries, strict=True):
+    for col, s in enumerate(summaries):
+        top, bottom = axes[0][col], axes[1][col]
         base = s["base"][METRIC]
-        ax.axhline(base["mean"], ls="--", c="k", lw=1, label="base")
-        for teacher in colours:
-            rows = sorted([r for r in s["rows"] if r["teacher"] == teacher
-                           or (r["teacher"] == "label_free" and r["votes"] == 0)],
+        top.axhline(base["mean"], ls="--", c="k", lw=1, label="base")
+        bottom.axhline(0, c=colours["label_free"], lw=1, label="label-free")
+        lf = next(r for r in s["rows"] if r["teacher"] == "label_free")[METRIC]
+        xs = s["counts"]
+        top.plot(xs, [lf["mean"]] * len(xs), c=colours["label_free"], label="label-free")
+        top.fill_between(xs, lf["ci_low"], lf["ci_high"], color=colours["label_free"],
+                         alpha=0.12)
+        for teacher in ("reward", "mix"):
+            rows = sorted([r for r in s["rows"] if r["teacher"] == teacher],
                           key=lambda r: r["votes"])
-            if teacher != "label_free" and not any(r["teacher"] == teacher for r in rows):
-                continue
-            if teacher == "label_free":
-                lf = rows[0][METRIC]
-                xs = s["counts"]
-                ax.plot(xs, [lf["mean"]] * len(xs), c=colours[teacher], label="label-free")
-                ax.fill_between(xs, lf["ci_low"], lf["ci_high"], color=colours[teacher],
-                                alpha=0.15)
+            if len(rows) < 2:
                 continue
             x = [r["votes"] for r in rows]
-            m = np.array([r[METRIC]["mean"] for r in rows])
-            lo = m - np.array([r[METRIC]["ci_low"] for r in rows])
-            hi = np.array([r[METRIC]["ci_high"] for r in rows]) - m
-            ax.errorbar(x, m, yerr=[lo, hi], marker="o", capsize=3, c=colours[teacher],
-                        label=teacher)
-        ax.set_xscale("symlog", linthresh=500)
-        ax.set_xlabel("votes")
-        ax.set_ylabel("nDCG@10 (match x beauty)")
-        ax.set_title(s["world"])
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+            for ax, key in ((top, METRIC), (bottom, f"{METRIC}_vs_label_free")):
+                m = np.array([r[key]["mean"] for r in rows])
+                lo = m - np.array([r[key]["ci_low"] for r in rows])
+                hi = np.array([r[key]["ci_high"] for r in rows]) - m
+                ax.errorbar(x, m, yerr=[lo, hi], marker="o", capsize=3, c=colours[teacher],
+                            label=teacher)
+        for ax in (top, bottom):
+            ax.set_xscale("symlog", linthresh=500)
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)
+        top.set_title(f"{s['world']} (seeds {s['seeds']})")
+        top.set_ylabel("nDCG@10 (match x beauty)")
+        bottom.set_ylabel("minus label-free (paired)")
+        bottom.set_xlabel("votes")
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=120)
