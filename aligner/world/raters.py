@@ -256,19 +256,6 @@ def draw_pairs(truths: Sequence[Mapping[str, object]], labels: Mapping[str, np.n
                     np.asarray(b_s, np.int64), kinds)
 
 
-def pair_utilities(draw: PairDraw, truths: Sequence[Mapping[str, object]],
-                   labels: Mapping[str, np.ndarray], beauty: np.ndarray,
-                   relevance_weight: float) -> tuple[np.ndarray, np.ndarray]:
-    """Noise-free utilities ``(u_a, u_b)`` of drawn pairs."""
-    ua = np.zeros(len(draw.query))
-    ub = np.zeros(len(draw.query))
-    for qi in np.unique(draw.query):
-        m = draw.query == qi
-        u = utility(beauty, relevance(truths[qi], labels), relevance_weight)
-        ua[m], ub[m] = u[draw.a[m]], u[draw.b[m]]
-    return ua, ub
-
-
 def vote(panel: RaterPanel, du: np.ndarray, raters: np.ndarray, seed: int) -> np.ndarray:
     """Simulated choices: True where the rater prefers the first image."""
     rng = np.random.default_rng([seed, 17])
