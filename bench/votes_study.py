@@ -32,7 +32,8 @@ the same answer):
 * ``uncertain``: the same rounds, asking where the ensemble's mean P(a preferred) is nearest 1/2;
 * ``between``: the same rounds, asking about pairs between two systems' rows: one image from the
   base retriever's top ``rows_k`` of the query's candidates, the other from the current reward
-  model's top ``rows_k`` (random among them, then random candidates if too few).
+  model's top ``rows_k`` (random among them, then random candidates if too few);
+* ``active_weighted``: ``active``'s choice with ``weighted``'s loss (do the two add up?).
 
 The evaluated model of every arm is the head fitted on all its votes with the same settings and
 seed (the active arms' ensemble head 0), so at ``counts[0]`` all unweighted arms coincide.
@@ -66,8 +67,11 @@ from aligner.world.raters import RaterSettings  # noqa: E402
 
 log = logging.getLogger("bench.votes_study")
 _COMMAND = ["python bench/votes_study.py"]
-ARMS = ("random", "weighted", "weighted_randconf", "active", "uncertain", "between")
-SEQUENTIAL = {"active": "disagreement", "uncertain": "uncertain", "between": "between"}
+ARMS = ("random", "weighted", "weighted_randconf", "active", "uncertain", "between",
+        "active_weighted")
+SEQUENTIAL = {"active": "disagreement", "uncertain": "uncertain", "between": "between",
+              "active_weighted": "disagreement"}
+WEIGHTED = {"weighted", "active_weighted"}
 DEFAULT_BASE = REPO / "aligner" / "assets" / "builtin_base" / "checkpoint"
 
 
@@ -271,7 +275,8 @@ def run_sequential_arm(arm: str, pool: Pool, counts: list[int], fitter: Fitter, 
     rounds = _rounds(counts, cfg.max_round)
     for k, total in enumerate(rounds):
         rows = np.asarray(chosen, np.int64)
-        ens = fitter.fit(pool, rows, np.ones(len(rows)), seed, ensemble=ens_size)
+        w = pool.conf_informative[rows] / 5.0 if arm in WEIGHTED else np.ones(len(rows))
+        ens = fitter.fit(pool, rows, w, seed, ensemble=ens_size)
         if total in counts:
             out[total] = _results(fitter.score(ens), fitter.test)
             log.info("seed %d %s n=%d: taste accuracy %.3f", seed, arm, total,
@@ -389,6 +394,24 @@ def _cell(d: dict[str, float] | None, signed: bool = False) -> str:
     return f"{f.format(d['mean'])} [{f.format(d['ci_low'])}, {f.format(d['ci_high'])}]"
 
 
+def random_equivalent(rows: list[dict[str, Any]], arm: str, n: int, key: str = "taste"
+                      ) -> str:
+    """How many votes the ``random`` arm needs for ``arm``'s accuracy at ``n`` (linear in
+    log(votes) between the two random counts that bracket it; ``>`` / ``<`` outside)."""
+    curve = sorted((r["votes"], r[key]["mean"]) for r in rows if r["arm"] == "random")
+    mine = [r[key]["mean"] for r in rows if r["arm"] == arm and r["votes"] == n]
+    if not curve or not mine:
+        return "-"
+    v = mine[0]
+    if v < curve[0][1]:
+        return f"<{curve[0][0]}"
+    for (c0, m0), (c1, m1) in zip(curve, curve[1:], strict=False):
+        if m0 <= v <= m1 and m1 > m0:
+            t = (v - m0) / (m1 - m0)
+            return f"{math.exp(math.log(c0) + t * (math.log(c1) - math.log(c0))):.0f}"
+    return f">{curve[-1][0]}" if v > curve[-1][1] else "-"
+
+
 def _diff_cell(row: dict[str, Any], key: str) -> str:
     d = row.get(f"{key}_minus_random")
     if not d:
@@ -429,6 +452,15 @@ def report_markdown(result: dict[str, Any], command: str) -> str:
                 lines.append(f"| {n} | " + " | ".join(
                     _diff_cell(at.get((a, n), {}), key) for a in others) + " |")
             lines += ["", "(per seed, in brackets after the CI: each seed's own difference)", ""]
+    if "random" in arms and len(arms) > 1:
+        others = [a for a in arms if a != "random"]
+        lines += ["*taste accuracy: the votes random pairs with the unweighted loss need for the "
+                  "same accuracy (interpolated on the random curve)*", "",
+                  "| votes | " + " | ".join(others) + " |", "|---|" + "---|" * len(others)]
+        for n in counts:
+            lines.append(f"| {n} | " + " | ".join(random_equivalent(s["rows"], a, n)
+                                                  for a in others) + " |")
+        lines.append("")
     return "\n".join(lines)
 
 
@@ -520,20 +552,23 @@ def _save_seed(out: Path, seed: int, key: str, res: dict[str, dict[int, dict[str
 
 
 def _load_seed(out: Path, seed: int, key: str, cfg: VotesStudyConfig
-               ) -> tuple[dict[str, dict[int, dict[str, np.ndarray]]], list[float]] | None:
-    """A seed's results from an earlier run with the same settings (every arm and count)."""
+               ) -> tuple[dict[str, dict[int, dict[str, np.ndarray]]], list[float]]:
+    """A seed's results from an earlier run with the same settings: the arms it has at every
+    count (any arm, not only those asked for now, so that a save keeps them), and the
+    seconds of its fits; ``({}, [])`` when there is none."""
     path = _seed_path(out, seed)
     if not path.is_file():
-        return None
+        return {}, []
     with np.load(path) as z:
         if str(z["key"]) != key:
-            return None
-        try:
-            return ({arm: {n: {k: z[f"{arm}/{n}/{k}"] for k in ("taste", "rater")}
-                           for n in cfg.counts} for arm in cfg.arms},
-                    [float(x) for x in z["seconds"]] if "seconds" in z else [])
-        except KeyError:
-            return None
+            return {}, []
+        names = set(z.files)
+        arms = {f.split("/")[0] for f in names if "/" in f}
+        res = {arm: {n: {k: z[f"{arm}/{n}/{k}"] for k in ("taste", "rater")}
+                     for n in cfg.counts}
+               for arm in arms if all(f"{arm}/{n}/{k}" in names for n in cfg.counts
+                                      for k in ("taste", "rater"))}
+        return res, [float(x) for x in z["seconds"]] if "seconds" in z else []
 
 
 def run(cfg: VotesStudyConfig) -> dict[str, Any]:
@@ -578,19 +613,21 @@ def run(cfg: VotesStudyConfig) -> dict[str, Any]:
     key = _seed_key(cfg)
     for seed in cfg.seeds:
         pool = pools[seed]
-        done = _load_seed(out, seed, key, cfg)
-        if done is None:
+        res, seconds = _load_seed(out, seed, key, cfg)
+        fitter.seconds += seconds
+        missing = [a for a in cfg.arms if a not in res]
+        if res:
+            log.info("seed %d: %s read back from %s", seed, sorted(res), _seed_path(out, seed))
+        if missing:
             before = len(fitter.seconds)
-            res = run_random_arms(random_arms, pool, list(cfg.counts), fitter, seed)
-            base_scores = _base_scores(pool, fitter) if "between" in cfg.arms else None
-            for arm in (a for a in cfg.arms if a in SEQUENTIAL):
+            res.update(run_random_arms([a for a in random_arms if a in missing], pool,
+                                       list(cfg.counts), fitter, seed))
+            base_scores = _base_scores(pool, fitter) if "between" in missing else None
+            for arm in (a for a in missing if a in SEQUENTIAL):
                 res[arm] = run_sequential_arm(arm, pool, list(cfg.counts), fitter, seed, cfg,
                                               base_scores)
-            _save_seed(out, seed, key, res, fitter.seconds[before:])
-        else:
-            res = done[0]
-            fitter.seconds += done[1]
-            log.info("seed %d: results read back from %s", seed, _seed_path(out, seed))
+            _save_seed(out, seed, key, res, seconds + fitter.seconds[before:])
+        res = {a: res[a] for a in cfg.arms}
         for arm, by_n in res.items():
             for n, r in by_n.items():
                 per[arm].setdefault(n, []).append(r)
