@@ -48,6 +48,7 @@ from aligner.reward.model import (
     REWARD_FILE,
     HeadSpec,
     Normalisation,
+    PairIndex,
     RewardHead,
     bradley_terry_loss,
     joint_features,
@@ -250,24 +251,6 @@ def load_features(corpus: str | Path, base_checkpoint: str | Path,
 
 
 # --------------------------------------------------------------------------- training
-
-@dataclass
-class PairIndex:
-    """Pairs as rows of a :class:`FrozenFeatures`: ``query`` into its texts, ``chosen`` /
-    ``rejected`` into its images, ``weight`` per pair (all ``[P]``)."""
-
-    query: np.ndarray
-    chosen: np.ndarray
-    rejected: np.ndarray
-    weight: np.ndarray
-
-    def __len__(self) -> int:
-        return len(self.query)
-
-    def subset(self, rows: np.ndarray) -> PairIndex:
-        return PairIndex(self.query[rows], self.chosen[rows], self.rejected[rows],
-                         self.weight[rows])
-
 
 def _lr_at(step: int, s: HeadFitSettings) -> float:
     if s.warmup and step < s.warmup:

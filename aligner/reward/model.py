@@ -85,6 +85,26 @@ class RewardHead(torch.nn.Module):
         return self.layers(joint).squeeze(-1)
 
 
+@dataclass
+class PairIndex:
+    """Preference pairs as indices: ``query`` into a list of queries, ``chosen`` /
+    ``rejected`` into an image array, ``weight`` per pair (all ``[P]``). The reward trainer
+    (``aligner.training.reward_data``) and the head fit (:mod:`aligner.reward.head_fit`) share
+    it."""
+
+    query: np.ndarray
+    chosen: np.ndarray
+    rejected: np.ndarray
+    weight: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.query)
+
+    def subset(self, rows: np.ndarray) -> PairIndex:
+        return PairIndex(self.query[rows], self.chosen[rows], self.rejected[rows],
+                         self.weight[rows])
+
+
 def joint_features(img: torch.Tensor, txt: torch.Tensor) -> torch.Tensor:
     """``sqrt(D) * [i, t, sqrt(D) * i * t]`` of normalised ``[B, D]`` embeddings -> ``[B, 3D]``."""
     d = math.sqrt(img.shape[-1])

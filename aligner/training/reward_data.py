@@ -22,22 +22,13 @@ from aligner.data.images import decode_rgb
 from aligner.data.preferences import preferences_manifest, read_preferences
 from aligner.data.queries import query_splits
 from aligner.retrieval.models import ModelSpec
+from aligner.reward.model import PairIndex
 
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class RewardPairs:
-    """Pairs as indices: ``query`` into the query list, ``chosen`` / ``rejected`` into the
-    pixel array, ``weight`` per pair (all ``[P]``)."""
-
-    query: np.ndarray
-    chosen: np.ndarray
-    rejected: np.ndarray
-    weight: np.ndarray
-
-    def __len__(self) -> int:
-        return len(self.query)
+#: the reward trainer's pairs: the project's one pair index (aligner.reward.model)
+RewardPairs = PairIndex
 
 
 @dataclass
